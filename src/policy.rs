@@ -1,0 +1,1 @@
+//! Route rules: required scopes and attributes per route.

@@ -1,0 +1,1 @@
+//! Per-client quotas counted in shared data.
