@@ -56,6 +56,7 @@ pub fn type_name(v: &Value) -> &'static str {
 }
 
 /// A JSON object being read key by key.
+#[derive(Debug)]
 pub struct Obj<'a> {
     path: String,
     map: &'a Map<String, Value>,
