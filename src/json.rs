@@ -89,6 +89,11 @@ impl<'a> Obj<'a> {
         &self.path
     }
 
+    /// The object's keys, in order.
+    pub fn keys(&self) -> Vec<String> {
+        self.map.keys().cloned().collect()
+    }
+
     /// Whether the key is present (null counts as absent).
     pub fn has(&self, key: &str) -> bool {
         matches!(self.map.get(key), Some(v) if !v.is_null())
@@ -170,9 +175,10 @@ impl<'a> Obj<'a> {
                 .enumerate()
                 .map(|(i, v)| match v {
                     Value::String(s) if !s.is_empty() => Ok(s.clone()),
-                    Value::String(_) => {
-                        Err(ConfigError::new(format!("{path}[{i}]"), "must not be empty"))
-                    }
+                    Value::String(_) => Err(ConfigError::new(
+                        format!("{path}[{i}]"),
+                        "must not be empty",
+                    )),
                     other => Err(ConfigError::new(
                         format!("{path}[{i}]"),
                         format!("expected a string, found {}", type_name(other)),
@@ -215,6 +221,76 @@ impl<'a> Obj<'a> {
     }
 }
 
+/// Parses JSON like `serde_json::from_slice`, but refuses duplicate object
+/// keys at any depth (a token whose header or payload repeats a key is
+/// ambiguous: different parsers would read different claims).
+pub fn parse_strict(bytes: &[u8]) -> Result<Value, serde_json::Error> {
+    use serde::Deserialize;
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let v = Strict::deserialize(&mut de)?;
+    de.end()?;
+    Ok(v.0)
+}
+
+struct Strict(Value);
+
+impl<'de> serde::Deserialize<'de> for Strict {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(StrictVisitor).map(Strict)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_string()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(Strict(v)) = seq.next_element()? {
+            items.push(v);
+        }
+        Ok(Value::Array(items))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut out = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let Strict(v) = map.next_value()?;
+            if out.insert(key, v).is_some() {
+                return Err(serde::de::Error::custom("duplicate key"));
+            }
+        }
+        Ok(Value::Object(out))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -244,6 +320,16 @@ mod tests {
         assert_eq!(o.u64_max("m", 10).unwrap_err().reason, "must be at most 10");
         assert_eq!(o.str_list("l").unwrap_err().key, "l[1]");
         assert_eq!(o.obj("o").unwrap_err().key, "o");
+    }
+
+    #[test]
+    fn strict_parse_refuses_duplicates() {
+        assert!(parse_strict(br#"{"a":1,"b":{"c":2}}"#).is_ok());
+        assert!(parse_strict(br#"{"a":1,"a":2}"#).is_err());
+        assert!(parse_strict(br#"{"x":{"a":1,"a":1}}"#).is_err());
+        assert!(parse_strict(br#"[{"a":1,"a":1}]"#).is_err());
+        assert!(parse_strict(br#"{"a":1} x"#).is_err());
+        assert_eq!(parse_strict(b"1.5").unwrap(), serde_json::json!(1.5));
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //! introspection, custom endpoint), enforces per-route scopes and counts
 //! per-client quotas, shaped like Llama Stack's `server.auth` / `server.quota`.
 //!
-//! The decisions live in plain modules that know nothing of the host; `filter`
-//! is the proxy-wasm glue.
+//! The decisions live in plain modules that know nothing of the host
+//! (`config`, `jwks`, `jwt`, `claims`, `policy`, `quota`, `auth`, `response`);
+//! `filter` is the proxy-wasm glue.
 #![cfg_attr(
     not(test),
     deny(
@@ -14,6 +15,21 @@
     )
 )]
 
+pub mod auth;
+pub mod claims;
+pub mod config;
+pub mod filter;
 pub mod json;
+pub mod jwks;
+pub mod jwt;
 pub mod policy;
 pub mod quota;
+pub mod response;
+
+#[cfg(target_arch = "wasm32")]
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Trace);
+    proxy_wasm::set_root_context(|_| -> Box<dyn proxy_wasm::traits::RootContext> {
+        Box::new(filter::Root::default())
+    });
+}}

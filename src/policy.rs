@@ -1,1 +1,1633 @@
-//! Route rules: required scopes and attributes per route.
+//! Route rules: required scopes and attributes per route, and public paths.
+//!
+//! # Path normalisation
+//!
+//! Rules and public paths are matched against the request path *normalised
+//! the way the upstream will see it*, by [`normalize_path`]:
+//!
+//! 1. The query (`?…`) and fragment (`#…`) are stripped; the rest is the path.
+//! 2. The path must start with `/` and be at most 8192 bytes long.
+//! 3. Percent escapes are decoded once, and only for unreserved characters
+//!    (`A-Z a-z 0-9 - . _ ~`, hex digits of either case): `%61` becomes `a`.
+//!    Every other escape is kept as it is, with its two hex digits upper-cased
+//!    (`%c3%a9` becomes `%C3%A9`). There is no second round: `%252e` stays
+//!    `%252e` (only `%25` is an escape there; the `2e` after it is plain text).
+//! 4. Dot segments are resolved as in RFC 3986 `remove_dot_segments`, after the
+//!    decoding, so `%2e%2e` counts as `..`: `/v1/admin/../admin/x` becomes
+//!    `/v1/admin/x`, `/v1/x/../admin/` becomes `/v1/admin/`, `/v1/admin/./x`
+//!    becomes `/v1/admin/x`. A path ending in `.` or `..` keeps a trailing
+//!    slash (`/a/b/..` becomes `/a/`).
+//! 5. Repeated slashes are merged (`//` becomes `/`), as Envoy's
+//!    `merge_slashes` does.
+//!
+//! A path that cannot be normalised safely is refused ([`PathError`]) rather
+//! than guessed at: one not starting with `/`; one longer than 8192 bytes;
+//! one with an encoded slash or backslash (`%2F`, `%5C`, any case), a raw
+//! backslash, a raw or encoded control character (below 0x20, or 0x7F,
+//! including NUL), an invalid percent escape (`%G1`, or `%4` at the end), a
+//! raw non-ASCII byte, or a `..` that would climb above the root (`/..`). A
+//! `..` directly after an empty segment (`/a//../b`) is refused too: RFC 3986
+//! turns it into `/a/b` but merging slashes first gives `/b`, and the upstream
+//! may do either.
+//!
+//! Trailing slashes are significant: the rule path `/v1/telemetry/traces`
+//! does not match `/v1/telemetry/traces/`.
+//!
+//! # Rules
+//!
+//! A rule matches by `path` (exact; a `{name}` segment matches exactly one
+//! non-empty segment) or by `path_prefix` (a plain string prefix of the
+//! normalised path), and by `methods` when given (case-insensitive). The first
+//! matching rule decides; no matching rule means the request is allowed.
+
+use crate::json::{join, type_name, ConfigError, Obj};
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+/// A user's attributes: category (`scopes`, `roles`, `teams`, …) to values.
+pub type Attributes = BTreeMap<String, Vec<String>>;
+
+/// The longest path (without query and fragment) accepted, in bytes.
+pub const MAX_PATH_LEN: usize = 8192;
+
+/// The attribute holding the user's scopes.
+const SCOPES: &str = "scopes";
+
+/// Why a request path was refused by [`normalize_path`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathError {
+    /// Longer than [`MAX_PATH_LEN`] bytes.
+    TooLong,
+    /// Does not start with `/` (also an empty path, `*`, absolute URLs).
+    NotAbsolute,
+    /// `%2F` or `%5C`, in any case.
+    EncodedSeparator,
+    /// A raw `\`.
+    Backslash,
+    /// A raw or encoded byte below 0x20, or 0x7F.
+    ControlCharacter,
+    /// `%` not followed by two hex digits.
+    InvalidEscape,
+    /// A raw byte above 0x7F.
+    NonAscii,
+    /// A `..` with nothing left to remove.
+    AboveRoot,
+    /// A `..` right after an empty segment (`//..`): ambiguous.
+    DotDotAfterEmptySegment,
+}
+
+impl fmt::Display for PathError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let reason = match self {
+            PathError::TooLong => "path is longer than 8192 bytes",
+            PathError::NotAbsolute => "path does not start with `/`",
+            PathError::EncodedSeparator => "path contains an encoded slash or backslash",
+            PathError::Backslash => "path contains a backslash",
+            PathError::ControlCharacter => "path contains a control character",
+            PathError::InvalidEscape => "path contains an invalid percent escape",
+            PathError::NonAscii => "path contains a non-ASCII byte",
+            PathError::AboveRoot => "path climbs above the root with `..`",
+            PathError::DotDotAfterEmptySegment => "path has `..` right after an empty segment",
+        };
+        f.write_str(reason)
+    }
+}
+
+impl std::error::Error for PathError {}
+
+fn hex_value(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+fn hex_upper(n: u8) -> char {
+    char::from_digit(u32::from(n), 16)
+        .map(|c| c.to_ascii_uppercase())
+        .unwrap_or('0')
+}
+
+fn is_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+/// Normalises a request path (`:path`, query allowed) as described in the
+/// module documentation, or says why it cannot be done safely.
+pub fn normalize_path(raw: &str) -> Result<String, PathError> {
+    let path = raw.split(['?', '#']).next().unwrap_or_default();
+    if path.len() > MAX_PATH_LEN {
+        return Err(PathError::TooLong);
+    }
+    if !path.starts_with('/') {
+        return Err(PathError::NotAbsolute);
+    }
+
+    // Decode unreserved escapes once; upper-case the others.
+    let mut decoded = String::with_capacity(path.len());
+    let mut bytes = path.bytes();
+    while let Some(b) = bytes.next() {
+        match b {
+            b'%' => {
+                let hi = bytes.next().and_then(hex_value);
+                let lo = bytes.next().and_then(hex_value);
+                let (Some(hi), Some(lo)) = (hi, lo) else {
+                    return Err(PathError::InvalidEscape);
+                };
+                let v = (hi << 4) | lo;
+                if is_unreserved(v) {
+                    decoded.push(char::from(v));
+                } else if v == b'/' || v == b'\\' {
+                    return Err(PathError::EncodedSeparator);
+                } else if v < 0x20 || v == 0x7f {
+                    return Err(PathError::ControlCharacter);
+                } else {
+                    decoded.push('%');
+                    decoded.push(hex_upper(hi));
+                    decoded.push(hex_upper(lo));
+                }
+            }
+            b'\\' => return Err(PathError::Backslash),
+            0x00..=0x1f | 0x7f => return Err(PathError::ControlCharacter),
+            0x80..=0xff => return Err(PathError::NonAscii),
+            _ => decoded.push(char::from(b)),
+        }
+    }
+
+    // remove_dot_segments over the decoded path, empty segments included, so
+    // that a `..` consuming an empty segment (where RFC 3986 and "merge
+    // slashes first" disagree) can be refused.
+    let rest = decoded.strip_prefix('/').ok_or(PathError::NotAbsolute)?;
+    let mut stack: Vec<&str> = Vec::new();
+    let mut trailing_slash = false;
+    for seg in rest.split('/') {
+        match seg {
+            "." => trailing_slash = true,
+            ".." => {
+                match stack.pop() {
+                    None => return Err(PathError::AboveRoot),
+                    Some("") => return Err(PathError::DotDotAfterEmptySegment),
+                    Some(_) => {}
+                }
+                trailing_slash = true;
+            }
+            other => {
+                stack.push(other);
+                trailing_slash = other.is_empty();
+            }
+        }
+    }
+
+    // Merge slashes: drop the empty segments.
+    let mut out = String::with_capacity(decoded.len());
+    for seg in stack.iter().filter(|s| !s.is_empty()) {
+        out.push('/');
+        out.push_str(seg);
+    }
+    if out.is_empty() || trailing_slash {
+        out.push('/');
+    }
+    Ok(out)
+}
+
+/// Checks that a configured path starts with `/`, normalises without error
+/// and is already in normal form (so that it can match normalised requests).
+fn check_config_path(p: &str, key: &str) -> Result<(), ConfigError> {
+    if !p.starts_with('/') {
+        return Err(ConfigError::new(key, "must start with `/`"));
+    }
+    match normalize_path(p) {
+        Err(e) => Err(ConfigError::new(key, format!("is not a valid path: {e}"))),
+        Ok(n) if n != p => Err(ConfigError::new(
+            key,
+            format!("is not in normal form; write `{n}`"),
+        )),
+        Ok(_) => Ok(()),
+    }
+}
+
+/// Paths that need no authentication: exact paths, and prefixes written with
+/// a trailing `*`. Matched against normalised paths.
+#[derive(Debug, Clone, Default)]
+pub struct PublicPaths {
+    exact: BTreeSet<String>,
+    prefixes: Vec<String>,
+}
+
+impl PublicPaths {
+    /// `key` is the config key path used in errors, e.g. "public_paths".
+    pub fn parse(list: &[String], key: &str) -> Result<PublicPaths, ConfigError> {
+        let mut public = PublicPaths::default();
+        for (i, entry) in list.iter().enumerate() {
+            let at = format!("{key}[{i}]");
+            if entry.is_empty() {
+                return Err(ConfigError::new(at, "must not be empty"));
+            }
+            let (base, is_prefix) = match entry.strip_suffix('*') {
+                Some(base) => (base, true),
+                None => (entry.as_str(), false),
+            };
+            if base.contains('*') {
+                return Err(ConfigError::new(
+                    at,
+                    "`*` is only allowed once, at the end (a prefix)",
+                ));
+            }
+            if base.contains(['{', '}']) {
+                return Err(ConfigError::new(
+                    at,
+                    "templates (`{name}`) are not supported in public paths",
+                ));
+            }
+            check_config_path(base, &at)?;
+            if is_prefix {
+                public.prefixes.push(base.to_string());
+            } else {
+                public.exact.insert(base.to_string());
+            }
+        }
+        Ok(public)
+    }
+
+    /// Whether a normalised path is public.
+    pub fn matches(&self, normalized_path: &str) -> bool {
+        self.exact.contains(normalized_path) || self.covering_prefix(normalized_path).is_some()
+    }
+
+    /// Whether no path is public.
+    pub fn is_empty(&self) -> bool {
+        self.exact.is_empty() && self.prefixes.is_empty()
+    }
+
+    /// The public prefix that `s` starts with, if any.
+    fn covering_prefix(&self, s: &str) -> Option<&str> {
+        self.prefixes
+            .iter()
+            .map(String::as_str)
+            .find(|p| s.starts_with(p))
+    }
+
+    /// The public entry, as written, that makes `s` public: `s` itself as an
+    /// exact public path, or a public prefix `s` starts with. For a rule
+    /// prefix `s` this means every path the rule can match is public (or, for
+    /// an exact entry, its most obvious target is).
+    fn covering_entry(&self, s: &str) -> Option<String> {
+        if let Some(p) = self.covering_prefix(s) {
+            return Some(format!("{p}*"));
+        }
+        self.exact.get(s).cloned()
+    }
+}
+
+/// Why a request was refused by a route rule. `Display` is the message shown
+/// to the user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessDenied {
+    /// The `scopes` attribute lacks the rule's `required_scope`.
+    Scope(String),
+    /// The user's attributes do not satisfy the rule's `required_attributes`.
+    Attributes,
+}
+
+impl fmt::Display for AccessDenied {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AccessDenied::Scope(scope) => write!(
+                f,
+                "Access denied: user does not have required scope: {scope}"
+            ),
+            AccessDenied::Attributes => {
+                f.write_str("Access denied: user does not have required attributes for this route")
+            }
+        }
+    }
+}
+
+impl std::error::Error for AccessDenied {}
+
+/// One segment of a path template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Segment {
+    Literal(String),
+    /// `{name}`: exactly one non-empty segment.
+    Var,
+}
+
+#[derive(Debug, Clone)]
+enum Matcher {
+    Exact(String),
+    Template {
+        /// The literal text before the first variable, ending in `/`: a
+        /// cheap first test.
+        literal_prefix: String,
+        /// The segments after the leading `/`.
+        segments: Vec<Segment>,
+    },
+    Prefix(String),
+}
+
+impl Matcher {
+    fn matches(&self, path: &str) -> bool {
+        match self {
+            Matcher::Exact(p) => p == path,
+            Matcher::Prefix(p) => path.starts_with(p.as_str()),
+            Matcher::Template {
+                literal_prefix,
+                segments,
+            } => {
+                if !path.starts_with(literal_prefix.as_str()) {
+                    return false;
+                }
+                let Some(rest) = path.strip_prefix('/') else {
+                    return false;
+                };
+                let mut parts = rest.split('/');
+                for seg in segments {
+                    let ok = match (seg, parts.next()) {
+                        (_, None) => false,
+                        (Segment::Literal(l), Some(p)) => l == p,
+                        (Segment::Var, Some(p)) => !p.is_empty(),
+                    };
+                    if !ok {
+                        return false;
+                    }
+                }
+                parts.next().is_none()
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Rule {
+    matcher: Matcher,
+    /// Upper-cased; `None` matches every method.
+    methods: Option<Vec<String>>,
+    scope: Option<String>,
+    /// Category and accepted values; every category must share a value.
+    attributes: Vec<(String, Vec<String>)>,
+}
+
+impl Rule {
+    fn applies(&self, method: &str, path: &str) -> bool {
+        let method_ok = match &self.methods {
+            None => true,
+            Some(ms) => ms.iter().any(|m| m.eq_ignore_ascii_case(method)),
+        };
+        method_ok && self.matcher.matches(path)
+    }
+
+    fn decide(&self, attrs: &Attributes) -> Result<(), AccessDenied> {
+        if let Some(scope) = &self.scope {
+            let has = attrs
+                .get(SCOPES)
+                .is_some_and(|have| have.iter().any(|s| s == scope));
+            if !has {
+                return Err(AccessDenied::Scope(scope.clone()));
+            }
+        }
+        let attrs_ok = self.attributes.iter().all(|(category, wanted)| {
+            attrs
+                .get(category)
+                .is_some_and(|have| wanted.iter().any(|w| have.contains(w)))
+        });
+        if attrs_ok {
+            Ok(())
+        } else {
+            Err(AccessDenied::Attributes)
+        }
+    }
+}
+
+/// The route rules from `route_scopes`, compiled for matching.
+#[derive(Debug, Clone, Default)]
+pub struct RouteRules {
+    rules: Vec<Rule>,
+}
+
+impl RouteRules {
+    /// `v` is the value of `route_scopes`; `key` its path ("route_scopes").
+    /// Null counts as absent (no rules), as everywhere in the configuration.
+    pub fn parse(v: &Value, key: &str, public: &PublicPaths) -> Result<RouteRules, ConfigError> {
+        let items = match v {
+            Value::Null => return Ok(RouteRules::default()),
+            Value::Array(items) => items,
+            other => {
+                return Err(ConfigError::new(
+                    key,
+                    format!("expected a list, found {}", type_name(other)),
+                ))
+            }
+        };
+        let rules = items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| parse_rule(item, &format!("{key}[{i}]"), public))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(RouteRules { rules })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.rules.len()
+    }
+
+    /// `method` as received (any case); `path` already normalised.
+    /// The first matching rule decides; no matching rule allows.
+    pub fn check(&self, method: &str, path: &str, attrs: &Attributes) -> Result<(), AccessDenied> {
+        match self.rules.iter().find(|r| r.applies(method, path)) {
+            None => Ok(()),
+            Some(rule) => rule.decide(attrs),
+        }
+    }
+}
+
+/// RFC 9110 `tchar`.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric()
+        || matches!(
+            b,
+            b'!' | b'#'
+                | b'$'
+                | b'%'
+                | b'&'
+                | b'\''
+                | b'*'
+                | b'+'
+                | b'-'
+                | b'.'
+                | b'^'
+                | b'_'
+                | b'`'
+                | b'|'
+                | b'~'
+        )
+}
+
+fn parse_rule(v: &Value, at: &str, public: &PublicPaths) -> Result<Rule, ConfigError> {
+    let mut o = Obj::new(v, at)?;
+    let path_key = o.path("path");
+    let prefix_key = o.path("path_prefix");
+    let methods_key = o.path("methods");
+    let scope_key = o.path("required_scope");
+    let attrs_key = o.path("required_attributes");
+
+    let path = o.nonempty_str("path")?;
+    let prefix = o.nonempty_str("path_prefix")?;
+    let methods = o.str_list("methods")?;
+    let scope = o.nonempty_str("required_scope")?;
+    let attrs_value = o.get("required_attributes");
+    o.finish()?;
+
+    let matcher = match (path, prefix) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::new(
+                at,
+                "set exactly one of `path` and `path_prefix`, not both",
+            ))
+        }
+        (None, None) => {
+            return Err(ConfigError::new(at, "needs `path` or `path_prefix`"));
+        }
+        (Some(p), None) => compile_path(p, &path_key, public)?,
+        (None, Some(p)) => compile_prefix(p, &prefix_key, public)?,
+    };
+
+    let methods = match methods {
+        None => None,
+        Some(ms) if ms.is_empty() => {
+            return Err(ConfigError::new(
+                methods_key,
+                "must not be empty (leave it out to match every method)",
+            ))
+        }
+        Some(ms) => {
+            let mut upper = Vec::with_capacity(ms.len());
+            for (i, m) in ms.iter().enumerate() {
+                if !m.bytes().all(is_tchar) {
+                    return Err(ConfigError::new(
+                        format!("{methods_key}[{i}]"),
+                        format!("`{m}` is not an HTTP method name"),
+                    ));
+                }
+                let m = m.to_ascii_uppercase();
+                if !upper.contains(&m) {
+                    upper.push(m);
+                }
+            }
+            Some(upper)
+        }
+    };
+
+    if let Some(s) = scope {
+        if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(ConfigError::new(
+                scope_key,
+                "must be a single scope (no spaces or control characters)",
+            ));
+        }
+    }
+
+    let attributes = match attrs_value {
+        None => Vec::new(),
+        Some(v) => parse_attributes(v, &attrs_key)?,
+    };
+
+    if scope.is_none() && attributes.is_empty() {
+        return Err(ConfigError::new(
+            at,
+            "needs `required_scope` or `required_attributes`",
+        ));
+    }
+
+    Ok(Rule {
+        matcher,
+        methods,
+        scope: scope.map(str::to_string),
+        attributes,
+    })
+}
+
+fn parse_attributes(v: &Value, key: &str) -> Result<Vec<(String, Vec<String>)>, ConfigError> {
+    let Value::Object(map) = v else {
+        return Err(ConfigError::new(
+            key,
+            format!("expected an object, found {}", type_name(v)),
+        ));
+    };
+    if map.is_empty() {
+        return Err(ConfigError::new(
+            key,
+            "must name at least one attribute category",
+        ));
+    }
+    let mut o = Obj::new(v, key)?;
+    let mut out = Vec::with_capacity(map.len());
+    for category in map.keys() {
+        if category.is_empty() {
+            return Err(ConfigError::new(key, "category names must not be empty"));
+        }
+        let cat_key = join(key, category);
+        match o.str_list(category)? {
+            None => {
+                return Err(ConfigError::new(cat_key, "expected a list, found null"));
+            }
+            Some(values) if values.is_empty() => {
+                return Err(ConfigError::new(cat_key, "must not be empty"));
+            }
+            Some(values) => out.push((category.clone(), values)),
+        }
+    }
+    o.finish()?;
+    Ok(out)
+}
+
+/// Refuses a trailing `*`, which is not a wildcard in rules.
+fn refuse_star(p: &str, key: &str) -> Result<(), ConfigError> {
+    if p.ends_with('*') {
+        return Err(ConfigError::new(
+            key,
+            "a trailing `*` is not a wildcard here; use `path_prefix` without it",
+        ));
+    }
+    Ok(())
+}
+
+fn compile_prefix(p: &str, key: &str, public: &PublicPaths) -> Result<Matcher, ConfigError> {
+    if p.contains(['{', '}']) {
+        return Err(ConfigError::new(
+            key,
+            "templates (`{name}`) are not allowed in `path_prefix`",
+        ));
+    }
+    refuse_star(p, key)?;
+    check_config_path(p, key)?;
+    if let Some(entry) = public.covering_entry(p) {
+        return Err(on_public_path(key, &entry));
+    }
+    Ok(Matcher::Prefix(p.to_string()))
+}
+
+fn on_public_path(key: &str, entry: &str) -> ConfigError {
+    ConfigError::new(
+        key,
+        format!("is covered by the public path `{entry}`, so this rule would never apply"),
+    )
+}
+
+fn compile_path(p: &str, key: &str, public: &PublicPaths) -> Result<Matcher, ConfigError> {
+    refuse_star(p, key)?;
+    check_config_path(p, key)?;
+    if !p.contains(['{', '}']) {
+        if let Some(entry) = public.covering_entry(p) {
+            return Err(on_public_path(key, &entry));
+        }
+        return Ok(Matcher::Exact(p.to_string()));
+    }
+
+    let rest = p
+        .strip_prefix('/')
+        .ok_or_else(|| ConfigError::new(key, "must start with `/`"))?;
+    let mut segments = Vec::new();
+    let mut names: Vec<&str> = Vec::new();
+    let mut literal_prefix = String::from("/");
+    for seg in rest.split('/') {
+        if !seg.contains(['{', '}']) {
+            if names.is_empty() {
+                literal_prefix.push_str(seg);
+                literal_prefix.push('/');
+            }
+            segments.push(Segment::Literal(seg.to_string()));
+            continue;
+        }
+        let name = seg
+            .strip_prefix('{')
+            .and_then(|s| s.strip_suffix('}'))
+            .filter(|n| !n.contains(['{', '}']));
+        let Some(name) = name else {
+            let reason = if seg.matches('{').count() != seg.matches('}').count() {
+                format!("unbalanced braces in `{seg}`")
+            } else {
+                format!("`{seg}`: a template variable must be a whole segment, `{{name}}`")
+            };
+            return Err(ConfigError::new(key, reason));
+        };
+        if name.is_empty() {
+            return Err(ConfigError::new(key, "empty template variable `{}`"));
+        }
+        if name.contains(':') {
+            return Err(ConfigError::new(
+                key,
+                format!(
+                    "`{seg}`: converters are not supported; a variable matches exactly one \
+                     segment (use `path_prefix` for more)"
+                ),
+            ));
+        }
+        if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            return Err(ConfigError::new(
+                key,
+                format!("`{seg}`: variable names may only hold letters, digits and `_`"),
+            ));
+        }
+        if names.contains(&name) {
+            return Err(ConfigError::new(
+                key,
+                format!("duplicate template variable `{seg}`"),
+            ));
+        }
+        names.push(name);
+        segments.push(Segment::Var);
+    }
+    if let Some(entry) = public.covering_prefix(&literal_prefix) {
+        return Err(on_public_path(key, &format!("{entry}*")));
+    }
+    Ok(Matcher::Template {
+        literal_prefix,
+        segments,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn attrs(pairs: &[(&str, &[&str])]) -> Attributes {
+        pairs
+            .iter()
+            .map(|(k, vs)| (k.to_string(), vs.iter().map(|v| v.to_string()).collect()))
+            .collect()
+    }
+
+    fn scopes(s: &[&str]) -> Attributes {
+        attrs(&[("scopes", s)])
+    }
+
+    fn public(list: &[&str]) -> PublicPaths {
+        let list: Vec<String> = list.iter().map(|s| s.to_string()).collect();
+        PublicPaths::parse(&list, "public_paths").unwrap()
+    }
+
+    fn rules(v: Value) -> RouteRules {
+        RouteRules::parse(&v, "route_scopes", &PublicPaths::default()).unwrap()
+    }
+
+    fn rules_err(v: Value) -> ConfigError {
+        rules_err_with(v, &PublicPaths::default())
+    }
+
+    fn rules_err_with(v: Value, public: &PublicPaths) -> ConfigError {
+        RouteRules::parse(&v, "route_scopes", public).unwrap_err()
+    }
+
+    fn issue_rules() -> RouteRules {
+        rules(json!([
+            {"path": "/v1/telemetry/traces/{trace_id}", "methods": ["GET"], "required_scope": "telemetry.read"},
+            {"path": "/v1/telemetry/traces", "required_scope": "telemetry.read"},
+            {"path_prefix": "/v1/admin/", "required_scope": "admin"},
+            {"path_prefix": "/v1/models/", "methods": ["POST", "DELETE"],
+             "required_attributes": {"roles": ["admin", "ml-eng"], "teams": ["ml-team"]}}
+        ]))
+    }
+
+    fn scope_denied(s: &str) -> Result<(), AccessDenied> {
+        Err(AccessDenied::Scope(s.to_string()))
+    }
+
+    // ---- normalisation ----
+
+    fn norm(p: &str) -> String {
+        normalize_path(p).unwrap()
+    }
+
+    #[test]
+    fn normalize_plain_paths_unchanged() {
+        assert_eq!(norm("/"), "/");
+        assert_eq!(norm("/v1/models"), "/v1/models");
+        assert_eq!(norm("/v1/models/"), "/v1/models/");
+        assert_eq!(norm("/v1/a-b_c.d~e"), "/v1/a-b_c.d~e");
+        assert_eq!(norm("/v1/{x}"), "/v1/{x}");
+    }
+
+    #[test]
+    fn normalize_dot_segments() {
+        assert_eq!(norm("/v1/admin/../admin/x"), "/v1/admin/x");
+        assert_eq!(norm("/v1/x/../admin/"), "/v1/admin/");
+        assert_eq!(norm("/v1/admin/./x"), "/v1/admin/x");
+        assert_eq!(norm("/a/b/.."), "/a/");
+        assert_eq!(norm("/a/b/."), "/a/b/");
+        assert_eq!(norm("/a/.."), "/");
+        assert_eq!(norm("/."), "/");
+        assert_eq!(norm("/a/./../b"), "/b");
+        assert_eq!(norm("/a/.../b"), "/a/.../b");
+        assert_eq!(norm("/a/..b/.c"), "/a/..b/.c");
+    }
+
+    #[test]
+    fn normalize_decodes_unreserved_only() {
+        assert_eq!(norm("/v1/%61dmin/x"), "/v1/admin/x");
+        assert_eq!(norm("/v1/%41%7a%30%2D%2e%5F%7E"), "/v1/Az0-._~");
+        assert_eq!(norm("/a/%c3%a9"), "/a/%C3%A9");
+        assert_eq!(norm("/a/%3f%23%25%20"), "/a/%3F%23%25%20");
+        assert_eq!(norm("/a/%7b"), "/a/%7B");
+    }
+
+    #[test]
+    fn normalize_encoded_dots_count_as_dots() {
+        assert_eq!(norm("/v1/x/%2e%2e/admin/x"), "/v1/admin/x");
+        assert_eq!(norm("/v1/x/%2E./admin/x"), "/v1/admin/x");
+        assert_eq!(norm("/v1/x/.%2e/admin/x"), "/v1/admin/x");
+        assert_eq!(norm("/v1/admin/%2e/x"), "/v1/admin/x");
+        assert_eq!(normalize_path("/%2e%2e"), Err(PathError::AboveRoot));
+    }
+
+    #[test]
+    fn normalize_no_double_decoding() {
+        assert_eq!(norm("/v1/%252e%252e/admin"), "/v1/%252e%252e/admin");
+        assert_eq!(norm("/v1/%252E"), "/v1/%252E");
+        assert_eq!(norm("/v1/%252f"), "/v1/%252f");
+        // `%25` followed by `61` is not `a`.
+        assert_eq!(norm("/v1/%2561dmin"), "/v1/%2561dmin");
+    }
+
+    #[test]
+    fn normalize_merges_slashes() {
+        assert_eq!(norm("/v1//admin/x"), "/v1/admin/x");
+        assert_eq!(norm("//v1///admin//"), "/v1/admin/");
+        assert_eq!(norm("//"), "/");
+        assert_eq!(norm("/a//./b"), "/a/b");
+        assert_eq!(norm("/a//."), "/a/");
+    }
+
+    #[test]
+    fn normalize_strips_query_and_fragment() {
+        assert_eq!(norm("/v1/models?x=/../admin"), "/v1/models");
+        assert_eq!(norm("/v1/models#frag"), "/v1/models");
+        assert_eq!(norm("/v1/models?a#b"), "/v1/models");
+        assert_eq!(norm("/v1/models#a?b"), "/v1/models");
+        assert_eq!(norm("/v1/models?q=%00\\é"), "/v1/models");
+        assert_eq!(norm("/?"), "/");
+    }
+
+    #[test]
+    fn normalize_rejects_climbing_above_root() {
+        assert_eq!(normalize_path("/.."), Err(PathError::AboveRoot));
+        assert_eq!(normalize_path("/../v1/admin"), Err(PathError::AboveRoot));
+        assert_eq!(normalize_path("/a/../.."), Err(PathError::AboveRoot));
+        assert_eq!(normalize_path("/a/b/../../../c"), Err(PathError::AboveRoot));
+    }
+
+    #[test]
+    fn normalize_rejects_dot_dot_after_empty_segment() {
+        assert_eq!(
+            normalize_path("/v1/admin//../x"),
+            Err(PathError::DotDotAfterEmptySegment)
+        );
+        assert_eq!(
+            normalize_path("//.."),
+            Err(PathError::DotDotAfterEmptySegment)
+        );
+        assert_eq!(
+            normalize_path("/a//./../b"),
+            Err(PathError::DotDotAfterEmptySegment)
+        );
+    }
+
+    #[test]
+    fn normalize_rejects_encoded_separators() {
+        for p in [
+            "/v1/admin%2Fx",
+            "/v1/admin%2fx",
+            "/v1/a%5Cb",
+            "/v1/a%5cb",
+            "/%2F",
+        ] {
+            assert_eq!(normalize_path(p), Err(PathError::EncodedSeparator), "{p}");
+        }
+    }
+
+    #[test]
+    fn normalize_rejects_backslash_and_control() {
+        assert_eq!(normalize_path("/v1\\admin"), Err(PathError::Backslash));
+        assert_eq!(normalize_path("/v1/a%00"), Err(PathError::ControlCharacter));
+        assert_eq!(normalize_path("/v1/a%1f"), Err(PathError::ControlCharacter));
+        assert_eq!(normalize_path("/v1/a%7F"), Err(PathError::ControlCharacter));
+        assert_eq!(normalize_path("/v1/a%0a"), Err(PathError::ControlCharacter));
+        assert_eq!(normalize_path("/v1/a\0"), Err(PathError::ControlCharacter));
+        assert_eq!(normalize_path("/v1/a\tb"), Err(PathError::ControlCharacter));
+        assert_eq!(
+            normalize_path("/v1/a\x7f"),
+            Err(PathError::ControlCharacter)
+        );
+        assert_eq!(
+            normalize_path("/v1/a\r\n"),
+            Err(PathError::ControlCharacter)
+        );
+    }
+
+    #[test]
+    fn normalize_rejects_invalid_escapes() {
+        for p in ["/a%G1", "/a%4", "/a%", "/a%%41", "/a%1G", "/a%4é"] {
+            assert_eq!(normalize_path(p), Err(PathError::InvalidEscape), "{p}");
+        }
+    }
+
+    #[test]
+    fn normalize_rejects_non_ascii() {
+        assert_eq!(normalize_path("/v1/caf\u{e9}"), Err(PathError::NonAscii));
+        assert_eq!(
+            normalize_path("/v1/\u{ff0f}admin"),
+            Err(PathError::NonAscii)
+        );
+    }
+
+    #[test]
+    fn normalize_rejects_relative_and_empty() {
+        for p in ["", "v1/admin", "*", "?x=1", "http://host/v1", "%2Fv1"] {
+            assert_eq!(normalize_path(p), Err(PathError::NotAbsolute), "{p}");
+        }
+    }
+
+    #[test]
+    fn normalize_length_limit() {
+        let ok = format!("/{}", "a".repeat(MAX_PATH_LEN - 1));
+        assert_eq!(norm(&ok), ok);
+        let long = format!("/{}", "a".repeat(MAX_PATH_LEN));
+        assert_eq!(normalize_path(&long), Err(PathError::TooLong));
+        // The query does not count.
+        let with_query = format!("/a?{}", "q".repeat(MAX_PATH_LEN * 2));
+        assert_eq!(norm(&with_query), "/a");
+    }
+
+    #[test]
+    fn normalize_is_idempotent() {
+        for p in [
+            "/v1/admin/../admin/x",
+            "/v1/%61dmin/%c3%a9/",
+            "/a//b/./c/..",
+            "/v1/%252e",
+        ] {
+            let once = norm(p);
+            assert_eq!(norm(&once), once, "{p}");
+        }
+    }
+
+    #[test]
+    fn path_error_display() {
+        assert_eq!(
+            PathError::EncodedSeparator.to_string(),
+            "path contains an encoded slash or backslash"
+        );
+        assert_eq!(
+            PathError::TooLong.to_string(),
+            "path is longer than 8192 bytes"
+        );
+    }
+
+    // ---- matching ----
+
+    #[test]
+    fn access_denied_messages() {
+        assert_eq!(
+            AccessDenied::Scope("telemetry.read".into()).to_string(),
+            "Access denied: user does not have required scope: telemetry.read"
+        );
+        assert_eq!(
+            AccessDenied::Attributes.to_string(),
+            "Access denied: user does not have required attributes for this route"
+        );
+    }
+
+    #[test]
+    fn issue_example_parses() {
+        let r = issue_rules();
+        assert_eq!(r.len(), 4);
+        assert!(!r.is_empty());
+        assert!(RouteRules::default().is_empty());
+    }
+
+    #[test]
+    fn template_matches_one_nonempty_segment() {
+        let r = issue_rules();
+        let none = Attributes::new();
+        let ok = scopes(&["telemetry.read"]);
+        let p = "/v1/telemetry/traces/abc";
+        assert_eq!(r.check("GET", p, &none), scope_denied("telemetry.read"));
+        assert_eq!(r.check("GET", p, &ok), Ok(()));
+        // Not across `/`: rule 0 does not match, nor does any other rule.
+        assert_eq!(r.check("GET", "/v1/telemetry/traces/a/b", &none), Ok(()));
+        // Not empty: `/v1/telemetry/traces/` matches neither rule 0 nor rule 1.
+        assert_eq!(r.check("GET", "/v1/telemetry/traces/", &none), Ok(()));
+        // Trailing slash after the variable: no match.
+        assert_eq!(r.check("GET", "/v1/telemetry/traces/abc/", &none), Ok(()));
+    }
+
+    #[test]
+    fn exact_path_trailing_slash_is_significant() {
+        let r = issue_rules();
+        let none = Attributes::new();
+        assert_eq!(
+            r.check("GET", "/v1/telemetry/traces", &none),
+            scope_denied("telemetry.read")
+        );
+        assert_eq!(r.check("GET", "/v1/telemetry/traces/", &none), Ok(()));
+        assert_eq!(r.check("GET", "/v1/telemetry/tracesx", &none), Ok(()));
+        assert_eq!(r.check("GET", "/v1/telemetry", &none), Ok(()));
+    }
+
+    #[test]
+    fn template_with_several_variables_and_literals() {
+        let r = rules(json!([
+            {"path": "/v1/{a}/items/{b}/x", "required_scope": "s"},
+            {"path": "/{only}", "required_scope": "root"}
+        ]));
+        let none = Attributes::new();
+        assert_eq!(r.check("GET", "/v1/p/items/q/x", &none), scope_denied("s"));
+        assert_eq!(r.check("GET", "/v1/p/items/q/y", &none), Ok(()));
+        assert_eq!(r.check("GET", "/v1/p/item/q/x", &none), Ok(()));
+        assert_eq!(r.check("GET", "/v1/p/items/q/x/", &none), Ok(()));
+        assert_eq!(r.check("GET", "/v1/p/items/q", &none), Ok(()));
+        assert_eq!(r.check("GET", "/v2/p/items/q/x", &none), Ok(()));
+        assert_eq!(r.check("GET", "/top", &none), scope_denied("root"));
+        assert_eq!(r.check("GET", "/", &none), Ok(()));
+    }
+
+    #[test]
+    fn template_variable_matches_escaped_segment() {
+        let r = rules(json!([{"path": "/v1/models/{id}", "required_scope": "m"}]));
+        let p = norm("/v1/models/%c3%a9");
+        assert_eq!(r.check("GET", &p, &Attributes::new()), scope_denied("m"));
+    }
+
+    #[test]
+    fn prefix_matching() {
+        let r = issue_rules();
+        let none = Attributes::new();
+        assert_eq!(r.check("GET", "/v1/admin/", &none), scope_denied("admin"));
+        assert_eq!(
+            r.check("PUT", "/v1/admin/x/y", &none),
+            scope_denied("admin")
+        );
+        assert_eq!(r.check("GET", "/v1/admin", &none), Ok(()));
+        assert_eq!(r.check("GET", "/v1/administrator", &none), Ok(()));
+        assert_eq!(r.check("GET", "/v1/admin/x", &scopes(&["admin"])), Ok(()));
+    }
+
+    #[test]
+    fn prefix_is_a_plain_string_prefix() {
+        let r = rules(json!([{"path_prefix": "/v1/admin", "required_scope": "admin"}]));
+        let none = Attributes::new();
+        assert_eq!(r.check("GET", "/v1/admin", &none), scope_denied("admin"));
+        assert_eq!(
+            r.check("GET", "/v1/administrator", &none),
+            scope_denied("admin")
+        );
+        assert_eq!(r.check("GET", "/v1/admi", &none), Ok(()));
+    }
+
+    #[test]
+    fn methods_case_insensitive_and_absent_means_all() {
+        let r = issue_rules();
+        let none = Attributes::new();
+        for m in ["GET", "get", "Get"] {
+            assert_eq!(
+                r.check(m, "/v1/telemetry/traces/t1", &none),
+                scope_denied("telemetry.read"),
+                "{m}"
+            );
+        }
+        for m in ["GET", "POST", "delete", "PATCH", "CUSTOM"] {
+            assert_eq!(
+                r.check(m, "/v1/admin/x", &none),
+                scope_denied("admin"),
+                "{m}"
+            );
+        }
+        let lower = rules(json!([{"path": "/x", "methods": ["get"], "required_scope": "s"}]));
+        assert_eq!(lower.check("GET", "/x", &none), scope_denied("s"));
+    }
+
+    #[test]
+    fn listed_methods_not_matching_fall_through() {
+        let r = issue_rules();
+        let none = Attributes::new();
+        // Rule 3 is for POST and DELETE only: GET passes through.
+        assert_eq!(r.check("GET", "/v1/models/m1", &none), Ok(()));
+        assert_eq!(
+            r.check("post", "/v1/models/m1", &none),
+            Err(AccessDenied::Attributes)
+        );
+        // A later rule applies when an earlier one is skipped for the method.
+        let r = rules(json!([
+            {"path": "/v1/x", "methods": ["POST"], "required_scope": "write"},
+            {"path_prefix": "/v1/", "required_scope": "read"}
+        ]));
+        assert_eq!(r.check("GET", "/v1/x", &none), scope_denied("read"));
+        assert_eq!(r.check("POST", "/v1/x", &none), scope_denied("write"));
+    }
+
+    #[test]
+    fn first_match_wins() {
+        let r = rules(json!([
+            {"path": "/v1/admin/open", "required_scope": "basic"},
+            {"path_prefix": "/v1/admin/", "required_scope": "admin"}
+        ]));
+        // Only `basic` is needed for the first rule, even without `admin`.
+        assert_eq!(
+            r.check("GET", "/v1/admin/open", &scopes(&["basic"])),
+            Ok(())
+        );
+        assert_eq!(
+            r.check("GET", "/v1/admin/other", &scopes(&["basic"])),
+            scope_denied("admin")
+        );
+        let reversed = rules(json!([
+            {"path_prefix": "/v1/admin/", "required_scope": "admin"},
+            {"path": "/v1/admin/open", "required_scope": "basic"}
+        ]));
+        assert_eq!(
+            reversed.check("GET", "/v1/admin/open", &scopes(&["basic"])),
+            scope_denied("admin")
+        );
+    }
+
+    #[test]
+    fn no_match_allows() {
+        let r = issue_rules();
+        assert_eq!(
+            r.check("GET", "/v1/inference/chat", &Attributes::new()),
+            Ok(())
+        );
+        assert_eq!(
+            RouteRules::default().check("GET", "/", &Attributes::new()),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn scope_present_and_absent() {
+        let r = rules(json!([{"path": "/x", "required_scope": "a.b"}]));
+        assert_eq!(r.check("GET", "/x", &scopes(&["c", "a.b"])), Ok(()));
+        assert_eq!(r.check("GET", "/x", &scopes(&["c"])), scope_denied("a.b"));
+        assert_eq!(r.check("GET", "/x", &scopes(&[])), scope_denied("a.b"));
+        assert_eq!(
+            r.check("GET", "/x", &Attributes::new()),
+            scope_denied("a.b")
+        );
+        // Exact values only: no prefix or case folding.
+        assert_eq!(
+            r.check("GET", "/x", &scopes(&["a.b.c", "A.B"])),
+            scope_denied("a.b")
+        );
+        // The scope must be in `scopes`, not another category.
+        assert_eq!(
+            r.check("GET", "/x", &attrs(&[("roles", &["a.b"])])),
+            scope_denied("a.b")
+        );
+    }
+
+    #[test]
+    fn attributes_any_of_per_category_all_categories() {
+        let r = issue_rules();
+        let p = "/v1/models/m";
+        let both = attrs(&[("roles", &["ml-eng"]), ("teams", &["x", "ml-team"])]);
+        assert_eq!(r.check("POST", p, &both), Ok(()));
+        let other_role = attrs(&[("roles", &["admin", "viewer"]), ("teams", &["ml-team"])]);
+        assert_eq!(r.check("DELETE", p, &other_role), Ok(()));
+        let wrong_team = attrs(&[("roles", &["admin"]), ("teams", &["other"])]);
+        assert_eq!(
+            r.check("POST", p, &wrong_team),
+            Err(AccessDenied::Attributes)
+        );
+        let missing_team = attrs(&[("roles", &["admin"])]);
+        assert_eq!(
+            r.check("POST", p, &missing_team),
+            Err(AccessDenied::Attributes)
+        );
+        let empty_team = attrs(&[("roles", &["admin"]), ("teams", &[])]);
+        assert_eq!(
+            r.check("POST", p, &empty_team),
+            Err(AccessDenied::Attributes)
+        );
+        assert_eq!(
+            r.check("POST", p, &Attributes::new()),
+            Err(AccessDenied::Attributes)
+        );
+    }
+
+    #[test]
+    fn both_keys_scope_checked_first() {
+        let r = rules(json!([{
+            "path_prefix": "/v1/x/",
+            "required_scope": "x.write",
+            "required_attributes": {"roles": ["admin"]}
+        }]));
+        let p = "/v1/x/1";
+        let neither = Attributes::new();
+        assert_eq!(r.check("GET", p, &neither), scope_denied("x.write"));
+        let only_role = attrs(&[("roles", &["admin"])]);
+        assert_eq!(r.check("GET", p, &only_role), scope_denied("x.write"));
+        let only_scope = scopes(&["x.write"]);
+        assert_eq!(
+            r.check("GET", p, &only_scope),
+            Err(AccessDenied::Attributes)
+        );
+        let all = attrs(&[("roles", &["admin"]), ("scopes", &["x.write"])]);
+        assert_eq!(r.check("GET", p, &all), Ok(()));
+    }
+
+    #[test]
+    fn normalised_attacks_hit_the_rule() {
+        let r = issue_rules();
+        let none = Attributes::new();
+        for raw in [
+            "/v1/admin/../admin/x",
+            "/v1/%61dmin/x",
+            "/v1/x/%2e%2e/admin/x",
+            "/v1//admin/x",
+            "/v1/admin/./x",
+            "/v1/x/../admin/",
+            "/v1/admin/x?y=1",
+            "/v1/admin/x#f",
+            "/v1/%41dmin/../admin/x",
+        ] {
+            let p = norm(raw);
+            assert_eq!(
+                r.check("GET", &p, &none),
+                scope_denied("admin"),
+                "{raw} -> {p}"
+            );
+        }
+        // `%41` is `A`: a different path, which is what the upstream sees too.
+        assert_eq!(norm("/v1/%41dmin/x"), "/v1/Admin/x");
+        for raw in [
+            "/v1/admin%2Fx",
+            "/..",
+            "/v1/admin/%00",
+            "/v1\\admin/x",
+            "/v1/\u{e0}dmin",
+        ] {
+            assert!(normalize_path(raw).is_err(), "{raw}");
+        }
+    }
+
+    #[test]
+    fn many_rules_last_one_matches() {
+        let mut list: Vec<Value> = (0..499)
+            .map(|i| {
+                if i % 2 == 0 {
+                    json!({"path": format!("/v1/r{i}/{{id}}"), "methods": ["GET"], "required_scope": format!("s{i}")})
+                } else {
+                    json!({"path_prefix": format!("/v1/p{i}/"), "required_scope": format!("s{i}")})
+                }
+            })
+            .collect();
+        list.push(
+            json!({"path": "/v1/last/{a}/{b}", "methods": ["PUT"], "required_scope": "last"}),
+        );
+        let r = rules(Value::Array(list));
+        assert_eq!(r.len(), 500);
+        let none = Attributes::new();
+        assert_eq!(r.check("put", "/v1/last/x/y", &none), scope_denied("last"));
+        assert_eq!(r.check("PUT", "/v1/last/x/y", &scopes(&["last"])), Ok(()));
+        assert_eq!(r.check("GET", "/v1/last/x/y", &none), Ok(()));
+        assert_eq!(r.check("GET", "/v1/r498/z", &none), scope_denied("s498"));
+        assert_eq!(r.check("GET", "/v1/p497/z", &none), scope_denied("s497"));
+    }
+
+    // ---- configuration errors ----
+
+    fn assert_err(v: Value, key: &str, reason_part: &str) {
+        let e = rules_err(v);
+        assert_eq!(e.key, key, "{e}");
+        assert!(e.reason.contains(reason_part), "{e}");
+    }
+
+    #[test]
+    fn route_scopes_must_be_a_list_of_objects() {
+        assert_err(json!({"path": "/x"}), "route_scopes", "expected a list");
+        assert_err(json!("x"), "route_scopes", "expected a list");
+        assert_err(
+            json!([{"path": "/x", "required_scope": "s"}, 3]),
+            "route_scopes[1]",
+            "expected an object",
+        );
+        let empty =
+            RouteRules::parse(&Value::Null, "route_scopes", &PublicPaths::default()).unwrap();
+        assert!(empty.is_empty());
+        assert!(rules(json!([])).is_empty());
+    }
+
+    #[test]
+    fn config_error_unknown_key() {
+        assert_err(
+            json!([{"path": "/x", "required_scopes": "s"}]),
+            "route_scopes[0].required_scopes",
+            "unknown key",
+        );
+    }
+
+    #[test]
+    fn config_error_wrong_types() {
+        assert_err(
+            json!([{"path": 1, "required_scope": "s"}]),
+            "route_scopes[0].path",
+            "expected a string",
+        );
+        assert_err(
+            json!([{"path_prefix": [], "required_scope": "s"}]),
+            "route_scopes[0].path_prefix",
+            "expected a string",
+        );
+        assert_err(
+            json!([{"path": "/x", "required_scope": ["s"]}]),
+            "route_scopes[0].required_scope",
+            "expected a string",
+        );
+        assert_err(
+            json!([{"path": "/x", "methods": "GET", "required_scope": "s"}]),
+            "route_scopes[0].methods",
+            "expected a list",
+        );
+        assert_err(
+            json!([{"path": "/x", "methods": [1], "required_scope": "s"}]),
+            "route_scopes[0].methods[0]",
+            "expected a string",
+        );
+        assert_err(
+            json!([{"path": "/x", "required_attributes": ["roles"]}]),
+            "route_scopes[0].required_attributes",
+            "expected an object",
+        );
+        assert_err(
+            json!([{"path": "/x", "required_attributes": {"roles": "admin"}}]),
+            "route_scopes[0].required_attributes.roles",
+            "expected a list",
+        );
+        assert_err(
+            json!([{"path": "/x", "required_attributes": {"roles": null}}]),
+            "route_scopes[0].required_attributes.roles",
+            "expected a list",
+        );
+        assert_err(
+            json!([{"path": "/x", "required_attributes": {"roles": [1]}}]),
+            "route_scopes[0].required_attributes.roles[0]",
+            "expected a string",
+        );
+    }
+
+    #[test]
+    fn config_error_path_and_prefix() {
+        assert_err(
+            json!([{"path": "/x", "path_prefix": "/x/", "required_scope": "s"}]),
+            "route_scopes[0]",
+            "exactly one",
+        );
+        assert_err(
+            json!([{"methods": ["GET"], "required_scope": "s"}]),
+            "route_scopes[0]",
+            "needs `path` or `path_prefix`",
+        );
+        assert_err(
+            json!([{"path": "", "required_scope": "s"}]),
+            "route_scopes[0].path",
+            "must not be empty",
+        );
+        assert_err(
+            json!([{"path": "v1/x", "required_scope": "s"}]),
+            "route_scopes[0].path",
+            "must start with `/`",
+        );
+        assert_err(
+            json!([{"path_prefix": "v1/", "required_scope": "s"}]),
+            "route_scopes[0].path_prefix",
+            "must start with `/`",
+        );
+        assert_err(
+            json!([{"path": "/v1/../x", "required_scope": "s"}]),
+            "route_scopes[0].path",
+            "normal form; write `/x`",
+        );
+        assert_err(
+            json!([{"path": "/v1//x", "required_scope": "s"}]),
+            "route_scopes[0].path",
+            "normal form",
+        );
+        assert_err(
+            json!([{"path": "/v1/%61", "required_scope": "s"}]),
+            "route_scopes[0].path",
+            "normal form; write `/v1/a`",
+        );
+        assert_err(
+            json!([{"path": "/v1/x?y", "required_scope": "s"}]),
+            "route_scopes[0].path",
+            "normal form",
+        );
+        assert_err(
+            json!([{"path_prefix": "/v1/a%2Fb", "required_scope": "s"}]),
+            "route_scopes[0].path_prefix",
+            "encoded slash",
+        );
+        assert_err(
+            json!([{"path_prefix": "/v1/admin/*", "required_scope": "s"}]),
+            "route_scopes[0].path_prefix",
+            "trailing `*`",
+        );
+        assert_err(
+            json!([{"path": "/v1/admin/*", "required_scope": "s"}]),
+            "route_scopes[0].path",
+            "trailing `*`",
+        );
+    }
+
+    #[test]
+    fn config_error_scope_and_attributes() {
+        let ok = json!({"path": "/ok", "required_scope": "s"});
+        assert_err(
+            json!([ok, {"path": "/x"}]),
+            "route_scopes[1]",
+            "needs `required_scope` or `required_attributes`",
+        );
+        assert_err(
+            json!([ok, ok, {"path": "/x", "required_scope": ""}]),
+            "route_scopes[2].required_scope",
+            "must not be empty",
+        );
+        assert_err(
+            json!([{"path": "/x", "required_scope": "a b"}]),
+            "route_scopes[0].required_scope",
+            "single scope",
+        );
+        assert_err(
+            json!([{"path": "/x", "required_attributes": {}}]),
+            "route_scopes[0].required_attributes",
+            "at least one",
+        );
+        assert_err(
+            json!([{"path": "/x", "required_attributes": {"roles": []}}]),
+            "route_scopes[0].required_attributes.roles",
+            "must not be empty",
+        );
+        assert_err(
+            json!([{"path": "/x", "required_attributes": {"roles": ["a", ""]}}]),
+            "route_scopes[0].required_attributes.roles[1]",
+            "must not be empty",
+        );
+        assert_err(
+            json!([{"path": "/x", "required_attributes": {"": ["a"]}}]),
+            "route_scopes[0].required_attributes",
+            "category names must not be empty",
+        );
+        // Null counts as absent, so the rule then has neither key.
+        assert_err(
+            json!([{"path": "/x", "required_scope": null}]),
+            "route_scopes[0]",
+            "needs `required_scope`",
+        );
+    }
+
+    #[test]
+    fn config_error_methods() {
+        assert_err(
+            json!([{"path": "/x", "methods": [], "required_scope": "s"}]),
+            "route_scopes[0].methods",
+            "must not be empty",
+        );
+        assert_err(
+            json!([{"path": "/x", "methods": ["GET", ""], "required_scope": "s"}]),
+            "route_scopes[0].methods[1]",
+            "must not be empty",
+        );
+        for bad in ["GE T", "GET/", "GÉT", "G(ET)", "GET\n", "{GET}"] {
+            assert_err(
+                json!([{"path": "/x", "methods": ["POST", bad], "required_scope": "s"}]),
+                "route_scopes[0].methods[1]",
+                "not an HTTP method",
+            );
+        }
+        // tchar extension methods are fine.
+        let r = rules(
+            json!([{"path": "/x", "methods": ["M-SEARCH", "x!#$%&'*+.^_`|~1"], "required_scope": "s"}]),
+        );
+        assert_eq!(
+            r.check("m-search", "/x", &Attributes::new()),
+            scope_denied("s")
+        );
+    }
+
+    #[test]
+    fn config_error_templates() {
+        let cases = [
+            ("/v1/{id", "unbalanced"),
+            ("/v1/id}", "unbalanced"),
+            ("/v1/{a/b}", "unbalanced"),
+            ("/v1/{{a}", "unbalanced"),
+            ("/v1/{}", "empty template variable"),
+            ("/v1/a{b}", "whole segment"),
+            ("/v1/{b}c", "whole segment"),
+            ("/v1/{a}{b}", "whole segment"),
+            ("/v1/{{a}}", "whole segment"),
+            ("/v1/{a}/x/{a}", "duplicate template variable `{a}`"),
+            ("/v1/{id:path}", "converters are not supported"),
+            ("/v1/{a-b}", "letters, digits and `_`"),
+        ];
+        for (path, reason) in cases {
+            assert_err(
+                json!([{"path": path, "required_scope": "s"}]),
+                "route_scopes[0].path",
+                reason,
+            );
+        }
+        assert_err(
+            json!([{"path_prefix": "/v1/{id}/", "required_scope": "s"}]),
+            "route_scopes[0].path_prefix",
+            "not allowed in `path_prefix`",
+        );
+        assert_err(
+            json!([{"path_prefix": "/v1/}", "required_scope": "s"}]),
+            "route_scopes[0].path_prefix",
+            "not allowed in `path_prefix`",
+        );
+        // Distinct names and underscores are fine.
+        let r = rules(json!([{"path": "/v1/{a_1}/{B2}", "required_scope": "s"}]));
+        assert_eq!(r.len(), 1);
+    }
+
+    // ---- public paths ----
+
+    #[test]
+    fn public_paths_exact_and_prefix() {
+        let p = public(&["/v1/health", "/static/*", "/docs*"]);
+        assert!(!p.is_empty());
+        assert!(p.matches("/v1/health"));
+        assert!(!p.matches("/v1/health/"));
+        assert!(!p.matches("/v1/healthz"));
+        assert!(p.matches("/static/"));
+        assert!(p.matches("/static/a/b.css"));
+        assert!(!p.matches("/static"));
+        assert!(p.matches("/docs"));
+        assert!(p.matches("/docs/x"));
+        assert!(p.matches("/docsy"));
+        assert!(!p.matches("/v1/models"));
+        assert!(!PublicPaths::default().matches("/"));
+        assert!(PublicPaths::default().is_empty());
+    }
+
+    #[test]
+    fn public_paths_match_normalised_paths() {
+        let p = public(&["/v1/health", "/static/*"]);
+        assert!(p.matches(&norm("/v1/%68ealth?x=1")));
+        assert!(p.matches(&norm("/v1//health")));
+        // Climbing out of a public prefix leaves it.
+        assert!(!p.matches(&norm("/static/../v1/admin/x")));
+        assert!(!p.matches(&norm("/static/%2e%2e/v1/admin/x")));
+    }
+
+    #[test]
+    fn public_paths_errors() {
+        let cases: [(&[&str], &str, &str); 8] = [
+            (&["/ok", "health"], "public_paths[1]", "must start with `/`"),
+            (&["*"], "public_paths[0]", "must start with `/`"),
+            (&[""], "public_paths[0]", "must not be empty"),
+            (
+                &["/a/*/b"],
+                "public_paths[0]",
+                "only allowed once, at the end",
+            ),
+            (
+                &["/a/**"],
+                "public_paths[0]",
+                "only allowed once, at the end",
+            ),
+            (&["/a/{id}"], "public_paths[0]", "templates"),
+            (&["/a/../b"], "public_paths[0]", "normal form"),
+            (&["/a%2Fb*"], "public_paths[0]", "encoded slash"),
+        ];
+        for (list, key, reason) in cases {
+            let list: Vec<String> = list.iter().map(|s| s.to_string()).collect();
+            let e = PublicPaths::parse(&list, "public_paths").unwrap_err();
+            assert_eq!(e.key, key, "{e}");
+            assert!(e.reason.contains(reason), "{e}");
+        }
+    }
+
+    #[test]
+    fn rule_on_public_path_is_an_error() {
+        let p = public(&["/v1/health", "/static/*", "/v1/open/*"]);
+        let cases = [
+            (
+                json!({"path": "/v1/health", "required_scope": "s"}),
+                "route_scopes[0].path",
+                "`/v1/health`",
+            ),
+            (
+                json!({"path": "/static/x.js", "required_scope": "s"}),
+                "route_scopes[0].path",
+                "`/static/*`",
+            ),
+            (
+                json!({"path": "/static/", "required_scope": "s"}),
+                "route_scopes[0].path",
+                "`/static/*`",
+            ),
+            (
+                json!({"path": "/v1/open/{id}", "required_scope": "s"}),
+                "route_scopes[0].path",
+                "`/v1/open/*`",
+            ),
+            (
+                json!({"path": "/v1/open/a/{id}/b", "required_scope": "s"}),
+                "route_scopes[0].path",
+                "`/v1/open/*`",
+            ),
+            (
+                json!({"path_prefix": "/static/css/", "required_scope": "s"}),
+                "route_scopes[0].path_prefix",
+                "`/static/*`",
+            ),
+            (
+                json!({"path_prefix": "/static/", "required_scope": "s"}),
+                "route_scopes[0].path_prefix",
+                "`/static/*`",
+            ),
+            (
+                json!({"path_prefix": "/v1/health", "required_scope": "s"}),
+                "route_scopes[0].path_prefix",
+                "`/v1/health`",
+            ),
+        ];
+        for (rule, key, entry) in cases {
+            let e = rules_err_with(json!([rule]), &p);
+            assert_eq!(e.key, key, "{e}");
+            assert!(e.reason.contains(entry), "{e}");
+            assert!(e.reason.contains("public path"), "{e}");
+        }
+    }
+
+    #[test]
+    fn partial_overlap_with_public_paths_is_fine() {
+        let p = public(&["/v1/health", "/static/*", "/v1/open/a*"]);
+        let r = RouteRules::parse(
+            &json!([
+                {"path_prefix": "/v1/", "required_scope": "s"},
+                {"path_prefix": "/", "required_scope": "s"},
+                {"path_prefix": "/static", "required_scope": "s"},
+                {"path": "/static", "required_scope": "s"},
+                {"path": "/v1/health/x", "required_scope": "s"},
+                {"path": "/v1/open/{id}", "required_scope": "s"},
+                {"path": "/{x}/static/y", "required_scope": "s"}
+            ]),
+            "route_scopes",
+            &p,
+        )
+        .unwrap();
+        assert_eq!(r.len(), 7);
+    }
+}

@@ -1,0 +1,231 @@
+//! From verified claims to an identity: the principal and the access
+//! attributes (Llama Stack's `claims_mapping`), and the header values that
+//! carry them to the upstream.
+
+use crate::json::{ConfigError, Obj};
+use crate::policy::Attributes;
+use serde_json::{Map, Value};
+
+/// Claim (dotted path for nested claims) → attribute category.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimsMapping {
+    entries: Vec<(Vec<String>, String)>,
+}
+
+impl ClaimsMapping {
+    /// Llama Stack's default mapping, plus `scope` → `scopes`.
+    pub fn llama_stack_default() -> Self {
+        let pairs = [
+            ("sub", "roles"),
+            ("username", "roles"),
+            ("groups", "teams"),
+            ("team", "teams"),
+            ("project", "projects"),
+            ("tenant", "namespaces"),
+            ("namespace", "namespaces"),
+            ("scope", "scopes"),
+        ];
+        ClaimsMapping {
+            entries: pairs
+                .iter()
+                .map(|(c, a)| (vec![c.to_string()], a.to_string()))
+                .collect(),
+        }
+    }
+
+    /// Parses `{"claim": "category", ...}`.
+    pub fn parse(mut o: Obj) -> Result<Self, ConfigError> {
+        let mut entries = Vec::new();
+        for claim in o.keys() {
+            let path = o.path(&claim);
+            let category = o
+                .nonempty_str(&claim)?
+                .ok_or_else(|| ConfigError::new(path.clone(), "must be a category name"))?;
+            if claim.is_empty() || claim.split('.').any(str::is_empty) {
+                return Err(ConfigError::new(path, "not a valid claim name"));
+            }
+            entries.push((
+                claim.split('.').map(str::to_string).collect(),
+                category.to_string(),
+            ));
+        }
+        o.finish()?;
+        Ok(ClaimsMapping { entries })
+    }
+
+    /// Maps claims to attributes: a string claim is split on whitespace, a
+    /// list is taken as is (numbers and booleans as text), anything else is
+    /// skipped. Values are de-duplicated, first occurrence kept.
+    pub fn apply(&self, claims: &Map<String, Value>) -> Attributes {
+        let mut attrs = Attributes::new();
+        for (path, category) in &self.entries {
+            let Some(value) = lookup(claims, path) else {
+                continue;
+            };
+            let mut values = Vec::new();
+            match value {
+                Value::String(s) => values.extend(s.split_whitespace().map(str::to_string)),
+                Value::Array(items) => values.extend(items.iter().filter_map(scalar_text)),
+                other => values.extend(scalar_text(other)),
+            }
+            if values.is_empty() {
+                continue;
+            }
+            let list = attrs.entry(category.clone()).or_default();
+            for v in values {
+                if !list.contains(&v) {
+                    list.push(v);
+                }
+            }
+        }
+        attrs
+    }
+}
+
+fn lookup<'a>(claims: &'a Map<String, Value>, path: &[String]) -> Option<&'a Value> {
+    let (first, rest) = path.split_first()?;
+    let mut cur = claims.get(first)?;
+    for seg in rest {
+        cur = cur.as_object()?.get(seg)?;
+    }
+    Some(cur)
+}
+
+fn scalar_text(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) if !s.is_empty() => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+/// Whether a value may go into an HTTP header: Envoy refuses (503) header
+/// values with control characters, so such identities are rejected instead.
+pub fn header_safe(s: &str) -> bool {
+    !s.chars().any(|c| c.is_control())
+}
+
+/// The identity of an authenticated caller, ready to forward.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub principal: String,
+    pub attributes: Attributes,
+    /// The attributes as the JSON header value (ASCII only), computed once.
+    pub attributes_header: String,
+}
+
+/// Why an identity cannot be forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnsafeIdentity;
+
+impl Identity {
+    /// Builds an identity, refusing control characters anywhere in it.
+    pub fn new(principal: String, attributes: Attributes) -> Result<Identity, UnsafeIdentity> {
+        if principal.is_empty() || !header_safe(&principal) {
+            return Err(UnsafeIdentity);
+        }
+        let all_safe = attributes
+            .iter()
+            .all(|(k, vs)| header_safe(k) && vs.iter().all(|v| header_safe(v)));
+        if !all_safe {
+            return Err(UnsafeIdentity);
+        }
+        let json = serde_json::to_string(&attributes).map_err(|_| UnsafeIdentity)?;
+        Ok(Identity {
+            principal,
+            attributes,
+            attributes_header: ascii_json(&json),
+        })
+    }
+}
+
+/// Escapes every non-ASCII character of serialised JSON as `\uXXXX` (they
+/// can only occur inside strings), so the header value is plain ASCII.
+pub fn ascii_json(json: &str) -> String {
+    if json.is_ascii() {
+        return json.to_string();
+    }
+    let mut out = String::with_capacity(json.len() + 16);
+    for c in json.chars() {
+        if c.is_ascii() {
+            out.push(c);
+        } else {
+            let mut buf = [0u16; 2];
+            for unit in c.encode_utf16(&mut buf) {
+                out.push_str(&format!("\\u{unit:04x}"));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn claims(v: Value) -> Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn default_mapping_is_llama_stacks() {
+        let m = ClaimsMapping::llama_stack_default();
+        let a = m.apply(&claims(json!({
+            "sub": "alice", "username": "al", "groups": ["g1", "g2"], "team": "t",
+            "project": "p", "tenant": "x", "namespace": "y", "scope": "read  write",
+            "other": "ignored"
+        })));
+        assert_eq!(a["roles"], vec!["alice", "al"]);
+        assert_eq!(a["teams"], vec!["g1", "g2", "t"]);
+        assert_eq!(a["projects"], vec!["p"]);
+        assert_eq!(a["namespaces"], vec!["x", "y"]);
+        assert_eq!(a["scopes"], vec!["read", "write"]);
+        assert_eq!(a.len(), 5);
+    }
+
+    #[test]
+    fn custom_mapping_with_nested_claims() {
+        let v = json!({"realm_access.roles": "roles", "scp": "scopes"});
+        let m = ClaimsMapping::parse(Obj::new(&v, "m").unwrap()).unwrap();
+        let a = m.apply(&claims(json!({
+            "realm_access": {"roles": ["admin", 7, true, null, {"x": 1}]},
+            "scp": ["a", "a", "b"], "sub": "bob"
+        })));
+        assert_eq!(a["roles"], vec!["admin", "7", "true"]);
+        assert_eq!(a["scopes"], vec!["a", "b"]);
+        assert!(!a.contains_key("teams"));
+    }
+
+    #[test]
+    fn mapping_errors_name_the_claim() {
+        let v = json!({"groups": ""});
+        let e = ClaimsMapping::parse(Obj::new(&v, "cm").unwrap()).unwrap_err();
+        assert_eq!(e.key, "cm.groups");
+        let v = json!({"groups": 3});
+        assert_eq!(
+            ClaimsMapping::parse(Obj::new(&v, "cm").unwrap())
+                .unwrap_err()
+                .key,
+            "cm.groups"
+        );
+        let v = json!({"a..b": "roles"});
+        assert!(ClaimsMapping::parse(Obj::new(&v, "cm").unwrap()).is_err());
+    }
+
+    #[test]
+    fn identity_refuses_control_characters() {
+        assert!(Identity::new("a\r\nx: y".into(), Attributes::new()).is_err());
+        assert!(Identity::new("".into(), Attributes::new()).is_err());
+        let mut attrs = Attributes::new();
+        attrs.insert("roles".into(), vec!["ok".into(), "bad\u{7f}".into()]);
+        assert!(Identity::new("alice".into(), attrs).is_err());
+        let mut attrs = Attributes::new();
+        attrs.insert("roles".into(), vec!["zoë".into(), "😀".into()]);
+        let id = Identity::new("alice".into(), attrs).unwrap();
+        assert!(id.attributes_header.is_ascii());
+        let back: Value = serde_json::from_str(&id.attributes_header).unwrap();
+        assert_eq!(back, json!({"roles": ["zoë", "😀"]}));
+    }
+}

@@ -1,0 +1,499 @@
+//! Plugin configuration: parsed once in `on_configure`, refused with a message
+//! naming the key when anything is wrong.
+//!
+//! The shape follows Llama Stack's `server.auth` / `server.quota`, so a team
+//! can move its settings over unchanged in meaning. Both the older form
+//! `{"auth": {"provider_type": T, "config": {...}}}` and the current
+//! `{"auth": {"provider_config": {"type": T, ...}}}` are accepted.
+
+use crate::claims::ClaimsMapping;
+use crate::json::{ConfigError, Obj};
+use crate::policy::{PublicPaths, RouteRules};
+use crate::quota::QuotaConfig;
+use serde_json::Value;
+
+/// The whole plugin configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub auth: Option<AuthConfig>,
+    pub public_paths: PublicPaths,
+    pub forward: Forward,
+    pub route_rules: RouteRules,
+    pub quota: Option<QuotaConfig>,
+    pub log_level: log::LevelFilter,
+}
+
+/// The authentication provider.
+#[derive(Debug, Clone)]
+pub enum AuthConfig {
+    Jwt(JwtConfig),
+}
+
+/// `oauth2_token` with a JWKS.
+#[derive(Debug, Clone)]
+pub struct JwtConfig {
+    pub audiences: Vec<String>,
+    pub issuer: Option<String>,
+    pub claims_mapping: ClaimsMapping,
+    pub clock_skew_seconds: u64,
+    pub jwks: Upstream,
+    /// Seconds a fetched key set is used before it is fetched again.
+    pub cache_ttl: u64,
+    /// Minimum seconds between refreshes caused by an unknown `kid`.
+    pub refresh_cooldown_seconds: u64,
+    /// Bearer token sent to the JWKS endpoint, if any.
+    pub jwks_token: Option<String>,
+}
+
+/// Where a callout goes: an Envoy cluster and the request's path and authority.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    pub url: String,
+    pub cluster: String,
+    pub authority: String,
+    pub path: String,
+    pub timeout_ms: u64,
+}
+
+/// Identity forwarded to the upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forward {
+    pub principal_header: String,
+    pub attributes_header: String,
+    pub strip_authorization: bool,
+}
+
+impl Default for Forward {
+    fn default() -> Self {
+        Forward {
+            principal_header: "x-auth-principal".into(),
+            attributes_header: "x-auth-attributes".into(),
+            strip_authorization: false,
+        }
+    }
+}
+
+pub const DEFAULT_AUDIENCE: &str = "llama-stack";
+pub const DEFAULT_CACHE_TTL: u64 = 3600;
+pub const DEFAULT_TIMEOUT_MS: u64 = 5000;
+pub const DEFAULT_CLOCK_SKEW: u64 = 60;
+pub const DEFAULT_REFRESH_COOLDOWN: u64 = 10;
+const MAX_SECONDS: u64 = 10 * 365 * 86400;
+const MAX_TIMEOUT_MS: u64 = 600_000;
+
+impl Config {
+    /// Parses the plugin configuration bytes (a JSON object; empty means `{}`).
+    pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
+        let text = std::str::from_utf8(bytes)
+            .map_err(|_| ConfigError::new("", "the configuration is not UTF-8"))?;
+        let value: Value = if text.trim().is_empty() {
+            Value::Object(Default::default())
+        } else {
+            serde_json::from_str(text)
+                .map_err(|e| ConfigError::new("", format!("invalid JSON: {e}")))?
+        };
+        Self::from_value(&value)
+    }
+
+    pub fn from_value(value: &Value) -> Result<Config, ConfigError> {
+        let mut top = Obj::new(value, "")?;
+        let log_level = match top.str("log_level")? {
+            None => log::LevelFilter::Info,
+            Some(s) => parse_log_level(s).ok_or_else(|| {
+                ConfigError::new(
+                    "log_level",
+                    "expected one of trace, debug, info, warn, error, off",
+                )
+            })?,
+        };
+        let public_list = top.str_list("public_paths")?.unwrap_or_default();
+        let public_paths = PublicPaths::parse(&public_list, "public_paths")?;
+        let forward = match top.obj("forward")? {
+            None => Forward::default(),
+            Some(o) => parse_forward(o)?,
+        };
+        let auth = match top.obj("auth")? {
+            None => None,
+            Some(o) => Some(parse_auth(o)?),
+        };
+        let route_rules = match top.get("route_scopes") {
+            None => RouteRules::default(),
+            Some(v) => RouteRules::parse(v, "route_scopes", &public_paths)?,
+        };
+        if !route_rules.is_empty() && auth.is_none() {
+            return Err(ConfigError::new(
+                "route_scopes",
+                "route rules need an `auth` provider to identify callers",
+            ));
+        }
+        let quota = match top.get("quota") {
+            None => None,
+            Some(v) => Some(QuotaConfig::parse(v, "quota")?),
+        };
+        top.finish()?;
+        Ok(Config {
+            auth,
+            public_paths,
+            forward,
+            route_rules,
+            quota,
+            log_level,
+        })
+    }
+}
+
+fn parse_log_level(s: &str) -> Option<log::LevelFilter> {
+    Some(match s.to_ascii_lowercase().as_str() {
+        "trace" => log::LevelFilter::Trace,
+        "debug" => log::LevelFilter::Debug,
+        "info" => log::LevelFilter::Info,
+        "warn" | "warning" => log::LevelFilter::Warn,
+        "error" | "critical" => log::LevelFilter::Error,
+        "off" => log::LevelFilter::Off,
+        _ => return None,
+    })
+}
+
+fn parse_forward(mut o: Obj) -> Result<Forward, ConfigError> {
+    let d = Forward::default();
+    let principal_header = header_name(&mut o, "principal_header")?.unwrap_or(d.principal_header);
+    let attributes_header =
+        header_name(&mut o, "attributes_header")?.unwrap_or(d.attributes_header);
+    if principal_header == attributes_header {
+        return Err(ConfigError::new(
+            o.path("attributes_header"),
+            "must differ from principal_header",
+        ));
+    }
+    let strip_authorization = o.bool("strip_authorization")?.unwrap_or(false);
+    o.finish()?;
+    Ok(Forward {
+        principal_header,
+        attributes_header,
+        strip_authorization,
+    })
+}
+
+/// A header name: an RFC 9110 token, stored lower-case; never a pseudo-header
+/// or `authorization`.
+fn header_name(o: &mut Obj, key: &str) -> Result<Option<String>, ConfigError> {
+    let Some(name) = o.nonempty_str(key)? else {
+        return Ok(None);
+    };
+    if !name.bytes().all(is_tchar) {
+        return Err(ConfigError::new(o.path(key), "not a valid header name"));
+    }
+    let lower = name.to_ascii_lowercase();
+    if matches!(lower.as_str(), "authorization" | "host" | "content-length") {
+        return Err(ConfigError::new(o.path(key), "this header cannot be used"));
+    }
+    Ok(Some(lower))
+}
+
+/// RFC 9110 `tchar`.
+pub fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+fn parse_auth(mut o: Obj) -> Result<AuthConfig, ConfigError> {
+    // Llama Stack's current form: {"provider_config": {"type": T, ...}}.
+    if o.has("provider_config") {
+        if o.has("provider_type") || o.has("config") {
+            return Err(ConfigError::new(
+                o.path("provider_config"),
+                "use either provider_config or provider_type/config, not both",
+            ));
+        }
+        let Some(mut inner) = o.obj("provider_config")? else {
+            return Err(ConfigError::new(o.path("provider_config"), "missing"));
+        };
+        o.finish()?;
+        let kind = inner
+            .nonempty_str("type")?
+            .ok_or_else(|| ConfigError::new(inner.path("type"), "missing"))?;
+        return parse_provider(kind, &inner.path("type"), inner);
+    }
+    let kind = o
+        .nonempty_str("provider_type")?
+        .ok_or_else(|| ConfigError::new(o.path("provider_type"), "missing"))?;
+    let kind_path = o.path("provider_type");
+    let config_path = o.path("config");
+    let empty = Value::Object(Default::default());
+    let inner = match o.get("config") {
+        None => Obj::new(&empty, &config_path)?,
+        Some(v) => Obj::new(v, &config_path)?,
+    };
+    let auth = parse_provider(kind, &kind_path, inner)?;
+    o.finish()?;
+    Ok(auth)
+}
+
+fn parse_provider(kind: &str, kind_path: &str, o: Obj) -> Result<AuthConfig, ConfigError> {
+    match kind {
+        "oauth2_token" => parse_oauth2(o),
+        "custom" => Err(ConfigError::new(
+            kind_path,
+            "provider `custom` is not supported yet",
+        )),
+        other => Err(ConfigError::new(
+            kind_path,
+            format!("unknown provider `{other}`; expected oauth2_token or custom"),
+        )),
+    }
+}
+
+fn parse_oauth2(mut o: Obj) -> Result<AuthConfig, ConfigError> {
+    let has_jwks = o.has("jwks");
+    let has_introspection = o.has("introspection");
+    if has_jwks == has_introspection {
+        return Err(ConfigError::new(
+            o.own_path(),
+            "exactly one of `jwks` and `introspection` must be set",
+        ));
+    }
+    if has_introspection {
+        return Err(ConfigError::new(
+            o.path("introspection"),
+            "token introspection is not supported yet",
+        ));
+    }
+    let audiences = o
+        .str_or_list("audience")?
+        .unwrap_or_else(|| vec![DEFAULT_AUDIENCE.to_string()]);
+    if audiences.is_empty() {
+        return Err(ConfigError::new(o.path("audience"), "must not be empty"));
+    }
+    let issuer = o.nonempty_str("issuer")?.map(str::to_string);
+    let claims_mapping = match o.obj("claims_mapping")? {
+        None => ClaimsMapping::llama_stack_default(),
+        Some(m) => ClaimsMapping::parse(m)?,
+    };
+    let clock_skew_seconds = o
+        .u64_max("clock_skew_seconds", 86400)?
+        .unwrap_or(DEFAULT_CLOCK_SKEW);
+    // Llama Stack's TLS settings belong to the Envoy cluster here.
+    if let Some(v) = o.bool("verify_tls")? {
+        log::warn!("auth.config.verify_tls={v}: TLS to the identity provider is configured on the Envoy cluster");
+    }
+    if o.str("tls_cafile")?.is_some() {
+        log::warn!("auth.config.tls_cafile: TLS to the identity provider is configured on the Envoy cluster");
+    }
+    let Some(mut j) = o.obj("jwks")? else {
+        return Err(ConfigError::new(o.path("jwks"), "missing"));
+    };
+    let uri = j
+        .nonempty_str("uri")?
+        .ok_or_else(|| ConfigError::new(j.path("uri"), "missing"))?;
+    let uri_path = j.path("uri");
+    let cluster = j.nonempty_str("cluster")?.map(str::to_string);
+    let timeout_ms = j
+        .u64_max("timeout_ms", MAX_TIMEOUT_MS)?
+        .unwrap_or(DEFAULT_TIMEOUT_MS);
+    if timeout_ms == 0 {
+        return Err(ConfigError::new(j.path("timeout_ms"), "must be at least 1"));
+    }
+    let jwks = upstream(uri, &uri_path, cluster, timeout_ms)?;
+    let ttl = j.u64_max("cache_ttl", MAX_SECONDS)?;
+    let recheck = j.u64_max("key_recheck_period", MAX_SECONDS)?;
+    if ttl.is_some() && recheck.is_some() {
+        return Err(ConfigError::new(
+            j.path("key_recheck_period"),
+            "an alias of cache_ttl; set only one of them",
+        ));
+    }
+    let cache_ttl = ttl.or(recheck).unwrap_or(DEFAULT_CACHE_TTL).max(1);
+    let refresh_cooldown_seconds = j
+        .u64_max("refresh_cooldown_seconds", 86400)?
+        .unwrap_or(DEFAULT_REFRESH_COOLDOWN);
+    let jwks_token = j.nonempty_str("token")?.map(str::to_string);
+    j.finish()?;
+    o.finish()?;
+    Ok(AuthConfig::Jwt(JwtConfig {
+        audiences,
+        issuer,
+        claims_mapping,
+        clock_skew_seconds,
+        jwks,
+        cache_ttl,
+        refresh_cooldown_seconds,
+        jwks_token,
+    }))
+}
+
+/// Splits an `http(s)://authority/path` URL; `cluster` defaults to the authority.
+pub fn upstream(
+    url: &str,
+    key: &str,
+    cluster: Option<String>,
+    timeout_ms: u64,
+) -> Result<Upstream, ConfigError> {
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .ok_or_else(|| ConfigError::new(key, "must be an http:// or https:// URL"))?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, "/"),
+    };
+    if authority.is_empty()
+        || !authority
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._:[]@".contains(&b))
+    {
+        return Err(ConfigError::new(key, "the URL has no valid host"));
+    }
+    if !path.bytes().all(|b| (0x21..0x7f).contains(&b)) || path.contains('#') {
+        return Err(ConfigError::new(
+            key,
+            "the URL path must be printable ASCII without spaces or fragment",
+        ));
+    }
+    Ok(Upstream {
+        url: url.to_string(),
+        cluster: cluster.unwrap_or_else(|| authority.to_string()),
+        authority: authority.to_string(),
+        path: path.to_string(),
+        timeout_ms,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn jwt_example() -> Value {
+        json!({"auth": {"provider_type": "oauth2_token",
+          "config": {"audience": "llama-stack", "issuer": "https://idp.example",
+                     "claims_mapping": {"sub": "roles", "groups": "teams", "scope": "scopes"},
+                     "clock_skew_seconds": 60,
+                     "jwks": {"uri": "https://idp.example/jwks", "cluster": "idp",
+                              "cache_ttl": 3600, "timeout_ms": 5000, "token": null}}},
+         "public_paths": ["/v1/health"],
+         "forward": {"principal_header": "x-auth-principal", "attributes_header": "x-auth-attributes",
+                     "strip_authorization": false}})
+    }
+
+    fn err(v: Value) -> ConfigError {
+        Config::from_value(&v).unwrap_err()
+    }
+
+    #[test]
+    fn parses_the_documented_example() {
+        let c = Config::from_value(&jwt_example()).unwrap();
+        let Some(AuthConfig::Jwt(j)) = c.auth else {
+            panic!("no jwt")
+        };
+        assert_eq!(j.audiences, vec!["llama-stack"]);
+        assert_eq!(j.issuer.as_deref(), Some("https://idp.example"));
+        assert_eq!(j.jwks.cluster, "idp");
+        assert_eq!(j.jwks.path, "/jwks");
+        assert_eq!(j.jwks.authority, "idp.example");
+        assert_eq!(j.cache_ttl, 3600);
+        assert_eq!(j.jwks_token, None);
+        assert!(c.public_paths.matches("/v1/health"));
+        assert_eq!(c.forward, Forward::default());
+    }
+
+    #[test]
+    fn accepts_the_provider_config_form_and_aliases() {
+        let v = json!({"auth": {"provider_config": {"type": "oauth2_token",
+            "audience": ["a", "b"],
+            "jwks": {"uri": "http://keys.local:8080/certs", "key_recheck_period": 60}}}});
+        let c = Config::from_value(&v).unwrap();
+        let Some(AuthConfig::Jwt(j)) = c.auth else {
+            panic!("no jwt")
+        };
+        assert_eq!(j.audiences, vec!["a", "b"]);
+        assert_eq!(j.cache_ttl, 60);
+        assert_eq!(j.jwks.cluster, "keys.local:8080");
+        assert_eq!(j.jwks.path, "/certs");
+        assert_eq!(j.clock_skew_seconds, DEFAULT_CLOCK_SKEW);
+        assert_eq!(j.refresh_cooldown_seconds, DEFAULT_REFRESH_COOLDOWN);
+    }
+
+    #[test]
+    fn empty_configuration_is_no_auth() {
+        let c = Config::parse(b"").unwrap();
+        assert!(c.auth.is_none());
+        assert!(c.quota.is_none());
+    }
+
+    #[test]
+    fn refuses_unknown_keys_with_their_path() {
+        let mut v = jwt_example();
+        v["auth"]["config"]["jwks"]["urii"] = json!("x");
+        assert_eq!(err(v).key, "auth.config.jwks.urii");
+        let mut v = jwt_example();
+        v["bogus"] = json!(1);
+        assert_eq!(err(v).to_string(), "configuration key `bogus`: unknown key");
+    }
+
+    #[test]
+    fn refuses_wrong_types() {
+        let mut v = jwt_example();
+        v["auth"]["config"]["clock_skew_seconds"] = json!("60");
+        let e = err(v);
+        assert_eq!(e.key, "auth.config.clock_skew_seconds");
+        let mut v = jwt_example();
+        v["forward"]["strip_authorization"] = json!("yes");
+        assert_eq!(err(v).key, "forward.strip_authorization");
+        let mut v = jwt_example();
+        v["auth"]["config"]["audience"] = json!(5);
+        assert_eq!(err(v).key, "auth.config.audience");
+    }
+
+    #[test]
+    fn refuses_neither_or_both_key_sources() {
+        let mut v = jwt_example();
+        v["auth"]["config"].as_object_mut().unwrap().remove("jwks");
+        let e = err(v);
+        assert!(e.reason.contains("exactly one"), "{e}");
+        let mut v = jwt_example();
+        v["auth"]["config"]["introspection"] = json!({"url": "http://x/i"});
+        assert!(err(v).reason.contains("exactly one"));
+    }
+
+    #[test]
+    fn later_features_are_refused_not_ignored() {
+        let v = json!({"auth": {"provider_type": "oauth2_token", "config":
+            {"introspection": {"url": "http://idp/introspect"}}}});
+        assert!(err(v).reason.contains("not supported yet"));
+        let v = json!({"auth": {"provider_type": "custom", "config": {"endpoint": "http://a/v"}}});
+        assert!(err(v).reason.contains("not supported yet"));
+    }
+
+    #[test]
+    fn refuses_bad_values() {
+        let mut v = jwt_example();
+        v["auth"]["config"]["claims_mapping"]["groups"] = json!("");
+        assert_eq!(err(v).key, "auth.config.claims_mapping.groups");
+        let mut v = jwt_example();
+        v["auth"]["config"]["jwks"]["uri"] = json!("ftp://x/jwks");
+        assert_eq!(err(v).key, "auth.config.jwks.uri");
+        let mut v = jwt_example();
+        v["auth"]["config"]["jwks"]["timeout_ms"] = json!(0);
+        assert_eq!(err(v).key, "auth.config.jwks.timeout_ms");
+        let mut v = jwt_example();
+        v["auth"]["provider_type"] = json!("basic");
+        assert_eq!(err(v).key, "auth.provider_type");
+        let mut v = jwt_example();
+        v["forward"]["principal_header"] = json!("bad header");
+        assert_eq!(err(v).key, "forward.principal_header");
+        let mut v = jwt_example();
+        v["forward"]["attributes_header"] = json!("X-Auth-Principal");
+        assert_eq!(err(v).key, "forward.attributes_header");
+        let mut v = jwt_example();
+        v["auth"]["config"]["jwks"]["key_recheck_period"] = json!(5);
+        assert_eq!(err(v).key, "auth.config.jwks.key_recheck_period");
+        let mut v = jwt_example();
+        v["log_level"] = json!("loud");
+        assert_eq!(err(v).key, "log_level");
+        assert!(Config::parse(b"{")
+            .unwrap_err()
+            .reason
+            .starts_with("invalid JSON"));
+        assert!(Config::parse(b"[]").is_err());
+        assert!(Config::parse(&[0xff]).is_err());
+    }
+}

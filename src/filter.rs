@@ -1,0 +1,428 @@
+//! The proxy-wasm glue: turns host callbacks into calls on the decision core
+//! (`auth::Core`) and its answers into host calls.
+//!
+//! Callouts are dispatched by the root context only (from `on_tick`), so a
+//! fetch never dies with the request that asked for it: a request that needs
+//! keys parks itself, asks for a tick in 1 ms, and is resumed (by context id)
+//! when the fetch ends.
+
+use crate::auth::{Core, FetchError, RequestFacts, Step};
+use crate::config::Config;
+use crate::policy;
+use crate::quota::{SharedStore, StoreError};
+use crate::response::Denial;
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, ContextType, Status};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::time::{Duration, UNIX_EPOCH};
+
+/// Largest callout answer read (bytes); larger answers count as a failure.
+pub const MAX_CALLOUT_BODY: usize = 1024 * 1024;
+/// Most requests parked per VM while keys are fetched; more get 503.
+pub const MAX_WAITERS: usize = 4096;
+const IDLE_TICK: Duration = Duration::from_millis(1000);
+const SOON_TICK: Duration = Duration::from_millis(1);
+
+/// State shared by a VM's root context and its HTTP contexts.
+struct Vm {
+    core: Core,
+    /// Parked requests: context id → what to decide again.
+    waiters: Vec<(u32, RequestFacts)>,
+    /// Callout token → what it was for.
+    callouts: HashMap<u32, Callout>,
+    /// Response headers to add, by HTTP context id.
+    response_headers: HashMap<u32, Vec<(String, String)>>,
+    tick_soon: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Callout {
+    Jwks { started_ms: u64 },
+}
+
+type Shared = Rc<RefCell<Option<Vm>>>;
+
+fn now_ms() -> u64 {
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Shared data through the host.
+struct HostStore;
+
+impl SharedStore for HostStore {
+    fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), StoreError> {
+        hostcalls::get_shared_data(key).map_err(|_| StoreError::Other)
+    }
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
+        match hostcalls::set_shared_data(key, Some(value), cas) {
+            Ok(()) => Ok(()),
+            Err(Status::CasMismatch) => Err(StoreError::CasMismatch),
+            Err(_) => Err(StoreError::Other),
+        }
+    }
+}
+
+/// The root context: configuration, key fetches, resuming parked requests.
+pub struct Root {
+    vm: Shared,
+}
+
+impl Default for Root {
+    fn default() -> Self {
+        Root {
+            vm: Rc::new(RefCell::new(None)),
+        }
+    }
+}
+
+impl Context for Root {
+    fn on_http_call_response(&mut self, token: u32, _headers: usize, body_size: usize, _t: usize) {
+        let now = now_ms();
+        let mut guard = self.vm.borrow_mut();
+        let Some(vm) = guard.as_mut() else {
+            return;
+        };
+        let Some(Callout::Jwks { started_ms }) = vm.callouts.remove(&token) else {
+            return;
+        };
+        let status = hostcalls::get_map_value_bytes(
+            proxy_wasm::types::MapType::HttpCallResponseHeaders,
+            ":status",
+        )
+        .ok()
+        .flatten()
+        .and_then(|s| String::from_utf8(s).ok());
+        let timeout_ms = vm.core.jwt_config().map_or(0, |j| j.jwks.timeout_ms);
+        let elapsed = now.saturating_sub(started_ms);
+        match status.as_deref() {
+            Some("200") if body_size <= MAX_CALLOUT_BODY => {
+                let body = hostcalls::get_buffer(
+                    proxy_wasm::types::BufferType::HttpCallResponseBody,
+                    0,
+                    body_size,
+                )
+                .ok()
+                .flatten()
+                .unwrap_or_default();
+                match vm.core.jwks.succeeded(&body, now) {
+                    Ok(true) => log::info!(
+                        "JWKS fetched: {} usable keys",
+                        vm.core.jwks.keys.as_ref().map_or(0, |k| k.keys.len())
+                    ),
+                    Ok(false) => log::debug!("JWKS fetched: unchanged"),
+                    Err(e) => log::warn!("JWKS refused: {e}"),
+                }
+            }
+            Some("200") => {
+                log::warn!(
+                    "JWKS answer of {body_size} bytes is over the {MAX_CALLOUT_BODY}-byte limit"
+                );
+                vm.core.jwks.failed(FetchError::Unavailable, now);
+            }
+            other => {
+                let why = if elapsed + 50 >= timeout_ms && matches!(other, None | Some("504")) {
+                    FetchError::Timeout
+                } else {
+                    FetchError::Unavailable
+                };
+                log::warn!(
+                    "JWKS fetch failed: status {} after {elapsed} ms",
+                    other.unwrap_or("none")
+                );
+                vm.core.jwks.failed(why, now);
+            }
+        }
+        resume_waiters(vm, now);
+    }
+}
+
+/// Decides every parked request again and answers or resumes it.
+fn resume_waiters(vm: &mut Vm, now: u64) {
+    let waiters = std::mem::take(&mut vm.waiters);
+    for (id, facts) in waiters {
+        if hostcalls::set_effective_context(id).is_err() {
+            continue;
+        }
+        let step = vm.core.decide(&facts, now, &HostStore);
+        match step {
+            Step::WaitForKeys => {
+                // Keys are being fetched again (a kid refresh): stay parked.
+                vm.waiters.push((id, facts));
+                vm.tick_soon = true;
+            }
+            step => {
+                if apply(vm, id, step) {
+                    let _ = hostcalls::resume_http_request();
+                }
+            }
+        }
+    }
+    if vm.tick_soon {
+        let _ = hostcalls::set_tick_period(SOON_TICK);
+    }
+}
+
+/// Carries out an allow or a deny on the effective context; true when the
+/// request should continue to the upstream.
+fn apply(vm: &mut Vm, context_id: u32, step: Step) -> bool {
+    match step {
+        Step::Allow(allowed) => {
+            let forward = &vm.core.config.forward;
+            if let Some(id) = &allowed.identity {
+                let _ = hostcalls::set_map_value(
+                    proxy_wasm::types::MapType::HttpRequestHeaders,
+                    &forward.principal_header,
+                    Some(&id.principal),
+                );
+                let _ = hostcalls::set_map_value(
+                    proxy_wasm::types::MapType::HttpRequestHeaders,
+                    &forward.attributes_header,
+                    Some(&id.attributes_header),
+                );
+                if forward.strip_authorization {
+                    let _ = hostcalls::set_map_value(
+                        proxy_wasm::types::MapType::HttpRequestHeaders,
+                        "authorization",
+                        None,
+                    );
+                }
+            }
+            if !allowed.response_headers.is_empty() {
+                vm.response_headers
+                    .insert(context_id, allowed.response_headers);
+            }
+            true
+        }
+        Step::Deny(denial) => {
+            deny(&denial);
+            false
+        }
+        Step::WaitForKeys => false,
+    }
+}
+
+fn deny(denial: &Denial) {
+    log::debug!("denied {}: {}", denial.status(), denial.reason());
+    let r = denial.response();
+    let headers: Vec<(&str, &str)> = r
+        .headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let _ = hostcalls::send_http_response(r.status, headers, Some(r.body.as_bytes()));
+}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, size: usize) -> bool {
+        let bytes =
+            hostcalls::get_buffer(proxy_wasm::types::BufferType::PluginConfiguration, 0, size)
+                .ok()
+                .flatten()
+                .unwrap_or_default();
+        match Config::parse(&bytes) {
+            Ok(config) => {
+                log::set_max_level(config.log_level);
+                let core = Core::new(Rc::new(config));
+                *self.vm.borrow_mut() = Some(Vm {
+                    core,
+                    waiters: Vec::new(),
+                    callouts: HashMap::new(),
+                    response_headers: HashMap::new(),
+                    tick_soon: false,
+                });
+                let _ = hostcalls::set_tick_period(SOON_TICK);
+                true
+            }
+            Err(e) => {
+                log::error!("tollgate refused its configuration: {e}");
+                false
+            }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        let now = now_ms();
+        let mut guard = self.vm.borrow_mut();
+        let Some(vm) = guard.as_mut() else {
+            return;
+        };
+        vm.tick_soon = false;
+        let _ = hostcalls::set_tick_period(IDLE_TICK);
+        let Some(j) = vm.core.jwt_config().cloned() else {
+            return;
+        };
+        if !vm
+            .core
+            .jwks
+            .should_fetch(now, j.cache_ttl.saturating_mul(1000))
+        {
+            return;
+        }
+        let mut headers = vec![
+            (":method", "GET"),
+            (":path", j.jwks.path.as_str()),
+            (":authority", j.jwks.authority.as_str()),
+            ("accept", "application/json"),
+        ];
+        let bearer;
+        if let Some(t) = &j.jwks_token {
+            bearer = format!("Bearer {t}");
+            headers.push(("authorization", bearer.as_str()));
+        }
+        vm.core.jwks.started(now);
+        match hostcalls::dispatch_http_call(
+            &j.jwks.cluster,
+            headers,
+            None,
+            vec![],
+            Duration::from_millis(j.jwks.timeout_ms),
+        ) {
+            Ok(token) => {
+                vm.callouts.insert(token, Callout::Jwks { started_ms: now });
+            }
+            Err(e) => {
+                log::error!(
+                    "JWKS fetch could not start (is cluster `{}` defined in Envoy?): {e:?}",
+                    j.jwks.cluster
+                );
+                vm.core.jwks.failed(FetchError::Unavailable, now);
+                resume_waiters(vm, now);
+            }
+        }
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Request {
+            id: context_id,
+            vm: self.vm.clone(),
+            parked: false,
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+/// One HTTP request.
+struct Request {
+    id: u32,
+    vm: Shared,
+    parked: bool,
+}
+
+impl Request {
+    fn header(&self, name: &str) -> Option<Vec<u8>> {
+        self.get_http_request_header_bytes(name)
+    }
+
+    fn source_ip(&self) -> Option<String> {
+        let raw = self.get_property(vec!["source", "address"])?;
+        let s = String::from_utf8(raw).ok()?;
+        Some(strip_port(&s).to_string())
+    }
+}
+
+/// `1.2.3.4:5678` → `1.2.3.4`; `[::1]:5678` → `::1`.
+pub fn strip_port(addr: &str) -> &str {
+    if let Some(rest) = addr.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match addr.rsplit_once(':') {
+        Some((host, _)) if !host.contains(':') => host,
+        _ => addr,
+    }
+}
+
+impl Context for Request {}
+
+impl HttpContext for Request {
+    fn on_http_request_headers(&mut self, _n: usize, _eos: bool) -> Action {
+        let mut guard = self.vm.borrow_mut();
+        let Some(vm) = guard.as_mut() else {
+            deny(&Denial::AuthUnavailable);
+            return Action::Pause;
+        };
+        // Identity headers come only from tollgate.
+        let forward = vm.core.config.forward.clone();
+        self.set_http_request_header(&forward.principal_header, None);
+        self.set_http_request_header(&forward.attributes_header, None);
+
+        let raw_path = self.header(":path").unwrap_or_default();
+        let path = match std::str::from_utf8(&raw_path)
+            .ok()
+            .map(policy::normalize_path)
+        {
+            Some(Ok(p)) => p,
+            _ => {
+                deny(&Denial::BadPath);
+                return Action::Pause;
+            }
+        };
+        let method = self
+            .header(":method")
+            .and_then(|m| String::from_utf8(m).ok())
+            .unwrap_or_default();
+        let source_ip = if vm.core.config.quota.is_some() {
+            self.source_ip()
+        } else {
+            None
+        };
+        let facts = RequestFacts {
+            method,
+            path,
+            authorization: self.header("authorization"),
+            source_ip,
+        };
+        let now = now_ms();
+        match vm.core.decide(&facts, now, &HostStore) {
+            Step::WaitForKeys => {
+                if vm.waiters.len() >= MAX_WAITERS {
+                    deny(&Denial::AuthUnavailable);
+                    return Action::Pause;
+                }
+                vm.waiters.push((self.id, facts));
+                self.parked = true;
+                if !vm.tick_soon {
+                    vm.tick_soon = true;
+                    let _ = hostcalls::set_tick_period(SOON_TICK);
+                }
+                Action::Pause
+            }
+            step => {
+                if apply(vm, self.id, step) {
+                    Action::Continue
+                } else {
+                    Action::Pause
+                }
+            }
+        }
+    }
+
+    fn on_http_response_headers(&mut self, _n: usize, _eos: bool) -> Action {
+        let headers = self
+            .vm
+            .borrow_mut()
+            .as_mut()
+            .and_then(|vm| vm.response_headers.remove(&self.id));
+        for (k, v) in headers.unwrap_or_default() {
+            self.set_http_response_header(&k, Some(&v));
+        }
+        Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        if let Some(vm) = self.vm.borrow_mut().as_mut() {
+            vm.response_headers.remove(&self.id);
+            if self.parked {
+                vm.waiters.retain(|(id, _)| *id != self.id);
+            }
+        }
+    }
+}

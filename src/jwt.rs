@@ -1,0 +1,301 @@
+//! JWT verification: strict structural checks first (cheap, before any
+//! signature work), then signature and standard claims through jwt-simple,
+//! then the identity from the claims.
+//!
+//! Following RFC 8725 and Envoy's `jwt_authn`: only the compact
+//! serialisation; `alg` from an allow-list (never `none`, never HS*); the key
+//! must fit the algorithm; `jku`, `jwk`, `x5u`, `x5c` are never used; `crit`
+//! and `b64` are refused; duplicate JSON keys are refused; `exp` is required.
+
+use crate::claims::{ClaimsMapping, Identity};
+use crate::jwks::KeySet;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use jwt_simple::prelude::{Duration, UnixTimeStamp, VerificationOptions};
+use serde_json::{Map, Value};
+use std::collections::HashSet;
+use std::fmt;
+
+/// Signature algorithms tollgate accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[allow(clippy::upper_case_acronyms)]
+pub enum Alg {
+    RS256,
+    RS384,
+    RS512,
+    PS256,
+    PS384,
+    PS512,
+    ES256,
+    ES384,
+    EdDSA,
+}
+
+impl Alg {
+    /// Parses an `alg` value, exactly as registered (case-sensitive).
+    pub fn parse(s: &str) -> Option<Alg> {
+        Some(match s {
+            "RS256" => Alg::RS256,
+            "RS384" => Alg::RS384,
+            "RS512" => Alg::RS512,
+            "PS256" => Alg::PS256,
+            "PS384" => Alg::PS384,
+            "PS512" => Alg::PS512,
+            "ES256" => Alg::ES256,
+            "ES384" => Alg::ES384,
+            "EdDSA" => Alg::EdDSA,
+            _ => return None,
+        })
+    }
+}
+
+/// Why a token was refused. Every variant answers 401 "Invalid JWT token";
+/// the variant names the reason in metrics and debug logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenError {
+    /// Not a well-formed compact JWS (parts, base64url, JSON, types).
+    Malformed,
+    /// Longer than [`MAX_TOKEN_BYTES`].
+    TooLong,
+    /// `alg` not allowed (`none`, HS*, unknown).
+    UnsupportedAlg,
+    /// A header parameter tollgate refuses (`crit`, `b64`, JWE fields).
+    UnsupportedHeader,
+    /// `kid` not in the key set.
+    UnknownKid,
+    /// No key of the token's algorithm.
+    NoKey,
+    /// The signature does not verify.
+    BadSignature,
+    Expired,
+    NotYetValid,
+    IssuedInFuture,
+    WrongAudience,
+    WrongIssuer,
+    MissingExp,
+    MissingSub,
+    /// The identity would carry control characters into a header.
+    UnsafeIdentity,
+}
+
+impl TokenError {
+    /// The reason label used in metrics and logs.
+    pub fn reason(self) -> &'static str {
+        match self {
+            TokenError::Malformed | TokenError::TooLong | TokenError::UnsupportedHeader => {
+                "malformed"
+            }
+            TokenError::Expired => "expired",
+            TokenError::WrongAudience => "wrong_audience",
+            TokenError::UnknownKid => "unknown_kid",
+            _ => "invalid_token",
+        }
+    }
+}
+
+impl fmt::Display for TokenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = match self {
+            TokenError::Malformed => "malformed token",
+            TokenError::TooLong => "token too long",
+            TokenError::UnsupportedAlg => "algorithm not allowed",
+            TokenError::UnsupportedHeader => "unsupported header parameter",
+            TokenError::UnknownKid => "unknown kid",
+            TokenError::NoKey => "no key for the algorithm",
+            TokenError::BadSignature => "bad signature",
+            TokenError::Expired => "expired",
+            TokenError::NotYetValid => "not yet valid",
+            TokenError::IssuedInFuture => "issued in the future",
+            TokenError::WrongAudience => "wrong audience",
+            TokenError::WrongIssuer => "wrong issuer",
+            TokenError::MissingExp => "no exp claim",
+            TokenError::MissingSub => "no sub claim",
+            TokenError::UnsafeIdentity => "control characters in the identity",
+        };
+        f.write_str(s)
+    }
+}
+
+/// Longest token accepted (bytes).
+pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
+/// Longest `kid` accepted (bytes).
+pub const MAX_KID_BYTES: usize = 256;
+/// Latest plausible time value (year 3000): larger ones are refused.
+const MAX_TIME: u64 = 32_503_680_000;
+
+/// What the checks need from the configuration.
+#[derive(Debug, Clone)]
+pub struct Rules<'a> {
+    pub audiences: &'a [String],
+    pub issuer: Option<&'a str>,
+    pub clock_skew_seconds: u64,
+    pub claims_mapping: &'a ClaimsMapping,
+}
+
+/// A token taken apart, checked for structure and claims but not yet for
+/// its signature.
+#[derive(Debug)]
+pub struct Parsed {
+    pub alg: Alg,
+    pub kid: Option<String>,
+    pub claims: Map<String, Value>,
+    pub exp: u64,
+    pub sub: String,
+}
+
+/// A verified token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    pub identity: Identity,
+    /// `exp` of the token (seconds since the epoch).
+    pub exp: u64,
+}
+
+fn decode_json_object(part: &str) -> Result<Map<String, Value>, TokenError> {
+    let bytes = URL_SAFE_NO_PAD
+        .decode(part)
+        .map_err(|_| TokenError::Malformed)?;
+    match crate::json::parse_strict(&bytes) {
+        Ok(Value::Object(m)) => Ok(m),
+        _ => Err(TokenError::Malformed),
+    }
+}
+
+/// A NumericDate claim: absent, or a non-negative integer no later than year 3000.
+fn time_claim(claims: &Map<String, Value>, name: &str) -> Result<Option<u64>, TokenError> {
+    match claims.get(name) {
+        None => Ok(None),
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(t) if t <= MAX_TIME => Ok(Some(t)),
+            _ => Err(TokenError::Malformed),
+        },
+        Some(_) => Err(TokenError::Malformed),
+    }
+}
+
+/// Structural and claim checks: everything but the signature.
+pub fn parse(token: &str, rules: &Rules, now: u64) -> Result<Parsed, TokenError> {
+    if token.len() > MAX_TOKEN_BYTES {
+        return Err(TokenError::TooLong);
+    }
+    if !token
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+    {
+        return Err(TokenError::Malformed);
+    }
+    let mut parts = token.split('.');
+    let (Some(h), Some(p), Some(s), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(TokenError::Malformed);
+    };
+    if h.is_empty() || p.is_empty() || s.is_empty() {
+        return Err(TokenError::Malformed);
+    }
+    let header = decode_json_object(h)?;
+    let alg = match header.get("alg") {
+        Some(Value::String(a)) => Alg::parse(a).ok_or(TokenError::UnsupportedAlg)?,
+        _ => return Err(TokenError::Malformed),
+    };
+    for refused in ["crit", "b64", "enc", "zip"] {
+        if header.contains_key(refused) {
+            return Err(TokenError::UnsupportedHeader);
+        }
+    }
+    let kid = match header.get("kid") {
+        None => None,
+        Some(Value::String(k)) if !k.is_empty() && k.len() <= MAX_KID_BYTES => Some(k.clone()),
+        Some(_) => return Err(TokenError::Malformed),
+    };
+    let claims = decode_json_object(p)?;
+    let exp = time_claim(&claims, "exp")?.ok_or(TokenError::MissingExp)?;
+    let nbf = time_claim(&claims, "nbf")?;
+    let iat = time_claim(&claims, "iat")?;
+    let skew = rules.clock_skew_seconds;
+    if now > exp.saturating_add(skew) {
+        return Err(TokenError::Expired);
+    }
+    if nbf.is_some_and(|nbf| nbf > now.saturating_add(skew)) {
+        return Err(TokenError::NotYetValid);
+    }
+    if iat.is_some_and(|iat| iat > now.saturating_add(skew)) {
+        return Err(TokenError::IssuedInFuture);
+    }
+    let audience_ok = match claims.get("aud") {
+        Some(Value::String(a)) => rules.audiences.contains(a),
+        Some(Value::Array(list)) => list.iter().any(|a| {
+            a.as_str()
+                .is_some_and(|a| rules.audiences.iter().any(|x| x == a))
+        }),
+        _ => false,
+    };
+    if !audience_ok {
+        return Err(TokenError::WrongAudience);
+    }
+    if let Some(issuer) = rules.issuer {
+        if claims.get("iss").and_then(Value::as_str) != Some(issuer) {
+            return Err(TokenError::WrongIssuer);
+        }
+    }
+    let sub = match claims.get("sub") {
+        Some(Value::String(s)) if !s.is_empty() => s.clone(),
+        _ => return Err(TokenError::MissingSub),
+    };
+    Ok(Parsed {
+        alg,
+        kid,
+        claims,
+        exp,
+        sub,
+    })
+}
+
+/// Verifies a token against a key set at time `now` (seconds).
+pub fn verify(token: &str, keys: &KeySet, rules: &Rules, now: u64) -> Result<Verified, TokenError> {
+    let parsed = parse(token, rules, now)?;
+    if let Some(kid) = parsed.kid.as_deref() {
+        if !keys.has_kid(kid) {
+            return Err(TokenError::UnknownKid);
+        }
+    }
+    let mut tried = false;
+    let mut verified = false;
+    for key in keys.candidates(parsed.alg, parsed.kid.as_deref()) {
+        tried = true;
+        if key.key.verify(token, options(rules, now)).is_ok() {
+            verified = true;
+            break;
+        }
+    }
+    if verified {
+        return identity(parsed, rules);
+    }
+    Err(if tried {
+        TokenError::BadSignature
+    } else {
+        TokenError::NoKey
+    })
+}
+
+fn options(rules: &Rules, now: u64) -> VerificationOptions {
+    VerificationOptions {
+        allowed_audiences: Some(rules.audiences.iter().cloned().collect::<HashSet<_>>()),
+        allowed_issuers: rules
+            .issuer
+            .map(|i| std::iter::once(i.to_string()).collect::<HashSet<_>>()),
+        time_tolerance: Some(Duration::from_secs(rules.clock_skew_seconds)),
+        artificial_time: Some(UnixTimeStamp::from_secs(now)),
+        max_token_length: Some(MAX_TOKEN_BYTES),
+        ..Default::default()
+    }
+}
+
+fn identity(parsed: Parsed, rules: &Rules) -> Result<Verified, TokenError> {
+    let attributes = rules.claims_mapping.apply(&parsed.claims);
+    let identity = Identity::new(parsed.sub, attributes).map_err(|_| TokenError::UnsafeIdentity)?;
+    Ok(Verified {
+        identity,
+        exp: parsed.exp,
+    })
+}

@@ -1,0 +1,167 @@
+//! Every answer tollgate gives instead of the upstream's, in one place.
+//!
+//! `Denial`'s `Display` is the exact message the caller sees; [`Denial::response`]
+//! turns it into status, headers and the JSON body `{"error":{"message":M}}`.
+
+use crate::jwt::TokenError;
+use crate::policy::AccessDenied;
+use std::fmt;
+
+/// Why a request is not passed to the upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Denial {
+    /// No `Authorization` header; carries the provider's message.
+    MissingCredentials(String),
+    /// `Authorization` is not `Bearer <token>`.
+    InvalidHeaderFormat,
+    /// The token failed verification.
+    InvalidToken(TokenError),
+    /// The identity provider could not be reached or answered garbage.
+    AuthUnavailable,
+    /// The identity provider did not answer in time.
+    AuthTimeout,
+    /// A route rule refused the caller.
+    Forbidden(AccessDenied),
+    /// Over quota; seconds until the window ends, and the rate-limit headers.
+    QuotaExceeded {
+        retry_after: u64,
+        headers: Vec<(String, String)>,
+    },
+    /// The quota counter could not be updated (contention); fail closed.
+    QuotaContended,
+    /// The quota store failed; fail closed.
+    QuotaUnavailable,
+    /// The request path cannot be normalised safely.
+    BadPath,
+}
+
+impl fmt::Display for Denial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Denial::MissingCredentials(m) => f.write_str(m),
+            Denial::InvalidHeaderFormat => f.write_str("Invalid Authorization header format"),
+            Denial::InvalidToken(_) => f.write_str("Invalid JWT token"),
+            Denial::AuthUnavailable => f.write_str("Authentication service unavailable"),
+            Denial::AuthTimeout => f.write_str("Authentication service timeout"),
+            Denial::Forbidden(why) => write!(f, "{why}"),
+            Denial::QuotaExceeded { .. } | Denial::QuotaContended => f.write_str("Quota exceeded"),
+            Denial::QuotaUnavailable => f.write_str("Quota service unavailable"),
+            Denial::BadPath => f.write_str("Invalid request path"),
+        }
+    }
+}
+
+/// A complete local answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalResponse {
+    pub status: u32,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Denial {
+    pub fn status(&self) -> u32 {
+        match self {
+            Denial::MissingCredentials(_)
+            | Denial::InvalidHeaderFormat
+            | Denial::InvalidToken(_) => 401,
+            Denial::AuthUnavailable | Denial::AuthTimeout | Denial::QuotaUnavailable => 503,
+            Denial::Forbidden(_) => 403,
+            Denial::QuotaExceeded { .. } | Denial::QuotaContended => 429,
+            Denial::BadPath => 400,
+        }
+    }
+
+    /// The reason label for metrics and logs.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Denial::MissingCredentials(_) => "missing",
+            Denial::InvalidHeaderFormat => "malformed",
+            Denial::InvalidToken(e) => e.reason(),
+            Denial::AuthUnavailable => "auth_unavailable",
+            Denial::AuthTimeout => "auth_timeout",
+            Denial::Forbidden(AccessDenied::Scope(_)) => "scope",
+            Denial::Forbidden(AccessDenied::Attributes) => "attributes",
+            Denial::QuotaExceeded { .. } | Denial::QuotaContended | Denial::QuotaUnavailable => {
+                "quota"
+            }
+            Denial::BadPath => "bad_path",
+        }
+    }
+
+    pub fn response(&self) -> LocalResponse {
+        let message = self.to_string();
+        let body = match self {
+            // Llama Stack answers 403 with `detail`; OpenAI-style clients read `message`.
+            Denial::Forbidden(_) => {
+                serde_json::json!({"error": {"message": message, "detail": message}})
+            }
+            _ => serde_json::json!({"error": {"message": message}}),
+        }
+        .to_string();
+        let mut headers = vec![("content-type".to_string(), "application/json".to_string())];
+        match self {
+            Denial::MissingCredentials(_) | Denial::InvalidHeaderFormat => {
+                headers.push(("www-authenticate".into(), "Bearer".into()));
+            }
+            Denial::InvalidToken(_) => {
+                headers.push((
+                    "www-authenticate".into(),
+                    "Bearer error=\"invalid_token\"".into(),
+                ));
+            }
+            Denial::QuotaExceeded {
+                retry_after,
+                headers: extra,
+            } => {
+                headers.push(("retry-after".into(), retry_after.to_string()));
+                headers.extend(extra.iter().cloned());
+            }
+            Denial::QuotaContended => headers.push(("retry-after".into(), "1".into())),
+            _ => {}
+        }
+        LocalResponse {
+            status: self.status(),
+            headers,
+            body,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bodies_and_headers_are_exact() {
+        let r = Denial::InvalidToken(TokenError::Expired).response();
+        assert_eq!(r.status, 401);
+        assert_eq!(r.body, r#"{"error":{"message":"Invalid JWT token"}}"#);
+        assert!(r.headers.contains(&(
+            "www-authenticate".into(),
+            "Bearer error=\"invalid_token\"".into()
+        )));
+        let r = Denial::MissingCredentials("Authentication required.".into()).response();
+        assert!(r
+            .headers
+            .contains(&("www-authenticate".into(), "Bearer".into())));
+        let r = Denial::Forbidden(AccessDenied::Scope("admin".into())).response();
+        assert_eq!(r.status, 403);
+        let m = "Access denied: user does not have required scope: admin";
+        assert_eq!(
+            r.body,
+            format!(r#"{{"error":{{"message":"{m}","detail":"{m}"}}}}"#)
+        );
+        let r = Denial::QuotaExceeded {
+            retry_after: 42,
+            headers: vec![("ratelimit-limit".into(), "5".into())],
+        }
+        .response();
+        assert_eq!(r.status, 429);
+        assert_eq!(r.body, r#"{"error":{"message":"Quota exceeded"}}"#);
+        assert!(r.headers.contains(&("retry-after".into(), "42".into())));
+        assert!(r.headers.contains(&("ratelimit-limit".into(), "5".into())));
+        assert_eq!(Denial::AuthTimeout.response().status, 503);
+        assert_eq!(Denial::BadPath.response().status, 400);
+    }
+}

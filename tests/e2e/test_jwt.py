@@ -1,0 +1,362 @@
+"""End-to-end tests of the oauth2_token (JWT/JWKS) provider through a real Envoy."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from harness import tokens
+from harness.config import ISSUER, OMIT, jwt_config
+
+MSG_REQUIRED = f"Authentication required. Please provide a valid OAuth2 Bearer token from {ISSUER}"
+MSG_FORMAT = "Invalid Authorization header format"
+MSG_INVALID = "Invalid JWT token"
+MSG_UNAVAILABLE = "Authentication service unavailable"
+MSG_TIMEOUT = "Authentication service timeout"
+
+ALGS = ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA"]
+API = "/v1/models"
+
+
+def make_key(alg: str, kid: str | None = None) -> tokens.SigningKey:
+    kid = kid or f"{alg.lower()}-1"
+    if alg == "EdDSA":
+        return tokens.ed25519_key(kid)
+    if alg.startswith("ES"):
+        return tokens.ec_key(kid, alg)
+    return tokens.rsa_key(kid, alg)
+
+
+def assert_denied(resp, status: int, message: str, token_presented: bool | None = None) -> None:
+    """The exact JSON error answer; for 401 also the WWW-Authenticate challenge."""
+    assert resp.status == status, resp
+    assert resp.headers.get("content-type") == "application/json", resp
+    assert resp.body == json.dumps({"error": {"message": message}}, separators=(",", ":")).encode(), resp
+    if status == 401:
+        challenge = resp.headers.get("www-authenticate", "")
+        assert challenge.startswith("Bearer"), resp
+        if token_presented is True:
+            assert 'error="invalid_token"' in challenge, resp
+        elif token_presented is False:
+            assert "error=" not in challenge, resp
+
+
+def forwarded(resp) -> dict[str, str]:
+    """The request headers the echo upstream received."""
+    assert resp.status == 200, resp
+    return resp.json()["headers"]
+
+
+def wait_for_streak(gw, token: str, streak: int = 10, timeout: float = 15.0, pause: float = 0.2):
+    """Sends requests until `streak` in a row pass; returns the seconds it took
+    (or fails with the last answer)."""
+    start = time.monotonic()
+    ok, last = 0, None
+    while time.monotonic() - start < timeout:
+        last = gw.get(API, token=token)
+        ok = ok + 1 if last.status == 200 else 0
+        if ok >= streak:
+            return time.monotonic() - start
+        if last.status != 200:
+            time.sleep(pause)
+    pytest.fail(f"no {streak} passing requests in a row within {timeout}s; last: {last!r}")
+
+
+# -- shared gateway -----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def keys() -> dict[str, tokens.SigningKey]:
+    """One served key per algorithm."""
+    return {alg: make_key(alg) for alg in ALGS}
+
+
+@pytest.fixture(scope="module")
+def rsa(keys) -> tokens.SigningKey:
+    return keys["RS256"]
+
+
+@pytest.fixture(scope="module")
+def gw(module_idp, module_envoy, keys):
+    """An Envoy with the contract's configuration and public paths
+    `/v1/health` (exact) and `/public/*` (prefix)."""
+    module_idp.set_keys(*keys.values())
+    return module_envoy(jwt_config(module_idp.port, public_paths=["/v1/health", "/public/*"]))
+
+
+# -- valid tokens ---------------------------------------------------------------
+
+@pytest.mark.parametrize("alg", ALGS)
+def test_valid_token_passes_with_forwarded_identity(gw, keys, alg, upstream):
+    """A valid token reaches the upstream with principal and attributes headers."""
+    token = keys[alg].sign(tokens.claims(sub="alice", groups=["g1"], scope="read write"))
+    r = gw.get(API, token=token)
+    h = forwarded(r)
+    assert h["x-auth-principal"] == "alice"
+    assert json.loads(h["x-auth-attributes"]) == {
+        "roles": ["alice"], "scopes": ["read", "write"], "teams": ["g1"]}
+    assert h["authorization"] == f"Bearer {token}"
+    assert upstream.count(API) == 1
+
+
+def test_audience_list_intersecting_passes(gw, rsa):
+    token = rsa.sign(tokens.claims(aud=["other", "llama-stack"]))
+    assert forwarded(gw.get(API, token=token))["x-auth-principal"] == "alice"
+
+
+def test_expired_within_clock_skew_passes(gw, rsa):
+    """exp 30 s ago is still inside the 60 s skew."""
+    now = int(time.time())
+    token = rsa.sign(tokens.claims(now=now - 300, lifetime=270))
+    assert gw.get(API, token=token).status == 200
+
+
+def test_nbf_within_clock_skew_passes(gw, rsa):
+    token = rsa.sign(tokens.claims(nbf=int(time.time()) + 30))
+    assert gw.get(API, token=token).status == 200
+
+
+# -- rejected tokens --------------------------------------------------------------
+
+def _expired(k):
+    return k["RS256"].sign(tokens.claims(now=int(time.time()) - 600, lifetime=300))
+
+
+REJECTED = {
+    "expired": _expired,
+    "not_yet_valid": lambda k: k["RS256"].sign(tokens.claims(nbf=int(time.time()) + 300)),
+    "wrong_audience": lambda k: k["RS256"].sign(tokens.claims(aud="someone-else")),
+    "wrong_audience_list": lambda k: k["RS256"].sign(tokens.claims(aud=["a", "b"])),
+    "no_audience": lambda k: k["RS256"].sign(tokens.claims(aud=None)),
+    "wrong_issuer": lambda k: k["RS256"].sign(tokens.claims(iss="https://evil.example")),
+    "no_exp": lambda k: k["RS256"].sign(tokens.claims(exp=None)),
+    "no_sub": lambda k: k["RS256"].sign(tokens.claims(sub=None)),
+    "unknown_kid": lambda k: make_key("RS256", "not-served").sign(tokens.claims()),
+    "signed_by_other_key_same_kid": lambda k: make_key("RS256", "rs256-1").sign(tokens.claims()),
+    "tampered_signature": lambda k: tokens.tamper(k["RS256"].sign(tokens.claims())),
+    "tampered_claims": lambda k: tokens.tamper_payload(k["ES256"].sign(tokens.claims()), sub="root"),
+    "alg_none": lambda k: tokens.alg_none(tokens.claims()),
+    "alg_none_with_kid": lambda k: tokens.alg_none(tokens.claims(), kid="rs256-1"),
+    "hs256_with_rsa_public_key": lambda k: tokens.hs256_with_public_key(tokens.claims(), k["RS256"]),
+    "garbage": lambda k: "not-a-jwt",
+    "garbage_three_parts": lambda k: "aaa.bbb.ccc",
+}
+
+
+@pytest.mark.parametrize("case", list(REJECTED))
+def test_rejected_token(gw, keys, case, upstream):
+    """Every bad token gets the same 401, and nothing reaches the upstream."""
+    token = REJECTED[case](keys)
+    r = gw.get(API, token=token)
+    assert_denied(r, 401, MSG_INVALID, token_presented=True)
+    assert token not in r.text
+    assert upstream.received() == []
+
+
+def test_empty_token(gw, upstream):
+    """`Authorization: Bearer ` (Envoy trims the trailing space, so the filter sees `Bearer`)."""
+    r = gw.get(API, headers={"Authorization": "Bearer "})
+    assert_denied(r, 401, MSG_INVALID, token_presented=True)
+    assert upstream.received() == []
+
+
+@pytest.mark.parametrize("value", ["alice\r\nx-evil: 1", "alice\nx-evil: 1", "alice\rx", "alice\x00x"],
+                         ids=["crlf", "lf", "cr", "nul"])
+def test_claim_with_control_characters_rejected(gw, rsa, value, upstream):
+    """A principal that cannot go into a header is a bad token, never an Envoy 503."""
+    r = gw.get(API, token=rsa.sign(tokens.claims(sub=value)))
+    assert_denied(r, 401, MSG_INVALID, token_presented=True)
+    assert upstream.received() == []
+
+
+# -- the Authorization header ---------------------------------------------------------
+
+def test_missing_authorization_header(gw, upstream):
+    r = gw.get(API)
+    assert_denied(r, 401, MSG_REQUIRED, token_presented=False)
+    assert upstream.received() == []
+
+
+@pytest.mark.parametrize("value", ["Basic dXNlcjpwYXNz", "Token abc.def.ghi", "Bearerabc"])
+def test_non_bearer_authorization_header(gw, value, upstream):
+    r = gw.get(API, headers={"Authorization": value})
+    assert_denied(r, 401, MSG_FORMAT)
+    assert upstream.received() == []
+
+
+def test_missing_header_message_without_issuer(envoy, idp, rsa):
+    """Without `issuer` the message has no ` from <issuer>` part."""
+    idp.set_keys(rsa)
+    gw = envoy(jwt_config(idp.port, issuer=OMIT))
+    r = gw.get(API)
+    assert_denied(r, 401, "Authentication required. Please provide a valid OAuth2 Bearer token",
+                  token_presented=False)
+    assert gw.get(API, token=rsa.sign(tokens.claims(iss="https://anyone.example"))).status == 200
+
+
+# -- public paths and forwarded headers ----------------------------------------------
+
+def test_public_path_passes_without_token(gw):
+    h = forwarded(gw.get("/v1/health"))
+    assert "x-auth-principal" not in h and "x-auth-attributes" not in h
+
+
+def test_public_prefix_path_passes_without_token(gw):
+    assert gw.get("/public/docs/index.html").status == 200
+
+
+@pytest.mark.parametrize("path", ["/v1/health/extra", "/v1/healthz", "/publicity"])
+def test_non_public_lookalike_paths_need_a_token(gw, path):
+    assert_denied(gw.get(path), 401, MSG_REQUIRED, token_presented=False)
+
+
+SPOOF = {"x-auth-principal": "root", "x-auth-attributes": '{"roles":["admin"]}'}
+
+
+def test_spoofed_identity_headers_replaced_on_authenticated_path(gw, rsa):
+    r = gw.get(API, token=rsa.sign(tokens.claims(sub="alice")), headers=SPOOF)
+    h = forwarded(r)
+    assert h["x-auth-principal"] == "alice"
+    assert json.loads(h["x-auth-attributes"]) == {"roles": ["alice"]}
+    names = [n for n, _ in r.json()["header_list"]]
+    assert names.count("x-auth-principal") == 1 and names.count("x-auth-attributes") == 1
+
+
+def test_spoofed_identity_headers_removed_on_public_path(gw):
+    h = forwarded(gw.get("/v1/health", headers=SPOOF))
+    assert "x-auth-principal" not in h and "x-auth-attributes" not in h
+
+
+def test_strip_authorization(envoy, idp, rsa):
+    idp.set_keys(rsa)
+    gw = envoy(jwt_config(idp.port, forward={"strip_authorization": True}))
+    h = forwarded(gw.get(API, token=rsa.sign(tokens.claims())))
+    assert "authorization" not in h
+    assert h["x-auth-principal"] == "alice"
+
+
+def test_llama_stack_provider_config_form(envoy, idp, rsa):
+    """`auth.provider_config` with `type: oauth2_token` works like the native form."""
+    idp.set_keys(rsa)
+    gw = envoy(jwt_config(idp.port, llama_form=True))
+    assert forwarded(gw.get(API, token=rsa.sign(tokens.claims())))["x-auth-principal"] == "alice"
+    assert_denied(gw.get(API), 401, MSG_REQUIRED, token_presented=False)
+
+
+# -- the JWKS endpoint ------------------------------------------------------------
+
+def test_jwks_token_sent_to_idp(envoy, idp, rsa):
+    """With `jwks.token` set, the JWKS request carries it as a bearer token."""
+    idp.set_keys(rsa)
+    gw = envoy(jwt_config(idp.port, jwks={"token": "jwks-s3cret"}))
+    assert gw.get(API, token=rsa.sign(tokens.claims())).status == 200
+    fetches = idp.received("/jwks")
+    assert fetches and all(f.headers.get("authorization") == "Bearer jwks-s3cret" for f in fetches)
+
+
+def test_jwks_fetched_a_bounded_number_of_times(envoy, idp, rsa):
+    """300 requests with valid tokens: at most one JWKS fetch per VM (3 at concurrency 2)."""
+    idp.set_keys(rsa)
+    gw = envoy(jwt_config(idp.port), concurrency=2)
+    token = rsa.sign(tokens.claims())
+    statuses = [gw.get(API, token=token).status for _ in range(300)]
+    assert statuses == [200] * 300
+    assert 1 <= idp.count("/jwks") <= 3
+
+
+def test_unknown_kid_refresh_is_rate_limited(envoy, idp, rsa):
+    """Tokens with an unknown kid trigger at most one refresh per VM per cooldown."""
+    idp.set_keys(rsa)
+    gw = envoy(jwt_config(idp.port, jwks={"refresh_cooldown_seconds": 10}))
+    wait_for_streak(gw, rsa.sign(tokens.claims()), streak=5)
+    before = idp.count("/jwks")
+    stranger = make_key("ES256", "stranger").sign(tokens.claims())
+    for _ in range(30):
+        assert_denied(gw.get(API, token=stranger), 401, MSG_INVALID, token_presented=True)
+    assert idp.count("/jwks") - before <= 2  # one per worker VM
+
+
+def test_key_rotation(envoy, idp):
+    """The IdP switches to a new key with a new kid: its tokens pass within seconds."""
+    old, new = make_key("RS256", "old"), make_key("ES256", "new")
+    idp.set_keys(old)
+    gw = envoy(jwt_config(idp.port, jwks={"refresh_cooldown_seconds": 1}))
+    wait_for_streak(gw, old.sign(tokens.claims()), streak=5)
+    idp.set_keys(new)
+    took = wait_for_streak(gw, new.sign(tokens.claims()), streak=10, timeout=8)
+    assert took < 5, f"rotation took {took:.1f}s"
+
+
+def test_jwks_down_at_start_then_recovers(envoy, idp, rsa):
+    """IdP down at Envoy start: 503; once it is back, tokens pass without restart."""
+    idp.set_keys(rsa)
+    idp.stop()
+    gw = envoy(jwt_config(idp.port))
+    token = rsa.sign(tokens.claims())
+    assert_denied(gw.get(API, token=token), 503, MSG_UNAVAILABLE)
+    time.sleep(1)
+    assert_denied(gw.get(API, token=token), 503, MSG_UNAVAILABLE)
+    idp.start()
+    took = wait_for_streak(gw, token, streak=10, timeout=20)
+    assert took < 15, f"recovery took {took:.1f}s"
+
+
+FAULTS = {
+    "status_500": {"status": 500, "body": "oops"},
+    "status_503": {"status": 503, "body": {"error": "maintenance"}},
+    "garbage_body": {"body": "this is not json {"},
+    "not_a_jwks": {"body": {"keys": 42}},
+    "connection_dropped": {"drop": True},
+}
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_jwks_failure_answers_503(envoy, idp, rsa, fault, upstream):
+    idp.set_keys(rsa)
+    idp.set_fault("/jwks", **FAULTS[fault])
+    gw = envoy(jwt_config(idp.port))
+    assert_denied(gw.get(API, token=rsa.sign(tokens.claims())), 503, MSG_UNAVAILABLE)
+    assert upstream.received() == []
+
+
+def test_jwks_slow_answers_timeout(envoy, idp, rsa):
+    """A JWKS answer slower than `timeout_ms` gives 503 `Authentication service timeout`."""
+    idp.set_keys(rsa)
+    idp.set_fault("/jwks", delay=3)
+    gw = envoy(jwt_config(idp.port, jwks={"timeout_ms": 500}))
+    start = time.monotonic()
+    r = gw.get(API, token=rsa.sign(tokens.claims()))
+    assert_denied(r, 503, MSG_TIMEOUT)
+    assert time.monotonic() - start < 2.5
+
+
+def test_jwks_cluster_missing_answers_503(envoy, idp, rsa):
+    """No `idp` cluster in Envoy: requests needing the JWKS get 503, never a trap."""
+    idp.set_keys(rsa)
+    gw = envoy(jwt_config(idp.port), clusters={})
+    assert_denied(gw.get(API, token=rsa.sign(tokens.claims())), 503, MSG_UNAVAILABLE)
+    assert gw.get("/v1/health").status == 200
+
+
+# -- configuration ------------------------------------------------------------------
+
+def _with_unknown_top_level(port):
+    cfg = jwt_config(port)
+    cfg["bogus_key"] = 1
+    return cfg
+
+
+def _with_unknown_nested(port):
+    cfg = jwt_config(port)
+    cfg["auth"]["config"]["jwks"]["uri_typo_key"] = "x"
+    return cfg
+
+
+@pytest.mark.parametrize("make,key", [(_with_unknown_top_level, "bogus_key"),
+                                      (_with_unknown_nested, "uri_typo_key")],
+                         ids=["top_level", "nested"])
+def test_unknown_configuration_key_refused(expect_config_rejected, idp, make, key):
+    """Envoy refuses to start, and the filter's log line names the key."""
+    log = expect_config_rejected(make(idp.port))
+    assert any(key in line and "wasm log" in line for line in log.splitlines()), log
