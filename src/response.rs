@@ -90,15 +90,13 @@ impl Denial {
     }
 
     pub fn response(&self) -> LocalResponse {
-        let message = self.to_string();
+        // Written by hand so the keys keep the documented order.
+        let m = serde_json::Value::String(self.to_string()).to_string();
         let body = match self {
             // Llama Stack answers 403 with `detail`; OpenAI-style clients read `message`.
-            Denial::Forbidden(_) => {
-                serde_json::json!({"error": {"message": message, "detail": message}})
-            }
-            _ => serde_json::json!({"error": {"message": message}}),
-        }
-        .to_string();
+            Denial::Forbidden(_) => format!(r#"{{"error":{{"message":{m},"detail":{m}}}}}"#),
+            _ => format!(r#"{{"error":{{"message":{m}}}}}"#),
+        };
         let mut headers = vec![("content-type".to_string(), "application/json".to_string())];
         match self {
             Denial::MissingCredentials(_) | Denial::InvalidHeaderFormat => {
