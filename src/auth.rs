@@ -5,7 +5,7 @@
 
 use crate::claims::Identity;
 use crate::config::{AuthConfig, Config, JwtConfig};
-use crate::jwks::{JwksError, KeySet};
+use crate::jwks::{FetchError, JwksState};
 use crate::jwt::{self, Rules, TokenError};
 use crate::quota::{self, Client, QuotaDecision, SharedStore};
 use crate::response::Denial;
@@ -42,13 +42,6 @@ pub enum Step {
     WaitForKeys,
 }
 
-/// Why a key set fetch failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FetchError {
-    Unavailable,
-    Timeout,
-}
-
 impl FetchError {
     pub fn denial(self) -> Denial {
         match self {
@@ -58,95 +51,8 @@ impl FetchError {
     }
 }
 
-/// Longest pause between failed fetches.
-pub const MAX_BACKOFF_MS: u64 = 10_000;
-const FIRST_BACKOFF_MS: u64 = 500;
-
-/// The key set and when to fetch it (all times in milliseconds).
-#[derive(Debug, Default)]
-pub struct JwksState {
-    pub keys: Option<Rc<KeySet>>,
-    /// SHA-256 of the document the keys came from.
-    digest: Option<[u8; 32]>,
-    fetched_at: u64,
-    /// When the fetch under way started.
-    pub in_flight_since: Option<u64>,
-    /// A fetch should start as soon as possible.
-    pub wanted: bool,
-    failures: u32,
-    retry_at: u64,
-    pub last_error: Option<FetchError>,
-    last_kid_refresh: Option<u64>,
-    /// Bumped whenever the usable keys change.
-    pub generation: u64,
-}
-
-impl JwksState {
-    /// Whether the glue should start a fetch now.
-    pub fn should_fetch(&self, now: u64, ttl_ms: u64) -> bool {
-        if self.in_flight_since.is_some() || now < self.retry_at {
-            return false;
-        }
-        self.wanted || self.keys.is_none() || now.saturating_sub(self.fetched_at) >= ttl_ms
-    }
-
-    pub fn started(&mut self, now: u64) {
-        self.in_flight_since = Some(now);
-        self.wanted = false;
-    }
-
-    /// A fetch answered with a document; returns whether the keys changed.
-    pub fn succeeded(&mut self, body: &[u8], now: u64) -> Result<bool, JwksError> {
-        self.in_flight_since = None;
-        let digest = hmac_sha256::Hash::hash(body);
-        if self.keys.is_some() && self.digest == Some(digest) {
-            self.fetched_at = now;
-            self.failures = 0;
-            self.last_error = None;
-            return Ok(false);
-        }
-        match KeySet::parse(body) {
-            Ok(keys) => {
-                self.keys = Some(Rc::new(keys));
-                self.digest = Some(digest);
-                self.fetched_at = now;
-                self.failures = 0;
-                self.last_error = None;
-                self.generation = self.generation.wrapping_add(1);
-                Ok(true)
-            }
-            Err(e) => {
-                self.failed(FetchError::Unavailable, now);
-                Err(e)
-            }
-        }
-    }
-
-    /// A fetch failed: keep any keys, back off before the next try.
-    pub fn failed(&mut self, why: FetchError, now: u64) {
-        self.in_flight_since = None;
-        self.failures = self.failures.saturating_add(1);
-        let exp = self.failures.saturating_sub(1).min(10);
-        let backoff = FIRST_BACKOFF_MS
-            .saturating_mul(1u64 << exp)
-            .min(MAX_BACKOFF_MS);
-        self.retry_at = now.saturating_add(backoff);
-        self.last_error = Some(why);
-    }
-
-    /// Whether an unknown `kid` may trigger a refresh now (one per cooldown).
-    fn kid_refresh(&mut self, now: u64, cooldown_ms: u64) -> bool {
-        let allowed = self
-            .last_kid_refresh
-            .is_none_or(|t| now.saturating_sub(t) >= cooldown_ms)
-            && now >= self.retry_at;
-        if allowed {
-            self.last_kid_refresh = Some(now);
-            self.wanted = true;
-        }
-        allowed
-    }
-}
+/// Extra time a fetch lease lives beyond the fetch timeout (ms).
+pub const LEASE_MARGIN_MS: u64 = 1000;
 
 /// Verified tokens, keyed by SHA-256 of the token, bounded.
 #[derive(Debug, Default)]
@@ -364,19 +270,22 @@ impl Core {
             clock_skew_seconds: j.clock_skew_seconds,
             claims_mapping: &j.claims_mapping,
         };
-        let Some(keys) = self.jwks.keys.clone() else {
+        let ttl_ms = j.cache_ttl.saturating_mul(1000);
+        let lease_ms = j.jwks.timeout_ms.saturating_add(LEASE_MARGIN_MS);
+        let max_age = ttl_ms.saturating_add(j.max_stale_seconds.saturating_mul(1000));
+        let Some(keys) = self.jwks.usable_keys(now_ms, max_age) else {
             // No keys yet: refuse what is refused without keys, else wait.
             if let Err(e) = jwt::parse(token, &rules, now_s) {
                 return Err(Step::Deny(Denial::InvalidToken(e)));
             }
-            if self.jwks.in_flight_since.is_some() {
+            if self.jwks.in_flight(now_ms, lease_ms) {
                 return Err(Step::WaitForKeys);
             }
-            if self.jwks.should_fetch(now_ms, u64::MAX) {
-                self.jwks.wanted = true;
+            if self.jwks.fetch_due(now_ms, ttl_ms) {
+                self.jwks.want(now_ms);
                 return Err(Step::WaitForKeys);
             }
-            let why = self.jwks.last_error.unwrap_or(FetchError::Unavailable);
+            let why = self.jwks.record.error.unwrap_or(FetchError::Unavailable);
             return Err(Step::Deny(why.denial()));
         };
         match jwt::verify(token, &keys, &rules, now_s) {
@@ -387,11 +296,13 @@ impl Core {
                 Ok(id)
             }
             Err(TokenError::UnknownKid) => {
-                if self.jwks.in_flight_since.is_some()
-                    || self
-                        .jwks
-                        .kid_refresh(now_ms, j.refresh_cooldown_seconds.saturating_mul(1000))
+                if self.jwks.in_flight(now_ms, lease_ms) {
+                    Err(Step::WaitForKeys)
+                } else if self
+                    .jwks
+                    .kid_refresh_allowed(now_ms, j.refresh_cooldown_seconds.saturating_mul(1000))
                 {
+                    self.jwks.want(now_ms);
                     Err(Step::WaitForKeys)
                 } else {
                     Err(Step::Deny(Denial::InvalidToken(TokenError::UnknownKid)))
@@ -422,31 +333,5 @@ mod tests {
             credentials(Some(b"Bearer \xff\xfe")),
             Credentials::Bearer("\u{fffd}")
         );
-    }
-
-    #[test]
-    fn backoff_grows_to_ten_seconds() {
-        let mut s = JwksState::default();
-        assert!(s.should_fetch(0, 1000));
-        s.started(0);
-        assert!(!s.should_fetch(0, 1000));
-        s.failed(FetchError::Timeout, 0);
-        assert!(!s.should_fetch(499, 1000));
-        assert!(s.should_fetch(500, 1000));
-        for _ in 0..20 {
-            s.started(0);
-            s.failed(FetchError::Unavailable, 0);
-        }
-        assert!(!s.should_fetch(9_999, 1000));
-        assert!(s.should_fetch(10_000, 1000));
-        assert_eq!(s.last_error, Some(FetchError::Unavailable));
-    }
-
-    #[test]
-    fn kid_refresh_is_rate_limited() {
-        let mut s = JwksState::default();
-        assert!(s.kid_refresh(1_000, 10_000));
-        assert!(!s.kid_refresh(5_000, 10_000));
-        assert!(s.kid_refresh(11_000, 10_000));
     }
 }

@@ -43,6 +43,9 @@ pub struct JwtConfig {
     pub refresh_cooldown_seconds: u64,
     /// Bearer token sent to the JWKS endpoint, if any.
     pub jwks_token: Option<String>,
+    /// How long past `cache_ttl` the last good key set is still used while
+    /// refreshes fail.
+    pub max_stale_seconds: u64,
 }
 
 /// Where a callout goes: an Envoy cluster and the request's path and authority.
@@ -78,6 +81,7 @@ pub const DEFAULT_CACHE_TTL: u64 = 3600;
 pub const DEFAULT_TIMEOUT_MS: u64 = 5000;
 pub const DEFAULT_CLOCK_SKEW: u64 = 60;
 pub const DEFAULT_REFRESH_COOLDOWN: u64 = 10;
+pub const DEFAULT_MAX_STALE: u64 = 86400;
 const MAX_SECONDS: u64 = 10 * 365 * 86400;
 const MAX_TIMEOUT_MS: u64 = 600_000;
 
@@ -306,6 +310,9 @@ fn parse_oauth2(mut o: Obj) -> Result<AuthConfig, ConfigError> {
         .u64_max("refresh_cooldown_seconds", 86400)?
         .unwrap_or(DEFAULT_REFRESH_COOLDOWN);
     let jwks_token = j.nonempty_str("token")?.map(str::to_string);
+    let max_stale_seconds = j
+        .u64_max("max_stale_seconds", MAX_SECONDS)?
+        .unwrap_or(DEFAULT_MAX_STALE);
     j.finish()?;
     o.finish()?;
     Ok(AuthConfig::Jwt(JwtConfig {
@@ -317,6 +324,7 @@ fn parse_oauth2(mut o: Obj) -> Result<AuthConfig, ConfigError> {
         cache_ttl,
         refresh_cooldown_seconds,
         jwks_token,
+        max_stale_seconds,
     }))
 }
 

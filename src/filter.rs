@@ -6,8 +6,10 @@
 //! keys parks itself, asks for a tick in 1 ms, and is resumed (by context id)
 //! when the fetch ends.
 
-use crate::auth::{Core, FetchError, RequestFacts, Step};
+use crate::auth::{Core, RequestFacts, Step, LEASE_MARGIN_MS};
 use crate::config::Config;
+use crate::config::JwtConfig;
+use crate::jwks::{self, FetchError, KeySet, SharedKeys};
 use crate::policy;
 use crate::quota::{SharedStore, StoreError};
 use crate::response::Denial;
@@ -25,6 +27,8 @@ pub const MAX_CALLOUT_BODY: usize = 1024 * 1024;
 pub const MAX_WAITERS: usize = 4096;
 const IDLE_TICK: Duration = Duration::from_millis(1000);
 const SOON_TICK: Duration = Duration::from_millis(1);
+/// While requests wait for another VM's fetch, look for its result this often.
+const POLL_TICK: Duration = Duration::from_millis(20);
 
 /// State shared by a VM's root context and its HTTP contexts.
 struct Vm {
@@ -36,6 +40,8 @@ struct Vm {
     /// Response headers to add, by HTTP context id.
     response_headers: HashMap<u32, Vec<(String, String)>>,
     tick_soon: bool,
+    /// Where the key set is shared with the other VMs.
+    shared_keys: Option<SharedKeys>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -100,7 +106,8 @@ impl Context for Root {
         .and_then(|s| String::from_utf8(s).ok());
         let timeout_ms = vm.core.jwt_config().map_or(0, |j| j.jwks.timeout_ms);
         let elapsed = now.saturating_sub(started_ms);
-        match status.as_deref() {
+        let record = &vm.core.jwks.record;
+        let record = match status.as_deref() {
             Some("200") if body_size <= MAX_CALLOUT_BODY => {
                 let body = hostcalls::get_buffer(
                     proxy_wasm::types::BufferType::HttpCallResponseBody,
@@ -110,36 +117,50 @@ impl Context for Root {
                 .ok()
                 .flatten()
                 .unwrap_or_default();
-                match vm.core.jwks.succeeded(&body, now) {
-                    Ok(true) => log::info!(
-                        "JWKS fetched: {} usable keys",
-                        vm.core.jwks.keys.as_ref().map_or(0, |k| k.keys.len())
-                    ),
-                    Ok(false) => log::debug!("JWKS fetched: unchanged"),
-                    Err(e) => log::warn!("JWKS refused: {e}"),
+                match KeySet::parse(&body) {
+                    Ok(_) => record.success(body, now),
+                    Err(e) => {
+                        log::warn!("JWKS refused: {e}");
+                        record.failure(FetchError::Unavailable, now)
+                    }
                 }
             }
             Some("200") => {
                 log::warn!(
                     "JWKS answer of {body_size} bytes is over the {MAX_CALLOUT_BODY}-byte limit"
                 );
-                vm.core.jwks.failed(FetchError::Unavailable, now);
+                record.failure(FetchError::Unavailable, now)
             }
             other => {
-                let why = if elapsed + 50 >= timeout_ms && matches!(other, None | Some("504")) {
-                    FetchError::Timeout
-                } else {
-                    FetchError::Unavailable
-                };
+                let timed_out =
+                    elapsed.saturating_add(50) >= timeout_ms && matches!(other, None | Some("504"));
                 log::warn!(
                     "JWKS fetch failed: status {} after {elapsed} ms",
                     other.unwrap_or("none")
                 );
-                vm.core.jwks.failed(why, now);
+                let why = if timed_out {
+                    FetchError::Timeout
+                } else {
+                    FetchError::Unavailable
+                };
+                record.failure(why, now)
             }
-        }
+        };
+        finish_fetch(vm, record);
         resume_waiters(vm, now);
     }
+}
+
+/// Ends this VM's fetch: shares the record, gives the lease back, applies it.
+fn finish_fetch(vm: &mut Vm, record: jwks::FetchRecord) {
+    if let Some(keys) = &vm.shared_keys {
+        if jwks::write_record(&HostStore, &keys.record, &record).is_err() {
+            log::warn!("could not share the JWKS with the other workers");
+        }
+        jwks::release_lease(&HostStore, &keys.lease);
+    }
+    vm.core.jwks.in_flight_since = None;
+    vm.core.jwks.apply(record, None);
 }
 
 /// Decides every parked request again and answers or resumes it.
@@ -218,6 +239,78 @@ fn deny(denial: &Denial) {
     let _ = hostcalls::send_http_response(r.status, headers, Some(r.body.as_bytes()));
 }
 
+/// Key set upkeep on every tick: take in what another VM fetched, and fetch
+/// when due and this VM holds the lease. True when parked requests should be
+/// decided again.
+fn tick_jwks(vm: &mut Vm, j: &JwtConfig, now: u64) -> bool {
+    let Some(keys) = vm.shared_keys.clone() else {
+        return false;
+    };
+    let jw = &mut vm.core.jwks;
+    let mut changed = false;
+    if jw.in_flight_since.is_none() {
+        if let Some((record, cas)) = jwks::read_record(&HostStore, &keys.record, jw.record_cas()) {
+            jw.apply(record, Some(cas));
+            changed = true;
+        }
+    }
+    let ttl_ms = j.cache_ttl.saturating_mul(1000);
+    let lease_ms = j.jwks.timeout_ms.saturating_add(LEASE_MARGIN_MS);
+    if !jw.fetch_due(now, ttl_ms) {
+        return changed;
+    }
+    let refresh_due = jw.keys.is_none() || now.saturating_sub(jw.record.fetched) >= ttl_ms;
+    if !refresh_due && !jw.kid_refresh_allowed(now, j.refresh_cooldown_seconds.saturating_mul(1000))
+    {
+        // An unknown kid asked, but a fetch started within the cooldown.
+        jw.wanted_since = None;
+        return true;
+    }
+    if jw.in_flight(now, lease_ms)
+        || !jwks::take_lease(&HostStore, &keys.lease, now, now.saturating_add(lease_ms))
+    {
+        return changed; // another VM is fetching; its record will tell
+    }
+    let record = jw.record.start(now);
+    if jwks::write_record(&HostStore, &keys.record, &record).is_err() {
+        log::warn!("could not share the JWKS fetch state");
+    }
+    jw.apply(record, None);
+    jw.in_flight_since = Some(now);
+    let mut headers = vec![
+        (":method", "GET"),
+        (":path", j.jwks.path.as_str()),
+        (":authority", j.jwks.authority.as_str()),
+        ("accept", "application/json"),
+    ];
+    let bearer;
+    if let Some(t) = &j.jwks_token {
+        bearer = format!("Bearer {t}");
+        headers.push(("authorization", bearer.as_str()));
+    }
+    match hostcalls::dispatch_http_call(
+        &j.jwks.cluster,
+        headers,
+        None,
+        vec![],
+        Duration::from_millis(j.jwks.timeout_ms),
+    ) {
+        Ok(token) => {
+            vm.callouts.insert(token, Callout::Jwks { started_ms: now });
+            changed
+        }
+        Err(e) => {
+            log::error!(
+                "JWKS fetch could not start (is cluster `{}` defined in Envoy?): {e:?}",
+                j.jwks.cluster
+            );
+            let record = vm.core.jwks.record.failure(FetchError::Unavailable, now);
+            finish_fetch(vm, record);
+            true
+        }
+    }
+}
+
 impl RootContext for Root {
     fn on_configure(&mut self, size: usize) -> bool {
         let bytes =
@@ -229,12 +322,14 @@ impl RootContext for Root {
             Ok(config) => {
                 log::set_max_level(config.log_level);
                 let core = Core::new(Rc::new(config));
+                let shared_keys = core.jwt_config().map(|j| SharedKeys::for_url(&j.jwks.url));
                 *self.vm.borrow_mut() = Some(Vm {
                     core,
                     waiters: Vec::new(),
                     callouts: HashMap::new(),
                     response_headers: HashMap::new(),
                     tick_soon: false,
+                    shared_keys,
                 });
                 let _ = hostcalls::set_tick_period(SOON_TICK);
                 true
@@ -253,47 +348,18 @@ impl RootContext for Root {
             return;
         };
         vm.tick_soon = false;
-        let _ = hostcalls::set_tick_period(IDLE_TICK);
-        let Some(j) = vm.core.jwt_config().cloned() else {
-            return;
-        };
-        if !vm
-            .core
-            .jwks
-            .should_fetch(now, j.cache_ttl.saturating_mul(1000))
-        {
-            return;
-        }
-        let mut headers = vec![
-            (":method", "GET"),
-            (":path", j.jwks.path.as_str()),
-            (":authority", j.jwks.authority.as_str()),
-            ("accept", "application/json"),
-        ];
-        let bearer;
-        if let Some(t) = &j.jwks_token {
-            bearer = format!("Bearer {t}");
-            headers.push(("authorization", bearer.as_str()));
-        }
-        vm.core.jwks.started(now);
-        match hostcalls::dispatch_http_call(
-            &j.jwks.cluster,
-            headers,
-            None,
-            vec![],
-            Duration::from_millis(j.jwks.timeout_ms),
-        ) {
-            Ok(token) => {
-                vm.callouts.insert(token, Callout::Jwks { started_ms: now });
-            }
-            Err(e) => {
-                log::error!(
-                    "JWKS fetch could not start (is cluster `{}` defined in Envoy?): {e:?}",
-                    j.jwks.cluster
-                );
-                vm.core.jwks.failed(FetchError::Unavailable, now);
+        if let Some(j) = vm.core.jwt_config().cloned() {
+            if tick_jwks(vm, &j, now) {
                 resume_waiters(vm, now);
             }
+        }
+        if !vm.tick_soon {
+            let period = if vm.waiters.is_empty() {
+                IDLE_TICK
+            } else {
+                POLL_TICK
+            };
+            let _ = hostcalls::set_tick_period(period);
         }
     }
 
