@@ -18,7 +18,11 @@
 pub mod auth;
 pub mod claims;
 pub mod config;
+#[cfg(test)]
+mod crypto_tests;
+pub mod custom;
 pub mod filter;
+pub mod introspection;
 pub mod json;
 pub mod jwks;
 pub mod jwt;

@@ -1,0 +1,686 @@
+//! End-to-end tests of token verification with real keys and real
+//! signatures: tokens minted by jwt-simple (and a few built by hand) are
+//! checked by the filter's own code (`jwks::KeySet::parse`, `jwt::verify`,
+//! `claims::ClaimsMapping`), natively with `cargo test --lib` and inside wasm
+//! with `scripts/test-wasm.sh`, where the same pure-Rust crypto runs as in
+//! Envoy.
+//!
+//! Every time is fixed ([`NOW`]); fixture keys are in `src/testdata/`. RSA
+//! signing is slow in an unoptimised wasm build, so each RSA token is minted
+//! once ([`OnceLock`]); the claim checks use the cheap ES256 and EdDSA keys.
+
+use crate::claims::ClaimsMapping;
+use crate::jwks::{JwksError, KeySet};
+use crate::jwt::{self, Rules, TokenError, Verified};
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::Engine;
+use jwt_simple::prelude::*;
+use serde_json::{json, Map, Value};
+use std::sync::OnceLock;
+
+const RSA_PEM: &str = include_str!("testdata/rsa2048.pem");
+const RSA_1024_PEM: &str = include_str!("testdata/rsa1024.pem");
+const RSA_1024_TOKEN: &str = include_str!("testdata/rsa1024_rs256.jwt");
+const EC_PEM: &str = include_str!("testdata/ec_p256.pem");
+const ED_PEM: &str = include_str!("testdata/ed25519.pem");
+
+/// "Now" for every test (2023-11-14T22:13:20Z).
+const NOW: u64 = 1_700_000_000;
+/// Tokens are issued a minute before [`NOW`] and expire an hour after.
+const IAT: u64 = NOW - 60;
+const EXP: u64 = NOW + 3600;
+const SKEW: u64 = 30;
+const ISSUER: &str = "https://issuer.example";
+const AUDIENCE: &str = "llama-stack";
+
+// ---------------------------------------------------------------------------
+// Fixtures
+
+struct Keys {
+    rs256: RS256KeyPair,
+    ps256: PS256KeyPair,
+    es256: ES256KeyPair,
+    ed25519: Ed25519KeyPair,
+}
+
+fn keys() -> &'static Keys {
+    static KEYS: OnceLock<Keys> = OnceLock::new();
+    KEYS.get_or_init(|| Keys {
+        rs256: RS256KeyPair::from_pem(RSA_PEM)
+            .unwrap()
+            .with_key_id("rsa-1"),
+        ps256: PS256KeyPair::from_pem(RSA_PEM)
+            .unwrap()
+            .with_key_id("rsa-1"),
+        es256: ES256KeyPair::from_pem(EC_PEM).unwrap().with_key_id("ec-1"),
+        ed25519: Ed25519KeyPair::from_pem(ED_PEM)
+            .unwrap()
+            .with_key_id("ed-1"),
+    })
+}
+
+fn b64(bytes: impl AsRef<[u8]>) -> String {
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
+fn rsa_jwk(kid: &str, n: &[u8], e: &[u8], alg: Option<&str>) -> Value {
+    let mut jwk = json!({"kty": "RSA", "kid": kid, "use": "sig", "n": b64(n), "e": b64(e)});
+    if let Some(alg) = alg {
+        jwk["alg"] = json!(alg);
+    }
+    jwk
+}
+
+fn rsa_2048_jwk(alg: Option<&str>) -> Value {
+    let c = keys().rs256.public_key().to_components();
+    rsa_jwk("rsa-1", &c.n, &c.e, alg)
+}
+
+/// The uncompressed SEC1 point (`04 || x || y`) of the fixture EC key.
+fn ec_point() -> Vec<u8> {
+    let point = keys()
+        .es256
+        .public_key()
+        .public_key()
+        .to_bytes_uncompressed();
+    assert_eq!((point.len(), point[0]), (65, 4));
+    point
+}
+
+fn ec_jwk(kid: &str, point: &[u8]) -> Value {
+    json!({"kty": "EC", "crv": "P-256", "kid": kid,
+           "x": b64(&point[1..33]), "y": b64(&point[33..65])})
+}
+
+fn ed_jwk(kid: &str, x: &[u8]) -> Value {
+    json!({"kty": "OKP", "crv": "Ed25519", "kid": kid, "alg": "EdDSA", "x": b64(x)})
+}
+
+/// The JWKS a well-behaved issuer would publish for the fixture keys.
+fn standard_jwks() -> Vec<Value> {
+    vec![
+        rsa_2048_jwk(None),
+        ec_jwk("ec-1", &ec_point()),
+        ed_jwk("ed-1", &keys().ed25519.public_key().to_bytes()),
+    ]
+}
+
+fn key_set(jwks: Vec<Value>) -> KeySet {
+    KeySet::parse(json!({ "keys": jwks }).to_string().as_bytes()).unwrap()
+}
+
+fn standard_keys() -> &'static KeySet {
+    static SET: OnceLock<KeySet> = OnceLock::new();
+    SET.get_or_init(|| key_set(standard_jwks()))
+}
+
+/// `n` and `e` of a PKCS#1 `RSAPrivateKey` PEM, read by hand: jwt-simple
+/// refuses to load keys under 2048 bits.
+fn pkcs1_n_e(pem: &str) -> (Vec<u8>, Vec<u8>) {
+    fn read<'a>(der: &mut &'a [u8], tag: u8) -> &'a [u8] {
+        assert_eq!(der[0], tag, "unexpected DER tag");
+        let (len, header) = match der[1] {
+            l if l < 0x80 => (usize::from(l), 2),
+            0x81 => (usize::from(der[2]), 3),
+            0x82 => ((usize::from(der[2]) << 8) | usize::from(der[3]), 4),
+            other => panic!("DER length form {other:#x}"),
+        };
+        let value = &der[header..header + len];
+        *der = &der[header + len..];
+        value
+    }
+    assert!(pem.starts_with("-----BEGIN RSA PRIVATE KEY-----"));
+    let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let der = STANDARD.decode(body).unwrap();
+    let mut outer = der.as_slice();
+    let mut seq = read(&mut outer, 0x30);
+    let _version = read(&mut seq, 0x02);
+    let strip = |x: &[u8]| x[x.iter().position(|&b| b != 0).unwrap()..].to_vec();
+    let n = strip(read(&mut seq, 0x02));
+    let e = strip(read(&mut seq, 0x02));
+    (n, e)
+}
+
+fn weak_rsa_jwk() -> Value {
+    let (n, e) = pkcs1_n_e(RSA_1024_PEM);
+    assert_eq!(n.len(), 128, "the weak fixture key is RSA 1024");
+    assert_eq!(e, [1, 0, 1]);
+    rsa_jwk("weak", &n, &e, None)
+}
+
+fn rules() -> Rules<'static> {
+    static AUDIENCES: OnceLock<Vec<String>> = OnceLock::new();
+    static MAPPING: OnceLock<ClaimsMapping> = OnceLock::new();
+    Rules {
+        audiences: AUDIENCES.get_or_init(|| vec!["other-service".into(), AUDIENCE.into()]),
+        issuer: Some(ISSUER),
+        clock_skew_seconds: SKEW,
+        claims_mapping: MAPPING.get_or_init(ClaimsMapping::llama_stack_default),
+    }
+}
+
+type TokenClaims = JWTClaims<Map<String, Value>>;
+
+/// alice's claims: issued a minute ago, valid for an hour, with the claims
+/// Llama Stack's default mapping reads.
+fn claims() -> TokenClaims {
+    let custom = json!({
+        "groups": ["admins", "ops"],
+        "project": "llama",
+        "tenant": "acme",
+        "scope": "models:read models:write",
+        "unmapped": "ignored",
+    });
+    let mut c = Claims::with_custom_claims(
+        custom.as_object().unwrap().clone(),
+        Duration::from_secs(3600),
+    )
+    .with_audience(AUDIENCE)
+    .with_issuer(ISSUER)
+    .with_subject("alice");
+    c.issued_at = Some(UnixTimeStamp::from_secs(IAT));
+    c.invalid_before = Some(UnixTimeStamp::from_secs(IAT));
+    c.expires_at = Some(UnixTimeStamp::from_secs(EXP));
+    c
+}
+
+fn rs256_token() -> &'static str {
+    static T: OnceLock<String> = OnceLock::new();
+    T.get_or_init(|| keys().rs256.sign(claims()).unwrap())
+}
+
+fn ps256_token() -> &'static str {
+    static T: OnceLock<String> = OnceLock::new();
+    T.get_or_init(|| keys().ps256.sign(claims()).unwrap())
+}
+
+fn es256(c: TokenClaims) -> String {
+    keys().es256.sign(c).unwrap()
+}
+
+fn eddsa(c: TokenClaims) -> String {
+    keys().ed25519.sign(c).unwrap()
+}
+
+fn verify(token: &str) -> Result<Verified, TokenError> {
+    verify_at(token, NOW)
+}
+
+fn verify_at(token: &str, now: u64) -> Result<Verified, TokenError> {
+    jwt::verify(token, standard_keys(), &rules(), now)
+}
+
+fn parts(token: &str) -> (String, String, String) {
+    let mut it = token.split('.').map(str::to_string);
+    let t = (it.next().unwrap(), it.next().unwrap(), it.next().unwrap());
+    assert!(it.next().is_none());
+    t
+}
+
+fn decode_json(part: &str) -> Value {
+    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(part).unwrap()).unwrap()
+}
+
+/// A token with any header and payload bytes, signed with the fixture
+/// Ed25519 key: for payloads jwt-simple would never produce.
+fn eddsa_raw(header: &str, payload: &str) -> String {
+    let input = format!("{}.{}", b64(header), b64(payload));
+    let sig = keys()
+        .ed25519
+        .key_pair()
+        .as_ref()
+        .sk
+        .sign(input.as_bytes(), None);
+    format!("{input}.{}", b64(*sig))
+}
+
+fn good_payload_json() -> String {
+    format!(r#"{{"iss":"{ISSUER}","aud":"{AUDIENCE}","sub":"alice","iat":{IAT},"exp":{EXP}}}"#)
+}
+
+fn assert_alice(v: &Verified) {
+    assert_eq!(v.identity.principal, "alice");
+    assert_eq!(v.exp, EXP);
+    let a = &v.identity.attributes;
+    assert_eq!(a["roles"], ["alice"]);
+    assert_eq!(a["teams"], ["admins", "ops"]);
+    assert_eq!(a["projects"], ["llama"]);
+    assert_eq!(a["namespaces"], ["acme"]);
+    assert_eq!(a["scopes"], ["models:read", "models:write"]);
+    assert_eq!(a.len(), 5, "{a:?}");
+    let header: Value = serde_json::from_str(&v.identity.attributes_header).unwrap();
+    assert_eq!(header["teams"], json!(["admins", "ops"]));
+}
+
+// ---------------------------------------------------------------------------
+// Good tokens, one per algorithm
+
+#[test]
+fn rs256_token_verifies() {
+    let (h, _, _) = parts(rs256_token());
+    assert_eq!(
+        decode_json(&h),
+        json!({"alg": "RS256", "typ": "JWT", "kid": "rsa-1"})
+    );
+    assert_alice(&verify(rs256_token()).unwrap());
+}
+
+#[test]
+fn ps256_token_verifies() {
+    assert_eq!(decode_json(&parts(ps256_token()).0)["alg"], "PS256");
+    assert_alice(&verify(ps256_token()).unwrap());
+}
+
+#[test]
+fn es256_token_verifies() {
+    let token = es256(claims());
+    assert_eq!(decode_json(&parts(&token).0)["kid"], "ec-1");
+    assert_alice(&verify(&token).unwrap());
+}
+
+#[test]
+fn eddsa_token_verifies() {
+    let token = eddsa(claims());
+    assert_eq!(decode_json(&parts(&token).0)["alg"], "EdDSA");
+    assert_alice(&verify(&token).unwrap());
+}
+
+#[test]
+fn access_token_typ_is_accepted() {
+    // RFC 9068 access tokens are typed `at+jwt`.
+    let options = HeaderOptions {
+        signature_type: Some("at+jwt".into()),
+        ..Default::default()
+    };
+    let token = keys().es256.sign_with_options(claims(), &options).unwrap();
+    assert_eq!(decode_json(&parts(&token).0)["typ"], "at+jwt");
+    assert_alice(&verify(&token).unwrap());
+}
+
+#[test]
+fn hand_built_eddsa_token_verifies() {
+    // The raw signer used by the malformed-payload tests makes good tokens.
+    let token = eddsa_raw(r#"{"alg":"EdDSA","kid":"ed-1"}"#, &good_payload_json());
+    let v = verify(&token).unwrap();
+    assert_eq!(v.identity.principal, "alice");
+    assert_eq!(v.identity.attributes["roles"], ["alice"]);
+}
+
+#[test]
+fn no_issuer_rule_accepts_any_issuer() {
+    let token = es256(claims().with_issuer("https://elsewhere.example"));
+    let rules = Rules {
+        issuer: None,
+        ..rules()
+    };
+    assert!(jwt::verify(&token, standard_keys(), &rules, NOW).is_ok());
+    assert_eq!(verify(&token), Err(TokenError::WrongIssuer));
+}
+
+#[test]
+fn audience_list_needs_one_allowed_audience() {
+    let both = es256(claims().with_audiences(HashSet::from_strings(&["x", AUDIENCE])));
+    assert_alice(&verify(&both).unwrap());
+    let neither = es256(claims().with_audiences(HashSet::from_strings(&["x", "y"])));
+    assert_eq!(verify(&neither), Err(TokenError::WrongAudience));
+}
+
+// ---------------------------------------------------------------------------
+// Key selection
+
+#[test]
+fn token_without_kid_is_tried_against_every_key_of_its_type() {
+    // Another P-256 key (a fixed scalar) comes first in the set.
+    let other = ES256KeyPair::from_bytes(&[7u8; 32]).unwrap();
+    let other_point = other.public_key().public_key().to_bytes_uncompressed();
+    let set = key_set(vec![
+        ec_jwk("ec-0", &other_point),
+        rsa_2048_jwk(None),
+        ec_jwk("ec-1", &ec_point()),
+    ]);
+    let no_kid = ES256KeyPair::from_pem(EC_PEM).unwrap();
+    let token = no_kid.sign(claims()).unwrap();
+    assert!(decode_json(&parts(&token).0).get("kid").is_none());
+    assert_alice(&jwt::verify(&token, &set, &rules(), NOW).unwrap());
+
+    // Signed by a key the standard set lacks: its only EC key is tried and
+    // fails.
+    let token = other.sign(claims()).unwrap();
+    assert!(jwt::verify(&token, &set, &rules(), NOW).is_ok());
+    assert_eq!(verify(&token), Err(TokenError::BadSignature));
+
+    // No key of the type at all.
+    let rsa_only = key_set(vec![rsa_2048_jwk(None)]);
+    let token = no_kid.sign(claims()).unwrap();
+    assert_eq!(
+        jwt::verify(&token, &rsa_only, &rules(), NOW),
+        Err(TokenError::NoKey)
+    );
+}
+
+#[test]
+fn unknown_kid_is_refused() {
+    let kp = ES256KeyPair::from_pem(EC_PEM).unwrap().with_key_id("ec-9");
+    assert_eq!(
+        verify(&kp.sign(claims()).unwrap()),
+        Err(TokenError::UnknownKid)
+    );
+    // A kid of the set, but of another key type: no candidate.
+    let kp = ES256KeyPair::from_pem(EC_PEM).unwrap().with_key_id("ed-1");
+    assert_eq!(verify(&kp.sign(claims()).unwrap()), Err(TokenError::NoKey));
+    // The fixture 1024-bit token names a kid that no usable key carries.
+    assert_eq!(verify(RSA_1024_TOKEN.trim()), Err(TokenError::UnknownKid));
+}
+
+#[test]
+fn rsa_key_restricted_to_rs256_cannot_verify_ps256() {
+    let set = key_set(vec![rsa_2048_jwk(Some("RS256"))]);
+    assert_eq!(set.keys.len(), 1);
+    assert_alice(&jwt::verify(rs256_token(), &set, &rules(), NOW).unwrap());
+    assert_eq!(
+        jwt::verify(ps256_token(), &set, &rules(), NOW),
+        Err(TokenError::NoKey)
+    );
+    // An alg-less RSA JWK serves every RSA algorithm.
+    assert_eq!(standard_keys().candidates(jwt::Alg::PS512, None).count(), 1);
+}
+
+#[test]
+fn weak_rsa_key_is_skipped_and_good_key_still_works() {
+    // The hand-made DER reader agrees with jwt-simple on the good key.
+    let good = keys().rs256.public_key().to_components();
+    assert_eq!(pkcs1_n_e(RSA_PEM), (good.n, good.e));
+    let weak = weak_rsa_jwk();
+    assert!(RS256KeyPair::from_pem(RSA_1024_PEM).is_err());
+    let set = key_set(vec![weak.clone(), rsa_2048_jwk(None)]);
+    assert!(!set.has_kid("weak"));
+    assert!(set.has_kid("rsa-1"));
+    assert_alice(&jwt::verify(rs256_token(), &set, &rules(), NOW).unwrap());
+    // A token really signed by the weak key is refused.
+    assert_eq!(
+        jwt::verify(RSA_1024_TOKEN.trim(), &set, &rules(), NOW),
+        Err(TokenError::UnknownKid)
+    );
+    // Without its kid, the good RSA key is tried and fails.
+    let (_, p, s) = parts(RSA_1024_TOKEN.trim());
+    let no_kid = format!("{}.{p}.{s}", b64(r#"{"alg":"RS256","typ":"JWT"}"#));
+    assert_eq!(
+        jwt::verify(&no_kid, &set, &rules(), NOW),
+        Err(TokenError::BadSignature)
+    );
+}
+
+#[test]
+fn jwks_with_only_unusable_keys_is_refused() {
+    let point = ec_point();
+    let mut off_curve = point.clone();
+    off_curve[64] ^= 1;
+    let mut enc = ec_jwk("ec-enc", &point);
+    enc["use"] = json!("enc");
+    let mut verify_not_allowed = ec_jwk("ec-ops", &point);
+    verify_not_allowed["key_ops"] = json!(["sign"]);
+    let mut rsa_es256 = rsa_2048_jwk(Some("ES256"));
+    rsa_es256["kid"] = json!("rsa-es256");
+    let unusable = vec![
+        weak_rsa_jwk(),
+        enc,
+        verify_not_allowed,
+        rsa_es256,
+        ec_jwk("ec-off", &off_curve),
+        json!({"kty": "oct", "kid": "hmac", "k": b64(b"secret")}),
+        json!({"kty": "OKP", "crv": "X25519", "kid": "x", "x": b64([9u8; 32])}),
+        json!({"kty": "EC", "crv": "P-521", "kid": "p521", "x": "AA", "y": "AA"}),
+        json!("not an object"),
+    ];
+    let doc = json!({ "keys": unusable }).to_string();
+    assert_eq!(
+        KeySet::parse(doc.as_bytes()).unwrap_err(),
+        JwksError::NoUsableKey
+    );
+    assert_eq!(
+        KeySet::parse(br#"{"keys": []}"#).unwrap_err(),
+        JwksError::NoUsableKey
+    );
+    assert_eq!(
+        KeySet::parse(br#"{"kty": "RSA"}"#).unwrap_err(),
+        JwksError::NoKeysArray
+    );
+    assert_eq!(KeySet::parse(b"[1]").unwrap_err(), JwksError::NotJson);
+}
+
+#[test]
+fn ec_point_off_the_curve_is_skipped() {
+    let mut off_curve = ec_point();
+    off_curve[64] ^= 1;
+    assert!(ES256PublicKey::from_bytes(&off_curve).is_err());
+    let set = key_set(vec![
+        ec_jwk("ec-off", &off_curve),
+        ec_jwk("ec-1", &ec_point()),
+    ]);
+    assert!(!set.has_kid("ec-off"));
+    assert_eq!(set.keys.len(), 1);
+    assert_alice(&jwt::verify(&es256(claims()), &set, &rules(), NOW).unwrap());
+    let kp = ES256KeyPair::from_pem(EC_PEM)
+        .unwrap()
+        .with_key_id("ec-off");
+    assert_eq!(
+        jwt::verify(&kp.sign(claims()).unwrap(), &set, &rules(), NOW),
+        Err(TokenError::UnknownKid)
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Signatures
+
+/// The token with its payload swapped for `claims` (re-encoded), signature kept.
+fn with_payload(token: &str, claims: &Value) -> String {
+    let (h, _, s) = parts(token);
+    format!("{h}.{}.{s}", b64(claims.to_string()))
+}
+
+/// The token with one byte in the middle of its signature flipped.
+fn with_flipped_signature(token: &str) -> String {
+    let (h, p, s) = parts(token);
+    let mut sig = URL_SAFE_NO_PAD.decode(s).unwrap();
+    let i = sig.len() / 2;
+    sig[i] ^= 0x01;
+    format!("{h}.{p}.{}", b64(sig))
+}
+
+#[test]
+fn tampered_payload_is_a_bad_signature() {
+    for token in [
+        rs256_token().to_string(),
+        ps256_token().to_string(),
+        es256(claims()),
+        eddsa(claims()),
+    ] {
+        let (_, p, _) = parts(&token);
+        let mut payload = decode_json(&p);
+        payload["sub"] = json!("mallory");
+        payload["groups"] = json!(["admins", "root"]);
+        let forged = with_payload(&token, &payload);
+        assert!(jwt::parse(&forged, &rules(), NOW).is_ok());
+        assert_eq!(verify(&forged), Err(TokenError::BadSignature), "{forged}");
+    }
+}
+
+#[test]
+fn tampered_signature_is_a_bad_signature() {
+    for token in [
+        rs256_token().to_string(),
+        ps256_token().to_string(),
+        es256(claims()),
+        eddsa(claims()),
+    ] {
+        let forged = with_flipped_signature(&token);
+        assert_ne!(forged, token);
+        assert_eq!(verify(&forged), Err(TokenError::BadSignature), "{forged}");
+    }
+    // A truncated signature too.
+    let (h, p, s) = parts(&es256(claims()));
+    let short = format!("{h}.{p}.{}", &s[..s.len() - 4]);
+    assert_eq!(verify(&short), Err(TokenError::BadSignature));
+}
+
+#[test]
+fn signature_does_not_carry_over_to_another_algorithm() {
+    // RS256 signature relabelled PS256 (same key, same kid).
+    let (_, p, s) = parts(rs256_token());
+    let relabelled = format!("{}.{p}.{s}", b64(r#"{"alg":"PS256","kid":"rsa-1"}"#));
+    assert_eq!(verify(&relabelled), Err(TokenError::BadSignature));
+}
+
+#[test]
+fn alg_none_is_refused() {
+    let payload = b64(good_payload_json());
+    for alg in ["none", "None", "NONE"] {
+        let header = b64(format!(r#"{{"alg":"{alg}","typ":"JWT"}}"#));
+        assert_eq!(
+            verify(&format!("{header}.{payload}.c2ln")),
+            Err(TokenError::UnsupportedAlg),
+            "{alg}"
+        );
+        // The usual unsecured form has an empty signature: refused as
+        // malformed before the header is even read.
+        assert_eq!(
+            verify(&format!("{header}.{payload}.")),
+            Err(TokenError::Malformed),
+            "{alg}"
+        );
+    }
+}
+
+#[test]
+fn hs256_with_the_rsa_public_key_as_secret_is_refused() {
+    // The classic key-confusion attack: HMAC keyed with the public key PEM.
+    let pem = keys().rs256.public_key().to_pem().unwrap();
+    let public = RS256PublicKey::from_pem(&pem).unwrap().to_components();
+    assert_eq!(public.n, keys().rs256.public_key().to_components().n);
+    for header in [
+        r#"{"alg":"HS256","typ":"JWT","kid":"rsa-1"}"#,
+        r#"{"alg":"HS256","typ":"JWT"}"#,
+    ] {
+        let input = format!("{}.{}", b64(header), b64(good_payload_json()));
+        let mac = hmac_sha256::HMAC::mac(input.as_bytes(), pem.as_bytes());
+        let token = format!("{input}.{}", b64(mac));
+        assert_eq!(verify(&token), Err(TokenError::UnsupportedAlg), "{header}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Claims (with valid signatures, so only the claims can fail)
+
+#[test]
+fn expiry_honours_the_clock_skew_exactly() {
+    let token = es256(claims());
+    assert!(verify_at(&token, EXP).is_ok());
+    assert!(verify_at(&token, EXP + SKEW).is_ok());
+    assert_eq!(verify_at(&token, EXP + SKEW + 1), Err(TokenError::Expired));
+    assert_eq!(
+        verify_at(&token, EXP + 10 * 365 * 86_400),
+        Err(TokenError::Expired)
+    );
+    let rsa = rs256_token();
+    assert!(verify_at(rsa, EXP + SKEW).is_ok());
+    assert_eq!(verify_at(rsa, EXP + SKEW + 1), Err(TokenError::Expired));
+}
+
+#[test]
+fn future_nbf_is_not_yet_valid() {
+    let nbf = NOW + 600;
+    let mut c = claims();
+    c.invalid_before = Some(UnixTimeStamp::from_secs(nbf));
+    c.issued_at = None;
+    let token = eddsa(c);
+    assert_eq!(verify(&token), Err(TokenError::NotYetValid));
+    assert_eq!(
+        verify_at(&token, nbf - SKEW - 1),
+        Err(TokenError::NotYetValid)
+    );
+    assert!(verify_at(&token, nbf - SKEW).is_ok());
+    assert!(verify_at(&token, nbf).is_ok());
+}
+
+#[test]
+fn future_iat_is_refused() {
+    let mut c = claims();
+    c.issued_at = Some(UnixTimeStamp::from_secs(NOW + SKEW + 1));
+    assert_eq!(verify(&es256(c)), Err(TokenError::IssuedInFuture));
+}
+
+#[test]
+fn wrong_audience_is_refused() {
+    assert_eq!(
+        verify(&es256(claims().with_audience("someone-else"))),
+        Err(TokenError::WrongAudience)
+    );
+    let mut c = claims();
+    c.audiences = None;
+    assert_eq!(verify(&eddsa(c)), Err(TokenError::WrongAudience));
+}
+
+#[test]
+fn wrong_issuer_is_refused() {
+    assert_eq!(
+        verify(&es256(claims().with_issuer("https://evil.example"))),
+        Err(TokenError::WrongIssuer)
+    );
+    let mut c = claims();
+    c.issuer = None;
+    assert_eq!(verify(&eddsa(c)), Err(TokenError::WrongIssuer));
+}
+
+#[test]
+fn missing_exp_is_refused() {
+    let mut c = claims();
+    c.expires_at = None;
+    assert_eq!(verify(&es256(c)), Err(TokenError::MissingExp));
+}
+
+#[test]
+fn missing_sub_is_refused() {
+    let mut c = claims();
+    c.subject = None;
+    assert_eq!(verify(&es256(c)), Err(TokenError::MissingSub));
+    let empty = claims().with_subject("");
+    assert_eq!(verify(&eddsa(empty)), Err(TokenError::MissingSub));
+}
+
+#[test]
+fn duplicate_json_keys_are_malformed() {
+    let payload = format!(
+        r#"{{"iss":"{ISSUER}","aud":"{AUDIENCE}","sub":"alice","sub":"admin","exp":{EXP}}}"#
+    );
+    let token = eddsa_raw(r#"{"alg":"EdDSA","kid":"ed-1"}"#, &payload);
+    // Validly signed: serde_json alone would take the last `sub`.
+    assert_eq!(decode_json(&parts(&token).1)["sub"], "admin");
+    assert_eq!(verify(&token), Err(TokenError::Malformed));
+    // Nested, and in the header.
+    let nested = good_payload_json().replace(
+        r#""sub":"alice""#,
+        r#""sub":"alice","groups":{"x":1,"x":2}"#,
+    );
+    let token = eddsa_raw(r#"{"alg":"EdDSA","kid":"ed-1"}"#, &nested);
+    assert_eq!(verify(&token), Err(TokenError::Malformed));
+    let token = eddsa_raw(
+        r#"{"alg":"EdDSA","kid":"ed-1","kid":"ed-1"}"#,
+        &good_payload_json(),
+    );
+    assert_eq!(verify(&token), Err(TokenError::Malformed));
+}
+
+#[test]
+fn control_characters_in_the_identity_are_refused() {
+    let token = es256(claims().with_subject("alice\r\nx-admin: true"));
+    assert_eq!(verify(&token), Err(TokenError::UnsafeIdentity));
+    // In a mapped attribute (DEL is not whitespace, so it is not split off).
+    let mut c = claims();
+    c.custom
+        .insert("groups".into(), json!(["ops", "ad\u{7f}min"]));
+    assert_eq!(verify(&eddsa(c)), Err(TokenError::UnsafeIdentity));
+    // In an unmapped claim it does not matter.
+    let mut c = claims();
+    c.custom.insert("note".into(), json!("a\r\nb"));
+    assert_alice(&verify(&eddsa(c)).unwrap());
+}

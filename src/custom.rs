@@ -1,0 +1,538 @@
+//! The `custom` provider: Llama Stack's custom authentication endpoint.
+//!
+//! A sans-IO core. [`Custom::request`] builds the JSON Llama Stack sends
+//! (`AuthRequest`):
+//!
+//! ```json
+//! {"api_key": "<token>",
+//!  "request": {"path": "/v1/models",
+//!              "headers": {"content-type": "application/json", ...},
+//!              "params": {"limit": ["10"], ...}}}
+//! ```
+//!
+//! - `path` is the request path without the query, percent-decoded like the
+//!   ASGI `scope["path"]` Llama Stack reads (`+` stays `+`; bytes that do
+//!   not form UTF-8 become U+FFFD).
+//! - `headers` holds every request header except `authorization` and the
+//!   pseudo-headers, names lower-cased. Values that are not UTF-8 are passed
+//!   lossily (U+FFFD for each bad sequence). A repeated header (Llama Stack
+//!   builds a dict) is one entry, its values joined with `, ` in order.
+//! - `params` is the query as Python's `parse_qs` reads it: split on `&`,
+//!   names and values form-decoded (`+` is a space, `%XX` decoded, lossy
+//!   UTF-8, malformed `%` kept as is), each name a list of its values in
+//!   order; pairs with an empty value or without `=` are left out.
+//!
+//! [`Custom::interpret`] reads Llama Stack's `AuthResponse`
+//! `{"principal": ..., "attributes": {...}, "message": ...}`.
+
+use crate::claims::Identity;
+use crate::config::{upstream, Upstream};
+use crate::introspection::{
+    http_outcome, timeout_ms, Answer, CalloutRequest, ProviderError, ProviderKind,
+};
+use crate::json::{ConfigError, Obj};
+use crate::policy::Attributes;
+use serde_json::{json, Map, Value};
+
+/// Default seconds an endpoint's answer is reused for the same token.
+pub const DEFAULT_CACHE_TTL: u64 = 30;
+const MAX_CACHE_TTL: u64 = 10 * 365 * 86400;
+
+/// The `custom` provider's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Custom {
+    pub endpoint: Upstream,
+    /// Seconds an allowed answer is cached (0: never cached).
+    pub cache_ttl: u64,
+}
+
+impl Custom {
+    /// Reads the provider's `config` object `o`: `endpoint` (required),
+    /// `cluster`, `timeout_ms` (default 10000), `cache_ttl` (default 30).
+    /// Unknown keys are refused.
+    pub fn parse(mut o: Obj) -> Result<Custom, ConfigError> {
+        let url = o
+            .nonempty_str("endpoint")?
+            .ok_or_else(|| ConfigError::new(o.path("endpoint"), "missing"))?;
+        let url_path = o.path("endpoint");
+        let cluster = o.nonempty_str("cluster")?.map(str::to_string);
+        let timeout = timeout_ms(&mut o)?;
+        let endpoint = upstream(url, &url_path, cluster, timeout)?;
+        let cache_ttl = o
+            .u64_max("cache_ttl", MAX_CACHE_TTL)?
+            .unwrap_or(DEFAULT_CACHE_TTL);
+        o.finish()?;
+        Ok(Custom {
+            endpoint,
+            cache_ttl,
+        })
+    }
+
+    /// The message of the 401 for a request without credentials.
+    pub fn missing_message(&self) -> String {
+        format!(
+            "Authentication required. Please provide your API key as a Bearer token (validated by {})",
+            self.endpoint.authority
+        )
+    }
+
+    /// The endpoint request: `raw_path` is the request's `:path` (query
+    /// included), `headers` the request headers as the host gives them.
+    pub fn request(
+        &self,
+        token: &str,
+        raw_path: &str,
+        headers: &[(String, Vec<u8>)],
+    ) -> CalloutRequest {
+        let (path, query) = match raw_path.split_once('?') {
+            Some((p, q)) => (p, q),
+            None => (raw_path, ""),
+        };
+        let body = json!({
+            "api_key": token,
+            "request": {
+                "path": percent_decode(path, false),
+                "headers": Value::Object(forwarded_headers(headers)),
+                "params": Value::Object(query_params(query)),
+            }
+        });
+        CalloutRequest {
+            headers: vec![
+                ("content-type".to_string(), "application/json".to_string()),
+                ("accept".to_string(), "application/json".to_string()),
+            ],
+            body: body.to_string().into_bytes(),
+        }
+    }
+
+    /// Reads the endpoint's answer. A 200 must carry a non-empty string
+    /// `principal`; `attributes` (or `access_attributes`, not both) maps
+    /// categories to lists of strings (a string is a one-element list); with
+    /// neither, the identity has `{"roles": [<principal>]}`. `message`, if
+    /// present, must be a string and is otherwise ignored, as are other keys.
+    /// The token is not used: nothing of it goes into the identity.
+    pub fn interpret(&self, answer: Answer, _token: &str) -> Result<Identity, ProviderError> {
+        let (status, body) = http_outcome(answer)?;
+        if status != 200 {
+            return Err(ProviderError::AuthFailed(status));
+        }
+        let fields = match crate::json::parse_strict(body) {
+            Ok(Value::Object(m)) => m,
+            _ => return Err(ProviderError::InvalidResponse),
+        };
+        let principal = match fields.get("principal") {
+            Some(Value::String(p)) if !p.is_empty() => p.clone(),
+            _ => return Err(ProviderError::InvalidResponse),
+        };
+        match fields.get("message") {
+            None | Some(Value::Null) | Some(Value::String(_)) => {}
+            Some(_) => return Err(ProviderError::InvalidResponse),
+        }
+        let given = |k: &str| fields.get(k).filter(|v| !v.is_null());
+        let attributes = match (given("attributes"), given("access_attributes")) {
+            (Some(_), Some(_)) => return Err(ProviderError::InvalidResponse),
+            (Some(a), None) | (None, Some(a)) => read_attributes(a)?,
+            (None, None) => {
+                let mut a = Attributes::new();
+                a.insert("roles".to_string(), vec![principal.clone()]);
+                a
+            }
+        };
+        Identity::new(principal, attributes)
+            .map_err(|_| ProviderError::UnsafeIdentity(ProviderKind::Custom))
+    }
+}
+
+/// `{"category": ["v", ...] | "v", ...}` as attributes.
+fn read_attributes(v: &Value) -> Result<Attributes, ProviderError> {
+    let Value::Object(m) = v else {
+        return Err(ProviderError::InvalidResponse);
+    };
+    let mut attrs = Attributes::new();
+    for (category, values) in m {
+        let list = match values {
+            Value::String(s) => vec![s.clone()],
+            Value::Array(items) => items
+                .iter()
+                .map(|i| match i {
+                    Value::String(s) => Ok(s.clone()),
+                    _ => Err(ProviderError::InvalidResponse),
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+            _ => return Err(ProviderError::InvalidResponse),
+        };
+        attrs.insert(category.clone(), list);
+    }
+    Ok(attrs)
+}
+
+/// Every header but `authorization` and pseudo-headers; names lower-case,
+/// values lossy UTF-8, repeats joined with `, `.
+fn forwarded_headers(headers: &[(String, Vec<u8>)]) -> Map<String, Value> {
+    let mut out = Map::new();
+    for (name, value) in headers {
+        let name = name.to_ascii_lowercase();
+        if name.starts_with(':') || name == "authorization" {
+            continue;
+        }
+        let value = String::from_utf8_lossy(value);
+        match out.get_mut(&name) {
+            Some(Value::String(joined)) => {
+                joined.push_str(", ");
+                joined.push_str(&value);
+            }
+            _ => {
+                out.insert(name, Value::String(value.into_owned()));
+            }
+        }
+    }
+    out
+}
+
+/// The query as Python's `urllib.parse.parse_qs` reads it (blank values left
+/// out), each name with the list of its values in order.
+fn query_params(query: &str) -> Map<String, Value> {
+    let mut out = Map::new();
+    for pair in query.split('&') {
+        let Some((name, value)) = pair.split_once('=') else {
+            continue;
+        };
+        if value.is_empty() {
+            continue;
+        }
+        let name = percent_decode(name, true);
+        let value = Value::String(percent_decode(value, true));
+        match out.get_mut(&name) {
+            Some(Value::Array(list)) => list.push(value),
+            _ => {
+                out.insert(name, Value::Array(vec![value]));
+            }
+        }
+    }
+    out
+}
+
+/// Percent-decodes `s` (and `+` as a space when `plus_is_space`); a `%` not
+/// followed by two hex digits is kept; the bytes are read as lossy UTF-8.
+fn percent_decode(s: &str, plus_is_space: bool) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        match b {
+            b'%' => {
+                let hi = bytes.get(i + 1).and_then(|&h| hex(h));
+                let lo = bytes.get(i + 2).and_then(|&l| hex(l));
+                if let (Some(hi), Some(lo)) = (hi, lo) {
+                    out.push(hi << 4 | lo);
+                    i += 3;
+                    continue;
+                }
+                out.push(b'%');
+            }
+            b'+' if plus_is_space => out.push(b' '),
+            _ => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn hex(b: u8) -> Option<u8> {
+    char::from(b)
+        .to_digit(16)
+        .and_then(|d| u8::try_from(d).ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(v: Value) -> Result<Custom, ConfigError> {
+        Custom::parse(Obj::new(&v, "auth.config").unwrap())
+    }
+
+    fn example() -> Custom {
+        parse(
+            json!({"endpoint": "https://auth.example/validate", "cluster": "authsvc",
+                     "timeout_ms": 10000, "cache_ttl": 30}),
+        )
+        .unwrap()
+    }
+
+    fn hdrs(list: &[(&str, &[u8])]) -> Vec<(String, Vec<u8>)> {
+        list.iter()
+            .map(|(k, v)| (k.to_string(), v.to_vec()))
+            .collect()
+    }
+
+    fn body(r: &CalloutRequest) -> Value {
+        serde_json::from_slice(&r.body).unwrap()
+    }
+
+    fn answer(status: u16, body: &str) -> Result<Identity, ProviderError> {
+        example().interpret(
+            Answer::Response {
+                status,
+                body: body.as_bytes(),
+            },
+            "the-token",
+        )
+    }
+
+    #[test]
+    fn parses_the_documented_example() {
+        let c = example();
+        assert_eq!(c.endpoint.cluster, "authsvc");
+        assert_eq!(c.endpoint.authority, "auth.example");
+        assert_eq!(c.endpoint.path, "/validate");
+        assert_eq!(c.endpoint.timeout_ms, 10000);
+        assert_eq!(c.cache_ttl, 30);
+        let c = parse(json!({"endpoint": "http://auth:9000/v"})).unwrap();
+        assert_eq!(c.endpoint.cluster, "auth:9000");
+        assert_eq!(c.endpoint.timeout_ms, 10000);
+        assert_eq!(c.cache_ttl, DEFAULT_CACHE_TTL);
+        let c = parse(json!({"endpoint": "http://auth/v", "cache_ttl": 0})).unwrap();
+        assert_eq!(c.cache_ttl, 0);
+    }
+
+    #[test]
+    fn config_errors_name_the_key() {
+        let key = |v| parse(v).unwrap_err().key;
+        assert_eq!(key(json!({})), "auth.config.endpoint");
+        assert_eq!(key(json!({"endpoint": ""})), "auth.config.endpoint");
+        assert_eq!(key(json!({"endpoint": "auth/v"})), "auth.config.endpoint");
+        assert_eq!(key(json!({"endpoint": 1})), "auth.config.endpoint");
+        assert_eq!(
+            key(json!({"endpoint": "http://a/v", "cluster": ""})),
+            "auth.config.cluster"
+        );
+        assert_eq!(
+            key(json!({"endpoint": "http://a/v", "timeout_ms": 0})),
+            "auth.config.timeout_ms"
+        );
+        assert_eq!(
+            key(json!({"endpoint": "http://a/v", "timeout_ms": "5"})),
+            "auth.config.timeout_ms"
+        );
+        assert_eq!(
+            key(json!({"endpoint": "http://a/v", "cache_ttl": -1})),
+            "auth.config.cache_ttl"
+        );
+        let e = parse(json!({"endpoint": "http://a/v", "verify_tls": true})).unwrap_err();
+        assert_eq!(e.key, "auth.config.verify_tls");
+        assert_eq!(e.reason, "unknown key");
+    }
+
+    #[test]
+    fn missing_message_names_the_host() {
+        assert_eq!(
+            example().missing_message(),
+            "Authentication required. Please provide your API key as a Bearer token (validated by auth.example)"
+        );
+        let c = parse(json!({"endpoint": "http://auth.local:8080/v"})).unwrap();
+        assert!(c
+            .missing_message()
+            .ends_with("(validated by auth.local:8080)"));
+    }
+
+    #[test]
+    fn request_json_is_exact() {
+        let headers = hdrs(&[
+            (":authority", b"api.example"),
+            (":path", b"/v1/models?limit=10"),
+            (":method", b"GET"),
+            ("Authorization", b"Bearer the-token"),
+            ("X-Trace", b"a"),
+            ("accept", b"application/json"),
+            ("x-trace", b"b"),
+            ("x-bin", b"ok\xffok"),
+        ]);
+        let r = example().request(
+            "the-token",
+            "/v1/models?limit=10&tag=a+b&tag=c%2Fd&empty=&flag&=x&q=%E2%82%AC%zz",
+            &headers,
+        );
+        assert_eq!(
+            r.headers,
+            vec![
+                ("content-type".to_string(), "application/json".to_string()),
+                ("accept".to_string(), "application/json".to_string()),
+            ]
+        );
+        assert_eq!(
+            body(&r),
+            json!({
+                "api_key": "the-token",
+                "request": {
+                    "path": "/v1/models",
+                    "headers": {
+                        "x-trace": "a, b",
+                        "accept": "application/json",
+                        "x-bin": "ok\u{fffd}ok",
+                    },
+                    "params": {
+                        "limit": ["10"],
+                        "tag": ["a b", "c/d"],
+                        "": ["x"],
+                        "q": ["€%zz"],
+                    },
+                }
+            })
+        );
+        // Exactly these bytes (serde_json sorts object keys).
+        let text = String::from_utf8(r.body).unwrap();
+        assert!(
+            text.starts_with(r#"{"api_key":"the-token","request":{"headers":{"accept":"#),
+            "{text}"
+        );
+        assert!(!text.contains("Bearer"));
+    }
+
+    #[test]
+    fn request_without_query_or_headers() {
+        let r = example().request("t", "/v1/health", &[]);
+        assert_eq!(
+            String::from_utf8(r.body).unwrap(),
+            r#"{"api_key":"t","request":{"headers":{},"params":{},"path":"/v1/health"}}"#
+        );
+        let r = example().request("t", "/x?", &[]);
+        assert_eq!(body(&r)["request"]["params"], json!({}));
+        assert_eq!(body(&r)["request"]["path"], "/x");
+    }
+
+    #[test]
+    fn path_is_percent_decoded_without_plus() {
+        let r = example().request("t", "/v1/files/a%2Fb+c%20d%zz?x=1%2B1", &[]);
+        let b = body(&r);
+        assert_eq!(b["request"]["path"], "/v1/files/a/b+c d%zz");
+        assert_eq!(b["request"]["params"], json!({"x": ["1+1"]}));
+    }
+
+    #[test]
+    fn token_with_json_specials_is_escaped() {
+        let r = example().request("a\"b\\c", "/", &[]);
+        assert_eq!(body(&r)["api_key"], "a\"b\\c");
+    }
+
+    #[test]
+    fn attributes_from_the_answer() {
+        let id = answer(
+            200,
+            r#"{"principal": "alice", "attributes": {"roles": ["admin", "user"], "teams": "ml"},
+                "message": "ok", "extra": 1}"#,
+        )
+        .unwrap();
+        assert_eq!(id.principal, "alice");
+        assert_eq!(id.attributes["roles"], vec!["admin", "user"]);
+        assert_eq!(id.attributes["teams"], vec!["ml"]);
+        assert_eq!(id.attributes.len(), 2);
+        let id = answer(
+            200,
+            r#"{"principal": "bob", "access_attributes": {"namespaces": ["n1"]}}"#,
+        )
+        .unwrap();
+        assert_eq!(id.attributes["namespaces"], vec!["n1"]);
+        assert!(!id.attributes.contains_key("roles"));
+        let id = answer(200, r#"{"principal": "bob", "attributes": {}}"#).unwrap();
+        assert!(id.attributes.is_empty());
+    }
+
+    #[test]
+    fn no_attributes_gives_the_principal_as_role() {
+        for body in [
+            r#"{"principal": "alice"}"#,
+            r#"{"principal": "alice", "attributes": null}"#,
+            r#"{"principal": "alice", "message": null}"#,
+        ] {
+            let id = answer(200, body).unwrap();
+            assert_eq!(id.principal, "alice");
+            assert_eq!(id.attributes.len(), 1);
+            assert_eq!(id.attributes["roles"], vec!["alice"]);
+            assert!(!id.attributes_header.contains("the-token"));
+        }
+    }
+
+    #[test]
+    fn invalid_answers() {
+        for body in [
+            "",
+            "garbage",
+            "[]",
+            "null",
+            r#"{"attributes": {}}"#,
+            r#"{"principal": ""}"#,
+            r#"{"principal": 7}"#,
+            r#"{"principal": null}"#,
+            r#"{"principal": ["a"]}"#,
+            r#"{"principal": "a", "attributes": {"roles": [1]}}"#,
+            r#"{"principal": "a", "attributes": {"roles": null}}"#,
+            r#"{"principal": "a", "attributes": {"roles": {"x": "y"}}}"#,
+            r#"{"principal": "a", "attributes": {"roles": 3}}"#,
+            r#"{"principal": "a", "attributes": ["roles"]}"#,
+            r#"{"principal": "a", "attributes": "roles"}"#,
+            r#"{"principal": "a", "attributes": {}, "access_attributes": {}}"#,
+            r#"{"principal": "a", "message": 5}"#,
+            r#"{"principal": "a", "principal": "b"}"#,
+        ] {
+            let e = answer(200, body).unwrap_err();
+            assert_eq!(e, ProviderError::InvalidResponse, "{body}");
+            assert_eq!(e.to_string(), "Invalid authentication response format");
+            assert_eq!(e.status(), 401);
+        }
+    }
+
+    #[test]
+    fn http_failures() {
+        for status in [201, 204, 301, 400, 401, 403, 404, 429] {
+            let e = answer(status, r#"{"principal": "a"}"#).unwrap_err();
+            assert_eq!(e, ProviderError::AuthFailed(status));
+            assert_eq!(e.to_string(), format!("Authentication failed: {status}"));
+            assert_eq!(e.status(), 401);
+        }
+        for status in [500, 502, 503, 504] {
+            let e = answer(status, "").unwrap_err();
+            assert_eq!(e, ProviderError::Unavailable);
+            assert_eq!(e.to_string(), "Authentication service unavailable");
+            assert_eq!(e.status(), 503);
+        }
+        let c = example();
+        assert_eq!(
+            c.interpret(Answer::NoAnswer, "t").unwrap_err(),
+            ProviderError::Unavailable
+        );
+        let e = c.interpret(Answer::TimedOut, "t").unwrap_err();
+        assert_eq!(e, ProviderError::Timeout);
+        assert_eq!(e.to_string(), "Authentication service timeout");
+        assert_eq!(e.status(), 503);
+    }
+
+    #[test]
+    fn control_characters_are_refused() {
+        for body in [
+            r#"{"principal": "alice\r\nx-admin: yes"}"#,
+            r#"{"principal": "alice", "attributes": {"roles": ["a\nb"]}}"#,
+            r#"{"principal": "alice", "attributes": {"ro\tles": ["a"]}}"#,
+        ] {
+            let e = answer(200, body).unwrap_err();
+            assert_eq!(
+                e,
+                ProviderError::UnsafeIdentity(ProviderKind::Custom),
+                "{body}"
+            );
+            assert_eq!(e.to_string(), "Invalid authentication response format");
+            assert_eq!(e.status(), 401);
+        }
+    }
+
+    #[test]
+    fn percent_decoding_edges() {
+        assert_eq!(percent_decode("%", true), "%");
+        assert_eq!(percent_decode("%4", true), "%4");
+        assert_eq!(percent_decode("%41%4a%4A", true), "AJJ");
+        assert_eq!(percent_decode("%ff", true), "\u{fffd}");
+        assert_eq!(percent_decode("a+b", false), "a+b");
+        assert_eq!(percent_decode("a+b", true), "a b");
+        assert_eq!(percent_decode("é%C3%A9", true), "éé");
+    }
+}
