@@ -4,7 +4,8 @@
 //! that have to wait for them.
 
 use crate::claims::Identity;
-use crate::config::{AuthConfig, Config, JwtConfig};
+use crate::config::{AuthConfig, Config, JwtConfig, Upstream};
+use crate::introspection::{Answer, CalloutRequest, ProviderError};
 use crate::jwks::{FetchError, JwksState};
 use crate::jwt::{self, Rules, TokenError};
 use crate::quota::{self, Client, QuotaDecision, SharedStore};
@@ -22,6 +23,10 @@ pub struct RequestFacts {
     pub authorization: Option<Vec<u8>>,
     /// The client's address without the port, if known.
     pub source_ip: Option<String>,
+    /// The raw `:path` (query included); filled for the custom provider.
+    pub raw_path: String,
+    /// The request headers; filled for the custom provider only.
+    pub headers: Vec<(String, Vec<u8>)>,
 }
 
 /// The outcome for an allowed request.
@@ -40,7 +45,22 @@ pub enum Step {
     Deny(Denial),
     /// Park the request until the key set fetch ends, then decide again.
     WaitForKeys,
+    /// Park the request until this provider callout answers, then finish it
+    /// with [`Core::provider_answer`] and [`Core::finish`].
+    Callout(Box<Callout>),
 }
+
+/// A provider callout to make (introspection or custom endpoint).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Callout {
+    /// The decision cache key: requests with the same key share the callout.
+    pub key: [u8; 32],
+    pub upstream: Upstream,
+    pub request: CalloutRequest,
+}
+
+/// The identity of a caller, or why there is none.
+pub type AuthResult = Result<Option<Rc<Identity>>, Denial>;
 
 impl FetchError {
     pub fn denial(self) -> Denial {
@@ -54,28 +74,35 @@ impl FetchError {
 /// Extra time a fetch lease lives beyond the fetch timeout (ms).
 pub const LEASE_MARGIN_MS: u64 = 1000;
 
-/// Verified tokens, keyed by SHA-256 of the token, bounded.
+/// Answers about tokens, keyed by SHA-256 (of the token, or for the custom
+/// provider of token and path), bounded, each with its own expiry (seconds).
+/// Denials are kept only briefly (see [`NEGATIVE_TTL`]).
 #[derive(Debug, Default)]
 pub struct TokenCache {
-    map: HashMap<[u8; 32], (Rc<Identity>, u64)>,
+    map: HashMap<[u8; 32], (Answered, u64)>,
     generation: u64,
     pub hits: u64,
     pub misses: u64,
 }
 
-/// Most tokens a worker remembers.
+/// A remembered answer: an identity, or a denial.
+type Answered = Result<Rc<Identity>, Denial>;
+
+/// Most answers a worker remembers.
 pub const TOKEN_CACHE_CAPACITY: usize = 10_000;
+/// Seconds a negative provider answer ("Token not active") is remembered.
+pub const NEGATIVE_TTL: u64 = 5;
 
 impl TokenCache {
-    fn get(&mut self, key: &[u8; 32], generation: u64, now_s: u64) -> Option<Rc<Identity>> {
+    fn get(&mut self, key: &[u8; 32], generation: u64, now_s: u64) -> Option<Answered> {
         if generation != self.generation {
             self.map.clear();
             self.generation = generation;
         }
         match self.map.get(key) {
-            Some((id, exp)) if now_s <= *exp => {
+            Some((answer, until)) if now_s <= *until => {
                 self.hits += 1;
-                Some(id.clone())
+                Some(answer.clone())
             }
             Some(_) => {
                 self.map.remove(key);
@@ -89,11 +116,11 @@ impl TokenCache {
         }
     }
 
-    fn put(&mut self, key: [u8; 32], id: Rc<Identity>, valid_until: u64, now_s: u64) {
+    fn put(&mut self, key: [u8; 32], answer: Answered, valid_until: u64, now_s: u64) {
         if self.map.len() >= TOKEN_CACHE_CAPACITY {
-            self.map.retain(|_, (_, exp)| *exp >= now_s);
+            self.map.retain(|_, (_, until)| *until >= now_s);
             if self.map.len() >= TOKEN_CACHE_CAPACITY {
-                // Still full of live tokens: drop an arbitrary eighth.
+                // Still full of live entries: drop an arbitrary eighth.
                 let drop: Vec<[u8; 32]> = self
                     .map
                     .keys()
@@ -105,7 +132,7 @@ impl TokenCache {
                 }
             }
         }
-        self.map.insert(key, (id, valid_until));
+        self.map.insert(key, (answer, valid_until));
     }
 
     pub fn len(&self) -> usize {
@@ -164,6 +191,16 @@ impl Core {
                 }
                 m
             }
+            Some(AuthConfig::Introspection(i)) => {
+                let mut m = "Authentication required. Please provide a valid OAuth2 Bearer token"
+                    .to_string();
+                if let Some(iss) = &i.issuer {
+                    m.push_str(" from ");
+                    m.push_str(iss);
+                }
+                m
+            }
+            Some(AuthConfig::Custom(c)) => c.missing_message(),
             None => String::new(),
         };
         Core {
@@ -178,24 +215,47 @@ impl Core {
     pub fn jwt_config(&self) -> Option<&JwtConfig> {
         match &self.config.auth {
             Some(AuthConfig::Jwt(j)) => Some(j),
-            None => None,
+            _ => None,
         }
     }
 
-    /// Decides a request at `now_ms`. Idempotent until it allows: a parked
-    /// request is decided again from the start when keys arrive.
+    /// Decides a request at `now_ms`. Idempotent until it allows: a request
+    /// parked for keys is decided again from the start when keys arrive.
     pub fn decide(&mut self, req: &RequestFacts, now_ms: u64, store: &dyn SharedStore) -> Step {
         let config = self.config.clone();
-        let public = config.public_paths.matches(&req.path);
-        let identity = match (&config.auth, public) {
-            (None, _) | (_, true) => None,
-            (Some(AuthConfig::Jwt(j)), false) => {
-                match self.authenticate_jwt(j, req.authorization.as_deref(), now_ms) {
+        let identity = if config.public_paths.matches(&req.path) {
+            None
+        } else {
+            match &config.auth {
+                None => None,
+                Some(AuthConfig::Jwt(j)) => {
+                    match self.authenticate_jwt(j, req.authorization.as_deref(), now_ms) {
+                        Ok(id) => Some(id),
+                        Err(step) => return step,
+                    }
+                }
+                Some(_) => match self.authenticate_by_callout(req, now_ms) {
                     Ok(id) => Some(id),
                     Err(step) => return step,
-                }
+                },
             }
         };
+        self.finish(req, Ok(identity), now_ms, store)
+    }
+
+    /// After authentication: route rules, then the quota.
+    pub fn finish(
+        &mut self,
+        req: &RequestFacts,
+        auth: AuthResult,
+        now_ms: u64,
+        store: &dyn SharedStore,
+    ) -> Step {
+        let identity = match auth {
+            Ok(id) => id,
+            Err(denial) => return Step::Deny(denial),
+        };
+        let config = self.config.clone();
         if let Some(id) = &identity {
             if let Err(why) = config
                 .route_rules
@@ -244,25 +304,132 @@ impl Core {
         })
     }
 
+    /// The bearer token, or the denial for a missing or malformed header.
+    fn bearer<'a>(&self, authorization: Option<&'a [u8]>) -> Result<&'a str, Step> {
+        match credentials(authorization) {
+            Credentials::Missing => Err(Step::Deny(Denial::MissingCredentials(
+                self.missing_message.clone(),
+            ))),
+            Credentials::BadFormat => Err(Step::Deny(Denial::InvalidHeaderFormat)),
+            Credentials::Bearer(t) => Ok(t),
+        }
+    }
+
+    /// Introspection and custom providers: a cached answer, or a callout.
+    fn authenticate_by_callout(
+        &mut self,
+        req: &RequestFacts,
+        now_ms: u64,
+    ) -> Result<Rc<Identity>, Step> {
+        let token = self.bearer(req.authorization.as_deref())?;
+        let config = self.config.clone();
+        let (key, upstream, request) = match &config.auth {
+            Some(AuthConfig::Introspection(i)) => (
+                hmac_sha256::Hash::hash(token.as_bytes()),
+                &i.introspection.endpoint,
+                i.introspection.request(token),
+            ),
+            Some(AuthConfig::Custom(c)) => {
+                let mut h = hmac_sha256::Hash::new();
+                h.update(token.as_bytes());
+                h.update([0u8]);
+                h.update(req.path.as_bytes());
+                (
+                    h.finalize(),
+                    &c.endpoint,
+                    c.request(token, &req.raw_path, &req.headers),
+                )
+            }
+            _ => return Err(Step::Deny(Denial::AuthUnavailable)),
+        };
+        match self.tokens.get(&key, 0, now_ms / 1000) {
+            Some(Ok(id)) => Ok(id),
+            Some(Err(denial)) => Err(Step::Deny(denial)),
+            None => Err(Step::Callout(Box::new(Callout {
+                key,
+                upstream: upstream.clone(),
+                request,
+            }))),
+        }
+    }
+
+    /// Reads a provider's answer to the callout for `key`, caches what may be
+    /// cached, and returns the identity or the denial for every request that
+    /// waited on it.
+    pub fn provider_answer(&mut self, key: [u8; 32], answer: Answer, now_ms: u64) -> AuthResult {
+        let now_s = now_ms / 1000;
+        let config = self.config.clone();
+        let (result, ttl) = match &config.auth {
+            Some(AuthConfig::Introspection(i)) => {
+                match i.introspection.interpret(
+                    answer,
+                    &i.claims_mapping,
+                    i.clock_skew_seconds,
+                    now_s,
+                ) {
+                    Ok(v) => {
+                        // Never past the token's own expiry.
+                        let until = now_s
+                            .saturating_add(i.cache_ttl)
+                            .min(v.exp.saturating_add(i.clock_skew_seconds));
+                        (Ok(Rc::new(v.identity)), Some((i.cache_ttl, until)))
+                    }
+                    Err(e) => (Err(e), None),
+                }
+            }
+            Some(AuthConfig::Custom(c)) => match c.interpret(answer, "") {
+                Ok(id) => (
+                    Ok(Rc::new(id)),
+                    Some((c.cache_ttl, now_s.saturating_add(c.cache_ttl))),
+                ),
+                Err(e) => (Err(e), None),
+            },
+            _ => (Err(ProviderError::Unavailable), None),
+        };
+        match result {
+            Ok(id) => {
+                if let Some((ttl, until)) = ttl {
+                    if ttl > 0 && until >= now_s {
+                        self.tokens.put(key, Ok(id.clone()), until, now_s);
+                    }
+                }
+                Ok(Some(id))
+            }
+            Err(e) => {
+                let denial = Denial::Provider(e.clone());
+                // Definite "no"s are remembered briefly; errors never.
+                let definite = matches!(
+                    e,
+                    ProviderError::NotActive
+                        | ProviderError::Expired
+                        | ProviderError::AuthFailed(401 | 403)
+                );
+                if definite {
+                    self.tokens.put(
+                        key,
+                        Err(denial.clone()),
+                        now_s.saturating_add(NEGATIVE_TTL),
+                        now_s,
+                    );
+                }
+                Err(denial)
+            }
+        }
+    }
+
     fn authenticate_jwt(
         &mut self,
         j: &JwtConfig,
         authorization: Option<&[u8]>,
         now_ms: u64,
     ) -> Result<Rc<Identity>, Step> {
-        let token = match credentials(authorization) {
-            Credentials::Missing => {
-                return Err(Step::Deny(Denial::MissingCredentials(
-                    self.missing_message.clone(),
-                )))
-            }
-            Credentials::BadFormat => return Err(Step::Deny(Denial::InvalidHeaderFormat)),
-            Credentials::Bearer(t) => t,
-        };
+        let token = self.bearer(authorization)?;
         let now_s = now_ms / 1000;
         let key = hmac_sha256::Hash::hash(token.as_bytes());
-        if let Some(id) = self.tokens.get(&key, self.jwks.generation, now_s) {
-            return Ok(id);
+        match self.tokens.get(&key, self.jwks.generation, now_s) {
+            Some(Ok(id)) => return Ok(id),
+            Some(Err(denial)) => return Err(Step::Deny(denial)),
+            None => {}
         }
         let rules = Rules {
             audiences: &j.audiences,
@@ -292,7 +459,7 @@ impl Core {
             Ok(v) => {
                 let id = Rc::new(v.identity);
                 let until = v.exp.saturating_add(j.clock_skew_seconds);
-                self.tokens.put(key, id.clone(), until, now_s);
+                self.tokens.put(key, Ok(id.clone()), until, now_s);
                 Ok(id)
             }
             Err(TokenError::UnknownKid) => {

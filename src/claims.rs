@@ -122,7 +122,9 @@ pub struct UnsafeIdentity;
 impl Identity {
     /// Builds an identity, refusing control characters anywhere in it.
     pub fn new(principal: String, attributes: Attributes) -> Result<Identity, UnsafeIdentity> {
-        if principal.is_empty() || !header_safe(&principal) {
+        // Envoy and HTTP/1 servers trim header values: a principal with outer
+        // white space would reach the upstream as another name.
+        if principal.trim() != principal || principal.is_empty() || !header_safe(&principal) {
             return Err(UnsafeIdentity);
         }
         let all_safe = attributes
@@ -218,6 +220,8 @@ mod tests {
     fn identity_refuses_control_characters() {
         assert!(Identity::new("a\r\nx: y".into(), Attributes::new()).is_err());
         assert!(Identity::new("".into(), Attributes::new()).is_err());
+        assert!(Identity::new(" alice".into(), Attributes::new()).is_err());
+        assert!(Identity::new("   ".into(), Attributes::new()).is_err());
         let mut attrs = Attributes::new();
         attrs.insert("roles".into(), vec!["ok".into(), "bad\u{7f}".into()]);
         assert!(Identity::new("alice".into(), attrs).is_err());

@@ -6,9 +6,10 @@
 //! keys parks itself, asks for a tick in 1 ms, and is resumed (by context id)
 //! when the fetch ends.
 
-use crate::auth::{Core, RequestFacts, Step, LEASE_MARGIN_MS};
+use crate::auth::{self, Core, RequestFacts, Step, LEASE_MARGIN_MS};
 use crate::config::Config;
-use crate::config::JwtConfig;
+use crate::config::{AuthConfig, JwtConfig};
+use crate::introspection::Answer;
 use crate::jwks::{self, FetchError, KeySet, SharedKeys};
 use crate::policy;
 use crate::quota::{SharedStore, StoreError};
@@ -25,6 +26,9 @@ use std::time::{Duration, UNIX_EPOCH};
 pub const MAX_CALLOUT_BODY: usize = 1024 * 1024;
 /// Most requests parked per VM while keys are fetched; more get 503.
 pub const MAX_WAITERS: usize = 4096;
+/// Most distinct provider callouts (introspection, custom) queued or under way
+/// per VM; requests needing another one get 503 until one ends.
+pub const MAX_PROVIDER_CALLOUTS: usize = 256;
 const IDLE_TICK: Duration = Duration::from_millis(1000);
 const SOON_TICK: Duration = Duration::from_millis(1);
 /// While requests wait for another VM's fetch, look for its result this often.
@@ -36,7 +40,11 @@ struct Vm {
     /// Parked requests: context id → what to decide again.
     waiters: Vec<(u32, RequestFacts)>,
     /// Callout token → what it was for.
-    callouts: HashMap<u32, Callout>,
+    callouts: HashMap<u32, Pending>,
+    /// Requests parked on a provider callout, by decision cache key.
+    callout_waiters: HashMap<[u8; 32], Vec<(u32, RequestFacts)>>,
+    /// Provider callouts to dispatch on the next tick.
+    queued: Vec<auth::Callout>,
     /// Response headers to add, by HTTP context id.
     response_headers: HashMap<u32, Vec<(String, String)>>,
     tick_soon: bool,
@@ -44,9 +52,28 @@ struct Vm {
     shared_keys: Option<SharedKeys>,
 }
 
+/// What a dispatched callout was for.
 #[derive(Debug, Clone, Copy)]
-enum Callout {
-    Jwks { started_ms: u64 },
+enum Pending {
+    Jwks {
+        started_ms: u64,
+    },
+    Provider {
+        key: [u8; 32],
+        started_ms: u64,
+        timeout_ms: u64,
+    },
+}
+
+/// What became of a request handed to [`handle`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// Allowed: it goes on to the upstream.
+    Continue,
+    /// Answered locally.
+    Answered,
+    /// Parked until a callout ends.
+    Parked,
 }
 
 type Shared = Rc<RefCell<Option<Vm>>>;
@@ -94,29 +121,45 @@ impl Context for Root {
         let Some(vm) = guard.as_mut() else {
             return;
         };
-        let Some(Callout::Jwks { started_ms }) = vm.callouts.remove(&token) else {
-            return;
+        let started_ms = match vm.callouts.remove(&token) {
+            Some(Pending::Jwks { started_ms }) => started_ms,
+            Some(Pending::Provider {
+                key,
+                started_ms,
+                timeout_ms,
+            }) => {
+                let status = response_status();
+                let elapsed = now.saturating_sub(started_ms);
+                let timed_out =
+                    elapsed.saturating_add(50) >= timeout_ms && matches!(status, None | Some(504));
+                let body;
+                let answer = match status {
+                    _ if timed_out => Answer::TimedOut,
+                    None => Answer::NoAnswer,
+                    Some(_) if body_size > MAX_CALLOUT_BODY => {
+                        log::warn!("provider answer of {body_size} bytes is over the {MAX_CALLOUT_BODY}-byte limit");
+                        Answer::NoAnswer
+                    }
+                    Some(status) => {
+                        body = response_body(body_size);
+                        Answer::Response {
+                            status,
+                            body: &body,
+                        }
+                    }
+                };
+                complete_callout(vm, key, answer, now);
+                return;
+            }
+            None => return,
         };
-        let status = hostcalls::get_map_value_bytes(
-            proxy_wasm::types::MapType::HttpCallResponseHeaders,
-            ":status",
-        )
-        .ok()
-        .flatten()
-        .and_then(|s| String::from_utf8(s).ok());
+        let status = response_status();
         let timeout_ms = vm.core.jwt_config().map_or(0, |j| j.jwks.timeout_ms);
         let elapsed = now.saturating_sub(started_ms);
         let record = &vm.core.jwks.record;
-        let record = match status.as_deref() {
-            Some("200") if body_size <= MAX_CALLOUT_BODY => {
-                let body = hostcalls::get_buffer(
-                    proxy_wasm::types::BufferType::HttpCallResponseBody,
-                    0,
-                    body_size,
-                )
-                .ok()
-                .flatten()
-                .unwrap_or_default();
+        let record = match status {
+            Some(200) if body_size <= MAX_CALLOUT_BODY => {
+                let body = response_body(body_size);
                 match KeySet::parse(&body) {
                     Ok(_) => record.success(body, now),
                     Err(e) => {
@@ -125,7 +168,7 @@ impl Context for Root {
                     }
                 }
             }
-            Some("200") => {
+            Some(200) => {
                 log::warn!(
                     "JWKS answer of {body_size} bytes is over the {MAX_CALLOUT_BODY}-byte limit"
                 );
@@ -133,10 +176,10 @@ impl Context for Root {
             }
             other => {
                 let timed_out =
-                    elapsed.saturating_add(50) >= timeout_ms && matches!(other, None | Some("504"));
+                    elapsed.saturating_add(50) >= timeout_ms && matches!(other, None | Some(504));
                 log::warn!(
                     "JWKS fetch failed: status {} after {elapsed} ms",
-                    other.unwrap_or("none")
+                    other.map_or("none".to_string(), |s| s.to_string())
                 );
                 let why = if timed_out {
                     FetchError::Timeout
@@ -163,7 +206,26 @@ fn finish_fetch(vm: &mut Vm, record: jwks::FetchRecord) {
     vm.core.jwks.apply(record, None);
 }
 
-/// Decides every parked request again and answers or resumes it.
+/// The `:status` of a callout's answer.
+fn response_status() -> Option<u16> {
+    hostcalls::get_map_value_bytes(
+        proxy_wasm::types::MapType::HttpCallResponseHeaders,
+        ":status",
+    )
+    .ok()
+    .flatten()
+    .and_then(|s| std::str::from_utf8(&s).ok()?.parse().ok())
+}
+
+/// The body of a callout's answer (the caller checked its size).
+fn response_body(size: usize) -> Vec<u8> {
+    hostcalls::get_buffer(proxy_wasm::types::BufferType::HttpCallResponseBody, 0, size)
+        .ok()
+        .flatten()
+        .unwrap_or_default()
+}
+
+/// Decides every request parked for keys again and answers or resumes it.
 fn resume_waiters(vm: &mut Vm, now: u64) {
     let waiters = std::mem::take(&mut vm.waiters);
     for (id, facts) in waiters {
@@ -171,20 +233,69 @@ fn resume_waiters(vm: &mut Vm, now: u64) {
             continue;
         }
         let step = vm.core.decide(&facts, now, &HostStore);
-        match step {
-            Step::WaitForKeys => {
-                // Keys are being fetched again (a kid refresh): stay parked.
-                vm.waiters.push((id, facts));
-                vm.tick_soon = true;
+        if handle(vm, id, facts, step) == Outcome::Continue {
+            let _ = hostcalls::resume_http_request();
+        }
+    }
+}
+
+/// A provider callout ended: finish every request that waited on it.
+fn complete_callout(vm: &mut Vm, key: [u8; 32], answer: Answer, now: u64) {
+    let result = vm.core.provider_answer(key, answer, now);
+    if let Err(d) = &result {
+        log::debug!("provider callout: {}", d.reason());
+    }
+    for (id, facts) in vm.callout_waiters.remove(&key).unwrap_or_default() {
+        if hostcalls::set_effective_context(id).is_err() {
+            continue;
+        }
+        let step = vm.core.finish(&facts, result.clone(), now, &HostStore);
+        if handle(vm, id, facts, step) == Outcome::Continue {
+            let _ = hostcalls::resume_http_request();
+        }
+    }
+}
+
+/// Carries out a decision on the effective context: allow, deny, or park.
+fn handle(vm: &mut Vm, id: u32, facts: RequestFacts, step: Step) -> Outcome {
+    match step {
+        Step::WaitForKeys => {
+            if vm.waiters.len() >= MAX_WAITERS {
+                deny(&crate::response::Denial::AuthUnavailable);
+                return Outcome::Answered;
             }
-            step => {
-                if apply(vm, id, step) {
-                    let _ = hostcalls::resume_http_request();
-                }
+            vm.waiters.push((id, facts));
+            tick_soon(vm);
+            Outcome::Parked
+        }
+        Step::Callout(c) => {
+            if let Some(list) = vm.callout_waiters.get_mut(&c.key) {
+                list.push((id, facts));
+                return Outcome::Parked;
+            }
+            if vm.callout_waiters.len() >= MAX_PROVIDER_CALLOUTS {
+                deny(&crate::response::Denial::AuthUnavailable);
+                return Outcome::Answered;
+            }
+            vm.callout_waiters.insert(c.key, vec![(id, facts)]);
+            vm.queued.push(*c);
+            tick_soon(vm);
+            Outcome::Parked
+        }
+        step => {
+            if apply(vm, id, step) {
+                Outcome::Continue
+            } else {
+                Outcome::Answered
             }
         }
     }
-    if vm.tick_soon {
+}
+
+/// Asks the root context for a tick in 1 ms (to fetch, or to dispatch).
+fn tick_soon(vm: &mut Vm) {
+    if !vm.tick_soon {
+        vm.tick_soon = true;
         let _ = hostcalls::set_tick_period(SOON_TICK);
     }
 }
@@ -224,7 +335,7 @@ fn apply(vm: &mut Vm, context_id: u32, step: Step) -> bool {
             deny(&denial);
             false
         }
-        Step::WaitForKeys => false,
+        Step::WaitForKeys | Step::Callout(_) => false,
     }
 }
 
@@ -296,7 +407,7 @@ fn tick_jwks(vm: &mut Vm, j: &JwtConfig, now: u64) -> bool {
         Duration::from_millis(j.jwks.timeout_ms),
     ) {
         Ok(token) => {
-            vm.callouts.insert(token, Callout::Jwks { started_ms: now });
+            vm.callouts.insert(token, Pending::Jwks { started_ms: now });
             changed
         }
         Err(e) => {
@@ -307,6 +418,48 @@ fn tick_jwks(vm: &mut Vm, j: &JwtConfig, now: u64) -> bool {
             let record = vm.core.jwks.record.failure(FetchError::Unavailable, now);
             finish_fetch(vm, record);
             true
+        }
+    }
+}
+
+/// Sends the queued provider callouts.
+fn dispatch_queued(vm: &mut Vm, now: u64) {
+    for c in std::mem::take(&mut vm.queued) {
+        let mut headers: Vec<(&str, &str)> = vec![
+            (":method", "POST"),
+            (":path", c.upstream.path.as_str()),
+            (":authority", c.upstream.authority.as_str()),
+        ];
+        headers.extend(
+            c.request
+                .headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str())),
+        );
+        match hostcalls::dispatch_http_call(
+            &c.upstream.cluster,
+            headers,
+            Some(&c.request.body),
+            vec![],
+            Duration::from_millis(c.upstream.timeout_ms),
+        ) {
+            Ok(token) => {
+                vm.callouts.insert(
+                    token,
+                    Pending::Provider {
+                        key: c.key,
+                        started_ms: now,
+                        timeout_ms: c.upstream.timeout_ms,
+                    },
+                );
+            }
+            Err(e) => {
+                log::error!(
+                    "callout to cluster `{}` could not start (is it defined in Envoy?): {e:?}",
+                    c.upstream.cluster
+                );
+                complete_callout(vm, c.key, Answer::NoAnswer, now);
+            }
         }
     }
 }
@@ -327,6 +480,8 @@ impl RootContext for Root {
                     core,
                     waiters: Vec::new(),
                     callouts: HashMap::new(),
+                    callout_waiters: HashMap::new(),
+                    queued: Vec::new(),
                     response_headers: HashMap::new(),
                     tick_soon: false,
                     shared_keys,
@@ -348,13 +503,14 @@ impl RootContext for Root {
             return;
         };
         vm.tick_soon = false;
+        dispatch_queued(vm, now);
         if let Some(j) = vm.core.jwt_config().cloned() {
             if tick_jwks(vm, &j, now) {
                 resume_waiters(vm, now);
             }
         }
         if !vm.tick_soon {
-            let period = if vm.waiters.is_empty() {
+            let period = if vm.waiters.is_empty() && vm.queued.is_empty() {
                 IDLE_TICK
             } else {
                 POLL_TICK
@@ -440,33 +596,26 @@ impl HttpContext for Request {
         } else {
             None
         };
+        let headers = if matches!(vm.core.config.auth, Some(AuthConfig::Custom(_))) {
+            self.get_http_request_headers_bytes()
+        } else {
+            Vec::new()
+        };
         let facts = RequestFacts {
             method,
             path,
             authorization: self.header("authorization"),
             source_ip,
+            raw_path: String::from_utf8_lossy(&raw_path).into_owned(),
+            headers,
         };
-        let now = now_ms();
-        match vm.core.decide(&facts, now, &HostStore) {
-            Step::WaitForKeys => {
-                if vm.waiters.len() >= MAX_WAITERS {
-                    deny(&Denial::AuthUnavailable);
-                    return Action::Pause;
-                }
-                vm.waiters.push((self.id, facts));
+        let step = vm.core.decide(&facts, now_ms(), &HostStore);
+        match handle(vm, self.id, facts, step) {
+            Outcome::Continue => Action::Continue,
+            Outcome::Answered => Action::Pause,
+            Outcome::Parked => {
                 self.parked = true;
-                if !vm.tick_soon {
-                    vm.tick_soon = true;
-                    let _ = hostcalls::set_tick_period(SOON_TICK);
-                }
                 Action::Pause
-            }
-            step => {
-                if apply(vm, self.id, step) {
-                    Action::Continue
-                } else {
-                    Action::Pause
-                }
             }
         }
     }
@@ -488,6 +637,9 @@ impl HttpContext for Request {
             vm.response_headers.remove(&self.id);
             if self.parked {
                 vm.waiters.retain(|(id, _)| *id != self.id);
+                for list in vm.callout_waiters.values_mut() {
+                    list.retain(|(id, _)| *id != self.id);
+                }
             }
         }
     }

@@ -138,6 +138,8 @@ pub struct Rules<'a> {
 pub struct Parsed {
     pub alg: Alg,
     pub kid: Option<String>,
+    /// `typ`, when it is `JOSE` (which jwt-simple must be told to accept).
+    pub jose_typ: Option<String>,
     pub claims: Map<String, Value>,
     pub exp: u64,
     pub sub: String,
@@ -203,12 +205,29 @@ pub fn parse(token: &str, rules: &Rules, now: u64) -> Result<Parsed, TokenError>
             return Err(TokenError::UnsupportedHeader);
         }
     }
+    let jose_typ = match header.get("typ") {
+        None => None,
+        Some(Value::String(t)) if t.eq_ignore_ascii_case("JOSE") => Some(t.clone()),
+        Some(Value::String(_)) => None,
+        Some(_) => return Err(TokenError::Malformed),
+    };
     let kid = match header.get("kid") {
         None => None,
         Some(Value::String(k)) if !k.is_empty() && k.len() <= MAX_KID_BYTES => Some(k.clone()),
         Some(_) => return Err(TokenError::Malformed),
     };
     let claims = decode_json_object(p)?;
+    // Registered claims jwt-simple reads must have their registered types.
+    for name in ["iss", "sub", "jti", "nonce"] {
+        if claims.get(name).is_some_and(|v| !v.is_string()) {
+            return Err(TokenError::Malformed);
+        }
+    }
+    match claims.get("aud") {
+        None | Some(Value::String(_)) => {}
+        Some(Value::Array(list)) if list.iter().all(Value::is_string) => {}
+        Some(_) => return Err(TokenError::Malformed),
+    }
     let exp = time_claim(&claims, "exp")?.ok_or(TokenError::MissingExp)?;
     let nbf = time_claim(&claims, "nbf")?;
     let iat = time_claim(&claims, "iat")?;
@@ -245,6 +264,7 @@ pub fn parse(token: &str, rules: &Rules, now: u64) -> Result<Parsed, TokenError>
     Ok(Parsed {
         alg,
         kid,
+        jose_typ,
         claims,
         exp,
         sub,
@@ -254,16 +274,31 @@ pub fn parse(token: &str, rules: &Rules, now: u64) -> Result<Parsed, TokenError>
 /// Verifies a token against a key set at time `now` (seconds).
 pub fn verify(token: &str, keys: &KeySet, rules: &Rules, now: u64) -> Result<Verified, TokenError> {
     let parsed = parse(token, rules, now)?;
-    if let Some(kid) = parsed.kid.as_deref() {
-        if !keys.has_kid(kid) {
-            return Err(TokenError::UnknownKid);
+    // A `kid` must name a key of the set; keys without a `kid` are tried too
+    // (as Envoy's jwt_authn does) when no key carries one.
+    let mut kid = parsed.kid.as_deref();
+    if let Some(k) = kid {
+        if !keys.has_kid(k) {
+            if keys
+                .candidates(parsed.alg, None)
+                .any(|key| key.kid.is_none())
+            {
+                kid = None;
+            } else {
+                return Err(TokenError::UnknownKid);
+            }
         }
     }
+    let mut options = options(rules, now);
+    options.required_signature_type = parsed.jose_typ.clone();
     let mut tried = false;
     let mut verified = false;
-    for key in keys.candidates(parsed.alg, parsed.kid.as_deref()) {
+    for key in keys.candidates(parsed.alg, kid) {
+        if kid.is_none() && parsed.kid.is_some() && key.kid.is_some() {
+            continue;
+        }
         tried = true;
-        if key.key.verify(token, options(rules, now)).is_ok() {
+        if key.key.verify(token, options.clone()).is_ok() {
             verified = true;
             break;
         }

@@ -1033,6 +1033,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(target_family = "wasm", ignore = "no threads on wasm32-wasip1")]
     fn threads_count_exactly() {
         let c = cfg(u64::MAX, 1, Period::Day);
         let store = Arc::new(FakeStore::new());

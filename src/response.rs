@@ -3,6 +3,7 @@
 //! `Denial`'s `Display` is the exact message the caller sees; [`Denial::response`]
 //! turns it into status, headers and the JSON body `{"error":{"message":M}}`.
 
+use crate::introspection::ProviderError;
 use crate::jwt::TokenError;
 use crate::policy::AccessDenied;
 use std::fmt;
@@ -16,6 +17,8 @@ pub enum Denial {
     InvalidHeaderFormat,
     /// The token failed verification.
     InvalidToken(TokenError),
+    /// The introspection or custom endpoint refused, or could not answer.
+    Provider(ProviderError),
     /// The identity provider could not be reached or answered garbage.
     AuthUnavailable,
     /// The identity provider did not answer in time.
@@ -41,6 +44,7 @@ impl fmt::Display for Denial {
             Denial::MissingCredentials(m) => f.write_str(m),
             Denial::InvalidHeaderFormat => f.write_str("Invalid Authorization header format"),
             Denial::InvalidToken(_) => f.write_str("Invalid JWT token"),
+            Denial::Provider(e) => write!(f, "{e}"),
             Denial::AuthUnavailable => f.write_str("Authentication service unavailable"),
             Denial::AuthTimeout => f.write_str("Authentication service timeout"),
             Denial::Forbidden(why) => write!(f, "{why}"),
@@ -69,6 +73,7 @@ impl Denial {
             Denial::Forbidden(_) => 403,
             Denial::QuotaExceeded { .. } | Denial::QuotaContended => 429,
             Denial::BadPath => 400,
+            Denial::Provider(e) => e.status(),
         }
     }
 
@@ -78,6 +83,7 @@ impl Denial {
             Denial::MissingCredentials(_) => "missing",
             Denial::InvalidHeaderFormat => "malformed",
             Denial::InvalidToken(e) => e.reason(),
+            Denial::Provider(e) => e.reason(),
             Denial::AuthUnavailable => "auth_unavailable",
             Denial::AuthTimeout => "auth_timeout",
             Denial::Forbidden(AccessDenied::Scope(_)) => "scope",
@@ -101,6 +107,12 @@ impl Denial {
         match self {
             Denial::MissingCredentials(_) | Denial::InvalidHeaderFormat => {
                 headers.push(("www-authenticate".into(), "Bearer".into()));
+            }
+            Denial::Provider(e) if e.status() == 401 => {
+                headers.push((
+                    "www-authenticate".into(),
+                    "Bearer error=\"invalid_token\"".into(),
+                ));
             }
             Denial::InvalidToken(_) => {
                 headers.push((
