@@ -567,9 +567,12 @@ impl JwksState {
     }
 
     /// Whether an unknown `kid` may start a refresh now: the last fetch (by
-    /// any VM) started at least `cooldown_ms` ago.
+    /// any VM) started and ended at least `cooldown_ms` ago. (Counting from
+    /// its end too means a request that waited for a slow refresh is answered
+    /// when it ends, instead of starting another.)
     pub fn kid_refresh_allowed(&self, now: u64, cooldown_ms: u64) -> bool {
-        now.saturating_sub(self.record.started) >= cooldown_ms && now >= self.record.retry_at
+        let last = self.record.started.max(self.record.finished);
+        now.saturating_sub(last) >= cooldown_ms && now >= self.record.retry_at
     }
 
     /// Asks for a fetch (keeps the earliest ask).
@@ -706,6 +709,11 @@ mod share_tests {
         assert!(s.kid_refresh_allowed(10_000, 10_000));
         s.record.started = 5_000;
         assert!(!s.kid_refresh_allowed(10_000, 10_000));
+        s.record.started = 0;
+        s.record.finished = 5_000;
+        assert!(!s.kid_refresh_allowed(10_000, 10_000), "a slow fetch ended 5 s ago");
+        s.record.started = 5_000;
+        s.record.finished = 0;
         assert!(s.in_flight(6_000, 2_000), "another VM started a fetch");
         assert!(!s.in_flight(7_000, 2_000), "its lease ran out");
         s.record = s.record.failure(FetchError::Timeout, 6_500);

@@ -86,7 +86,7 @@ class EnvoyFactory:
             if traps:
                 problems.append(f"{e.workdir}:\n" + "\n".join(traps))
         if problems:
-            pytest.fail("VM trap in Envoy log at shutdown:\n" + "\n".join(problems), pytrace=False)
+            pytest.fail("VM trap in Envoy log (during the test or at shutdown):\n" + "\n".join(problems), pytrace=False)
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -139,6 +141,8 @@ REJECTED = {
     "alg_none": lambda k: tokens.alg_none(tokens.claims()),
     "alg_none_with_kid": lambda k: tokens.alg_none(tokens.claims(), kid="rs256-1"),
     "hs256_with_rsa_public_key": lambda k: tokens.hs256_with_public_key(tokens.claims(), k["RS256"]),
+    "alg_differs_from_jwk": lambda k: k["RS256"].sign(tokens.claims(), alg="RS512"),
+    "ec_token_with_rsa_kid": lambda k: k["ES256"].sign(tokens.claims(), kid="rs256-1"),
     "garbage": lambda k: "not-a-jwt",
     "garbage_three_parts": lambda k: "aaa.bbb.ccc",
 }
@@ -155,8 +159,23 @@ def test_rejected_token(gw, keys, case, upstream):
 
 
 def test_empty_token(gw, upstream):
-    """`Authorization: Bearer ` (Envoy trims the trailing space, so the filter sees `Bearer`)."""
+    """`Authorization: Bearer `: Envoy's codec trims the trailing space, so the
+    filter sees `Bearer` alone, which is not `Bearer <token>` (as in Llama Stack,
+    whose server trims too)."""
     r = gw.get(API, headers={"Authorization": "Bearer "})
+    assert_denied(r, 401, MSG_FORMAT)
+    assert upstream.received() == []
+
+
+def test_token_in_query_string_not_accepted(gw, rsa, upstream):
+    """Credentials come only from the Authorization header."""
+    r = gw.get(f"{API}?access_token={rsa.sign(tokens.claims())}")
+    assert_denied(r, 401, MSG_REQUIRED, token_presented=False)
+    assert upstream.received() == []
+
+
+def test_oversized_garbage_token(gw, upstream):
+    r = gw.get(API, token="A" * 30000)
     assert_denied(r, 401, MSG_INVALID, token_presented=True)
     assert upstream.received() == []
 
@@ -337,6 +356,103 @@ def test_jwks_cluster_missing_answers_503(envoy, idp, rsa):
     gw = envoy(jwt_config(idp.port), clusters={})
     assert_denied(gw.get(API, token=rsa.sign(tokens.claims())), 503, MSG_UNAVAILABLE)
     assert gw.get("/v1/health").status == 200
+
+
+def test_jwks_with_unusable_entries_still_serves_usable_keys(envoy, idp, rsa):
+    """Real JWKS documents hold keys tollgate cannot use (encryption keys,
+    symmetric keys, other curves): they are skipped, the usable ones work."""
+    enc = tokens.rsa_key("enc-1").jwk(alg="RSA-OAEP", use="enc")
+    p521 = {"kty": "EC", "kid": "p521", "crv": "P-521", "alg": "ES512", "use": "sig",
+            "x": tokens.b64url(b"\x01" * 66), "y": tokens.b64url(b"\x02" * 66)}
+    sym = {"kty": "oct", "kid": "sym", "k": tokens.b64url(b"secret" * 6)}
+    idp.set_jwks({"keys": [enc, p521, sym, rsa.jwk()]})
+    gw = envoy(jwt_config(idp.port))
+    assert forwarded(gw.get(API, token=rsa.sign(tokens.claims())))["x-auth-principal"] == "alice"
+
+
+def test_cached_keys_survive_idp_outage(envoy, idp, rsa):
+    """Within cache_ttl, keys already fetched keep working while the IdP is down."""
+    idp.set_keys(rsa)
+    gw = envoy(jwt_config(idp.port))
+    token = rsa.sign(tokens.claims())
+    wait_for_streak(gw, token, streak=5)
+    idp.stop()
+    assert [gw.get(API, token=token).status for _ in range(20)] == [200] * 20
+
+
+def test_keys_refetched_after_cache_ttl(envoy, idp, rsa):
+    idp.set_keys(rsa)
+    gw = envoy(jwt_config(idp.port, jwks={"cache_ttl": 1}))
+    token = rsa.sign(tokens.claims())
+    wait_for_streak(gw, token, streak=3)
+    before = idp.count("/jwks")
+    deadline = time.monotonic() + 5
+    while idp.count("/jwks") == before and time.monotonic() < deadline:
+        assert gw.get(API, token=token).status == 200
+        time.sleep(0.2)
+    assert idp.count("/jwks") > before
+
+
+def test_unknown_kid_with_slow_refresh_answers_401(envoy, idp, rsa, upstream):
+    """A kid refresh that takes longer than the cooldown (but less than timeout_ms)
+    and still lacks the kid: the waiting request gets its 401, it is not parked again."""
+    idp.set_keys(rsa)
+    gw = envoy(jwt_config(idp.port, jwks={"refresh_cooldown_seconds": 1, "timeout_ms": 5000}),
+               concurrency=1)
+    wait_for_streak(gw, rsa.sign(tokens.claims()), streak=3)
+    idp.set_fault("/jwks", delay=1.5)
+    time.sleep(1.1)  # past the cooldown
+    before = idp.count("/jwks")
+    start = time.monotonic()
+    r = gw.get(API, token=make_key("RS256", "stranger").sign(tokens.claims()), timeout=8)
+    assert_denied(r, 401, MSG_INVALID, token_presented=True)
+    assert time.monotonic() - start < 4
+    assert idp.count("/jwks") - before == 1
+    assert upstream.received() == []
+
+
+# -- requests parked while keys are fetched --------------------------------------------
+
+def test_request_body_held_while_keys_are_fetched(envoy, idp, rsa, upstream):
+    """A request body arriving while the headers wait for the JWKS neither
+    slips past the filter nor gets lost."""
+    idp.set_keys(rsa)
+    idp.set_fault("/jwks", delay=1)
+    gw = envoy(jwt_config(idp.port))
+    bad = gw.request(API, "POST", token=tokens.tamper(rsa.sign(tokens.claims())), body=b"x" * 200_000)
+    assert_denied(bad, 401, MSG_INVALID, token_presented=True)
+    assert upstream.received() == []
+    gw2 = envoy(jwt_config(idp.port))  # cold again
+    body = b"0123456789" * 20_000
+    good = gw2.request(API, "POST", token=rsa.sign(tokens.claims()), body=body)
+    assert good.status == 200 and good.json()["body"] == body.decode()
+
+
+def test_concurrent_requests_share_one_fetch(envoy, idp, rsa):
+    """Many requests arriving while the JWKS is fetched all pass, with one fetch per VM."""
+    idp.set_keys(rsa)
+    idp.set_fault("/jwks", delay=1)
+    gw = envoy(jwt_config(idp.port))
+    token = rsa.sign(tokens.claims())
+    with ThreadPoolExecutor(20) as pool:
+        statuses = list(pool.map(lambda _: gw.get(API, token=token).status, range(40)))
+    assert statuses == [200] * 40
+    assert idp.count("/jwks") <= 3
+
+
+def test_client_gone_while_parked(envoy, idp, rsa):
+    """A client that hangs up while its request waits for the JWKS leaves no trap,
+    and the next requests are served."""
+    idp.set_keys(rsa)
+    idp.set_fault("/jwks", delay=1)
+    gw = envoy(jwt_config(idp.port))
+    token = rsa.sign(tokens.claims())
+    for _ in range(5):
+        with socket.create_connection(("127.0.0.1", gw.port)) as s:
+            s.sendall(f"GET {API} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n".encode())
+    time.sleep(1.5)
+    idp.clear_faults()
+    wait_for_streak(gw, token, streak=5)
 
 
 # -- configuration ------------------------------------------------------------------

@@ -72,6 +72,7 @@ class _Httpd(http.server.ThreadingHTTPServer):
 
 class _RequestHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    wbufsize = 1 << 16  # one write per answer: no Nagle/delayed-ACK stalls
     server: _Httpd
 
     def setup(self):
