@@ -402,6 +402,7 @@ def test_unknown_kid_with_slow_refresh_answers_401(envoy, idp, rsa, upstream):
     wait_for_streak(gw, rsa.sign(tokens.claims()), streak=3)
     idp.set_fault("/jwks", delay=1.5)
     time.sleep(1.1)  # past the cooldown
+    upstream.reset_log()
     before = idp.count("/jwks")
     start = time.monotonic()
     r = gw.get(API, token=make_key("RS256", "stranger").sign(tokens.claims()), timeout=8)
