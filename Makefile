@@ -23,7 +23,14 @@ $(STAMP): tests/requirements.txt
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/requirements.txt
 	touch $@
 
-setup: rust-target $(STAMP)
+OIDC    := tests/oidc/node_modules/.package-lock.json
+
+# A real OpenID provider (npm `oidc-provider`) for the interoperability tests.
+$(OIDC): tests/oidc/package.json tests/oidc/package-lock.json
+	cd tests/oidc && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+setup: rust-target $(STAMP) $(OIDC)
 
 build: rust-target
 	cargo build --release --target $(TARGET)
@@ -43,7 +50,7 @@ unit:
 wasm-test: rust-target
 	bash scripts/test-wasm.sh
 
-e2e: build $(STAMP)
+e2e: build $(STAMP) $(OIDC)
 	$(PY) -m pytest tests/e2e -q $(PYTEST_ARGS)
 
 test: setup lint unit wasm-test e2e
