@@ -289,10 +289,11 @@ impl Core {
                     reset,
                 } => response_headers = headers(limit, remaining, reset),
                 QuotaDecision::Exceeded { limit, reset } => {
+                    log::debug!("quota of {limit} used up by {client:?}");
                     return Step::Deny(Denial::QuotaExceeded {
                         retry_after: reset,
                         headers: headers(limit, 0, reset),
-                    })
+                    });
                 }
                 QuotaDecision::Contended => return Step::Deny(Denial::QuotaContended),
                 QuotaDecision::Unavailable => return Step::Deny(Denial::QuotaUnavailable),

@@ -7,10 +7,10 @@
 //! when the fetch ends.
 
 use crate::auth::{self, Core, RequestFacts, Step, LEASE_MARGIN_MS};
-use crate::config::Config;
-use crate::config::{AuthConfig, JwtConfig};
+use crate::config::{AuthConfig, Config, JwtConfig};
 use crate::introspection::Answer;
 use crate::jwks::{self, FetchError, KeySet, SharedKeys};
+use crate::metrics::Metrics;
 use crate::policy;
 use crate::quota::{SharedStore, StoreError};
 use crate::response::Denial;
@@ -50,6 +50,10 @@ struct Vm {
     tick_soon: bool,
     /// Where the key set is shared with the other VMs.
     shared_keys: Option<SharedKeys>,
+    metrics: Metrics,
+    /// Cache counters already reported as metrics.
+    reported_hits: u64,
+    reported_misses: u64,
 }
 
 /// What a dispatched callout was for.
@@ -203,6 +207,12 @@ fn finish_fetch(vm: &mut Vm, record: jwks::FetchRecord) {
         jwks::release_lease(&HostStore, &keys.lease);
     }
     vm.core.jwks.in_flight_since = None;
+    vm.metrics.inc("tollgate_jwks_fetches_total");
+    if record.error.is_some() {
+        vm.metrics.inc("tollgate_jwks_fetch_failures_total");
+    } else {
+        log::info!("JWKS fetched ({} bytes)", record.body.len());
+    }
     vm.core.jwks.apply(record, None);
 }
 
@@ -242,9 +252,16 @@ fn resume_waiters(vm: &mut Vm, now: u64) {
 /// A provider callout ended: finish every request that waited on it.
 fn complete_callout(vm: &mut Vm, key: [u8; 32], answer: Answer, now: u64) {
     let result = vm.core.provider_answer(key, answer, now);
-    if let Err(d) = &result {
-        log::debug!("provider callout: {}", d.reason());
-    }
+    let provider = match vm.core.config.auth {
+        Some(AuthConfig::Custom(_)) => "custom",
+        _ => "introspection",
+    };
+    let outcome = match &result {
+        Ok(_) => "ok",
+        Err(d) if d.status() == 401 => "rejected",
+        Err(_) => "error",
+    };
+    vm.metrics.callout(provider, outcome);
     for (id, facts) in vm.callout_waiters.remove(&key).unwrap_or_default() {
         if hostcalls::set_effective_context(id).is_err() {
             continue;
@@ -261,7 +278,7 @@ fn handle(vm: &mut Vm, id: u32, facts: RequestFacts, step: Step) -> Outcome {
     match step {
         Step::WaitForKeys => {
             if vm.waiters.len() >= MAX_WAITERS {
-                deny(&crate::response::Denial::AuthUnavailable);
+                refuse(vm, &facts, &Denial::AuthUnavailable);
                 return Outcome::Answered;
             }
             vm.waiters.push((id, facts));
@@ -274,7 +291,7 @@ fn handle(vm: &mut Vm, id: u32, facts: RequestFacts, step: Step) -> Outcome {
                 return Outcome::Parked;
             }
             if vm.callout_waiters.len() >= MAX_PROVIDER_CALLOUTS {
-                deny(&crate::response::Denial::AuthUnavailable);
+                refuse(vm, &facts, &Denial::AuthUnavailable);
                 return Outcome::Answered;
             }
             vm.callout_waiters.insert(c.key, vec![(id, facts)]);
@@ -283,13 +300,26 @@ fn handle(vm: &mut Vm, id: u32, facts: RequestFacts, step: Step) -> Outcome {
             Outcome::Parked
         }
         step => {
-            if apply(vm, id, step) {
+            if apply(vm, id, step, &facts) {
                 Outcome::Continue
             } else {
                 Outcome::Answered
             }
         }
     }
+}
+
+/// Answers a request locally: the denial, its metric, its debug line.
+fn refuse(vm: &Vm, facts: &RequestFacts, denial: &Denial) {
+    vm.metrics.denied(denial.reason());
+    log::debug!(
+        "denied {} {}: {} {}",
+        denial.status(),
+        denial.reason(),
+        facts.method,
+        facts.path
+    );
+    deny(denial);
 }
 
 /// Asks the root context for a tick in 1 ms (to fetch, or to dispatch).
@@ -302,9 +332,10 @@ fn tick_soon(vm: &mut Vm) {
 
 /// Carries out an allow or a deny on the effective context; true when the
 /// request should continue to the upstream.
-fn apply(vm: &mut Vm, context_id: u32, step: Step) -> bool {
+fn apply(vm: &mut Vm, context_id: u32, step: Step, facts: &RequestFacts) -> bool {
     match step {
         Step::Allow(allowed) => {
+            vm.metrics.allowed();
             let forward = &vm.core.config.forward;
             if let Some(id) = &allowed.identity {
                 let _ = hostcalls::set_map_value(
@@ -332,7 +363,7 @@ fn apply(vm: &mut Vm, context_id: u32, step: Step) -> bool {
             true
         }
         Step::Deny(denial) => {
-            deny(&denial);
+            refuse(vm, facts, &denial);
             false
         }
         Step::WaitForKeys | Step::Callout(_) => false,
@@ -340,7 +371,6 @@ fn apply(vm: &mut Vm, context_id: u32, step: Step) -> bool {
 }
 
 fn deny(denial: &Denial) {
-    log::debug!("denied {}: {}", denial.status(), denial.reason());
     let r = denial.response();
     let headers: Vec<(&str, &str)> = r
         .headers
@@ -422,6 +452,30 @@ fn tick_jwks(vm: &mut Vm, j: &JwtConfig, now: u64) -> bool {
     }
 }
 
+/// Reports the cache counters and the key set's age as metrics.
+fn report(vm: &mut Vm, now: u64) {
+    let cache = if vm.core.jwt_config().is_some() {
+        "token"
+    } else {
+        "decision"
+    };
+    let (hits, misses) = (vm.core.tokens.hits, vm.core.tokens.misses);
+    vm.metrics.cache(
+        cache,
+        hits.saturating_sub(vm.reported_hits),
+        misses.saturating_sub(vm.reported_misses),
+    );
+    vm.reported_hits = hits;
+    vm.reported_misses = misses;
+    let fetched = vm.core.jwks.record.fetched;
+    if fetched > 0 {
+        vm.metrics.set_gauge(
+            "tollgate_jwks_age_seconds",
+            now.saturating_sub(fetched) / 1000,
+        );
+    }
+}
+
 /// Sends the queued provider callouts.
 fn dispatch_queued(vm: &mut Vm, now: u64) {
     for c in std::mem::take(&mut vm.queued) {
@@ -471,8 +525,10 @@ impl RootContext for Root {
                 .ok()
                 .flatten()
                 .unwrap_or_default();
+        let metrics = Metrics::define();
         match Config::parse(&bytes) {
             Ok(config) => {
+                metrics.inc("tollgate_config_loads_total");
                 log::set_max_level(config.log_level);
                 let core = Core::new(Rc::new(config));
                 let shared_keys = core.jwt_config().map(|j| SharedKeys::for_url(&j.jwks.url));
@@ -485,11 +541,15 @@ impl RootContext for Root {
                     response_headers: HashMap::new(),
                     tick_soon: false,
                     shared_keys,
+                    metrics,
+                    reported_hits: 0,
+                    reported_misses: 0,
                 });
                 let _ = hostcalls::set_tick_period(SOON_TICK);
                 true
             }
             Err(e) => {
+                metrics.inc("tollgate_config_failures_total");
                 log::error!("tollgate refused its configuration: {e}");
                 false
             }
@@ -503,6 +563,7 @@ impl RootContext for Root {
             return;
         };
         vm.tick_soon = false;
+        report(vm, now);
         dispatch_queued(vm, now);
         if let Some(j) = vm.core.jwt_config().cloned() {
             if tick_jwks(vm, &j, now) {
@@ -583,6 +644,8 @@ impl HttpContext for Request {
         {
             Some(Ok(p)) => p,
             _ => {
+                vm.metrics.denied(Denial::BadPath.reason());
+                log::debug!("denied 400 bad_path");
                 deny(&Denial::BadPath);
                 return Action::Pause;
             }

@@ -711,7 +711,10 @@ mod share_tests {
         assert!(!s.kid_refresh_allowed(10_000, 10_000));
         s.record.started = 0;
         s.record.finished = 5_000;
-        assert!(!s.kid_refresh_allowed(10_000, 10_000), "a slow fetch ended 5 s ago");
+        assert!(
+            !s.kid_refresh_allowed(10_000, 10_000),
+            "a slow fetch ended 5 s ago"
+        );
         s.record.started = 5_000;
         s.record.finished = 0;
         assert!(s.in_flight(6_000, 2_000), "another VM started a fetch");

@@ -26,6 +26,7 @@ pub mod introspection;
 pub mod json;
 pub mod jwks;
 pub mod jwt;
+pub mod metrics;
 pub mod policy;
 pub mod quota;
 pub mod response;

@@ -1,0 +1,125 @@
+//! Prometheus metrics through proxy-wasm's metric API (host glue).
+//!
+//! Envoy shows a metric under the name it is defined with. Labels are encoded
+//! in the name as `.<label>.<value>` so that Envoy's `stats_tags` can turn them
+//! into Prometheus labels (see `envoy/envoy.yaml`); without that config they
+//! appear flattened, e.g. `tollgate_requests_denied_total_reason_expired`.
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::MetricType;
+use std::collections::HashMap;
+
+/// Every denial reason (`Denial::reason`, `ProviderError::reason`).
+pub const DENIAL_REASONS: [&str; 12] = [
+    "missing",
+    "malformed",
+    "invalid_token",
+    "expired",
+    "wrong_audience",
+    "unknown_kid",
+    "scope",
+    "attributes",
+    "quota",
+    "auth_unavailable",
+    "auth_timeout",
+    "bad_path",
+];
+
+/// Provider callout outcomes.
+pub const CALLOUT_OUTCOMES: [&str; 3] = ["ok", "rejected", "error"];
+
+/// Metric ids of one VM.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    ids: HashMap<String, u32>,
+}
+
+/// The names of every metric tollgate defines (for the README and tests).
+pub fn all_names() -> Vec<String> {
+    let mut names = vec![
+        "tollgate_requests_allowed_total".to_string(),
+        "tollgate_jwks_fetches_total".to_string(),
+        "tollgate_jwks_fetch_failures_total".to_string(),
+        "tollgate_jwks_age_seconds".to_string(),
+        "tollgate_quota_rejections_total".to_string(),
+        "tollgate_config_loads_total".to_string(),
+        "tollgate_config_failures_total".to_string(),
+    ];
+    for r in DENIAL_REASONS {
+        names.push(format!("tollgate_requests_denied_total.reason.{r}"));
+    }
+    for cache in ["token", "decision"] {
+        names.push(format!("tollgate_cache_hits_total.cache.{cache}"));
+        names.push(format!("tollgate_cache_misses_total.cache.{cache}"));
+    }
+    for provider in ["introspection", "custom"] {
+        for outcome in CALLOUT_OUTCOMES {
+            names.push(format!(
+                "tollgate_callouts_total.provider.{provider}.outcome.{outcome}"
+            ));
+        }
+    }
+    names
+}
+
+impl Metrics {
+    /// Defines every metric (idempotent in the host: same name, same stat).
+    pub fn define() -> Metrics {
+        let mut ids = HashMap::new();
+        for name in all_names() {
+            let kind = if name.ends_with("_seconds") {
+                MetricType::Gauge
+            } else {
+                MetricType::Counter
+            };
+            if let Ok(id) = hostcalls::define_metric(kind, &name) {
+                ids.insert(name, id);
+            }
+        }
+        Metrics { ids }
+    }
+
+    fn add(&self, name: &str, n: u64) {
+        if n == 0 {
+            return;
+        }
+        if let Some(id) = self.ids.get(name) {
+            let _ = hostcalls::increment_metric(*id, i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+
+    pub fn inc(&self, name: &str) {
+        self.add(name, 1);
+    }
+
+    pub fn allowed(&self) {
+        self.inc("tollgate_requests_allowed_total");
+    }
+
+    pub fn denied(&self, reason: &str) {
+        self.inc(&format!("tollgate_requests_denied_total.reason.{reason}"));
+        if reason == "quota" {
+            self.inc("tollgate_quota_rejections_total");
+        }
+    }
+
+    pub fn callout(&self, provider: &str, outcome: &str) {
+        self.inc(&format!(
+            "tollgate_callouts_total.provider.{provider}.outcome.{outcome}"
+        ));
+    }
+
+    pub fn cache(&self, cache: &str, hits: u64, misses: u64) {
+        self.add(&format!("tollgate_cache_hits_total.cache.{cache}"), hits);
+        self.add(
+            &format!("tollgate_cache_misses_total.cache.{cache}"),
+            misses,
+        );
+    }
+
+    pub fn set_gauge(&self, name: &str, value: u64) {
+        if let Some(id) = self.ids.get(name) {
+            let _ = hostcalls::record_metric(*id, value);
+        }
+    }
+}
