@@ -15,8 +15,13 @@ PYTEST_ARGS ?=
 
 all: build
 
+# The wasm32-wasip1 target, and clang to compile ring's C parts for it.
 rust-target:
 	@rustup target list --installed | grep -qx $(TARGET) || rustup target add $(TARGET)
+	@command -v clang >/dev/null || { \
+	  echo "installing clang (ring is compiled for wasm32 with it)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q clang lld llvm; }
 
 $(STAMP): tests/requirements.txt
 	python3 -m venv $(VENV)

@@ -298,7 +298,7 @@ pub fn verify(token: &str, keys: &KeySet, rules: &Rules, now: u64) -> Result<Ver
             continue;
         }
         tried = true;
-        if key.key.verify(token, options.clone()).is_ok() {
+        if key.key.verify(token, options.clone()) {
             verified = true;
             break;
         }
