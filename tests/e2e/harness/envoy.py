@@ -61,6 +61,19 @@ def _cluster(name: str, port: int) -> dict:
     }
 
 
+# tollgate's metric labels, as in envoy/envoy.yaml (test_packaging checks they match).
+STATS_TAGS = [
+    {"tag_name": "reason",
+     "regex": r"^wasmcustom\.tollgate_requests_denied_total(\.reason\.([a-z_]+))$"},
+    {"tag_name": "cache",
+     "regex": r"^wasmcustom\.tollgate_cache_(?:hits|misses)_total(\.cache\.([a-z]+))$"},
+    {"tag_name": "provider",
+     "regex": r"^wasmcustom\.tollgate_callouts_total(\.provider\.([a-z]+))"},
+    {"tag_name": "outcome",
+     "regex": r"^wasmcustom\.tollgate_callouts_total(?:\.provider\.[a-z]+)?(\.outcome\.([a-z]+))$"},
+]
+
+
 def bootstrap(plugin_config: dict | str, *, upstream_port: int, clusters: dict[str, int],
               wasm: Path, failure_policy: str | None, access_log: Path) -> dict:
     """The Envoy bootstrap: admin and listener on port 0 (Envoy picks), the wasm
@@ -105,6 +118,7 @@ def bootstrap(plugin_config: dict | str, *, upstream_port: int, clusters: dict[s
     }
     all_clusters = {"upstream": upstream_port, **clusters}
     return {
+        "stats_config": {"stats_tags": STATS_TAGS},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
         "static_resources": {
             "listeners": [{
