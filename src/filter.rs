@@ -633,9 +633,9 @@ impl HttpContext for Request {
             return Action::Pause;
         };
         // Identity headers come only from tollgate.
-        let forward = vm.core.config.forward.clone();
-        self.set_http_request_header(&forward.principal_header, None);
-        self.set_http_request_header(&forward.attributes_header, None);
+        let config = vm.core.config.clone();
+        self.set_http_request_header(&config.forward.principal_header, None);
+        self.set_http_request_header(&config.forward.attributes_header, None);
 
         let raw_path = self.header(":path").unwrap_or_default();
         let path = match std::str::from_utf8(&raw_path)
