@@ -165,14 +165,18 @@ fn credentials(value: Option<&[u8]>) -> Credentials<'_> {
     let Some(v) = value else {
         return Credentials::Missing;
     };
+    let v = v.trim_ascii();
     let Some((scheme, rest)) = v.split_at_checked(6) else {
         return Credentials::BadFormat;
     };
     if !scheme.eq_ignore_ascii_case(b"bearer") {
         return Credentials::BadFormat;
     }
-    let Some((&b' ', token)) = rest.split_first() else {
-        return Credentials::BadFormat;
+    // `Bearer` alone is an empty token: Envoy trims `Bearer ` to `Bearer`.
+    let token = match rest.split_first() {
+        None => &[][..],
+        Some((&b' ', token)) => token,
+        Some(_) => return Credentials::BadFormat,
     };
     let token = token.trim_ascii();
     // A non-UTF-8 token is no token: the verifier refuses it.
@@ -323,6 +327,10 @@ impl Core {
         now_ms: u64,
     ) -> Result<Rc<Identity>, Step> {
         let token = self.bearer(req.authorization.as_deref())?;
+        if token.is_empty() {
+            // Nothing to ask the provider about.
+            return Err(Step::Deny(Denial::InvalidHeaderFormat));
+        }
         let config = self.config.clone();
         let (key, upstream, request) = match &config.auth {
             Some(AuthConfig::Introspection(i)) => (
@@ -489,7 +497,7 @@ mod tests {
     fn credentials_parsing() {
         assert_eq!(credentials(None), Credentials::Missing);
         assert_eq!(credentials(Some(b"Basic abc")), Credentials::BadFormat);
-        assert_eq!(credentials(Some(b"Bearer")), Credentials::BadFormat);
+        assert_eq!(credentials(Some(b"Bearer")), Credentials::Bearer(""));
         assert_eq!(credentials(Some(b"Bearerabc")), Credentials::BadFormat);
         assert_eq!(credentials(Some(b"Bearer abc")), Credentials::Bearer("abc"));
         assert_eq!(

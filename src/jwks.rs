@@ -20,7 +20,11 @@ use std::fmt;
 pub enum PublicKey {
     /// RS256/384/512 or PS256/384/512: modulus and exponent, big-endian,
     /// without leading zeros; 2048–4096 bits and e = 65537 (checked on parse).
-    Rsa { alg: Alg, n: Vec<u8>, e: Vec<u8> },
+    Rsa {
+        alg: Alg,
+        n: Vec<u8>,
+        e: Vec<u8>,
+    },
     Es256(ES256PublicKey),
     Es384(ES384PublicKey),
     EdDsa(Ed25519PublicKey),
