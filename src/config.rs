@@ -284,9 +284,13 @@ fn parse_oauth2(mut o: Obj) -> Result<AuthConfig, ConfigError> {
         None => ClaimsMapping::llama_stack_default(),
         Some(m) => ClaimsMapping::parse(m)?,
     };
-    let clock_skew_seconds = o
-        .u64_max("clock_skew_seconds", 86400)?
-        .unwrap_or(DEFAULT_CLOCK_SKEW);
+    let clock_skew = o.u64_max("clock_skew_seconds", 86400)?;
+    // An introspection answer's `exp` is the IdP's own clock: no skew unless asked.
+    let clock_skew_seconds = clock_skew.unwrap_or(if has_introspection {
+        0
+    } else {
+        DEFAULT_CLOCK_SKEW
+    });
     // Llama Stack's TLS settings belong to the Envoy cluster here.
     if let Some(v) = o.bool("verify_tls")? {
         log::warn!("auth.config.verify_tls={v}: TLS to the identity provider is configured on the Envoy cluster");

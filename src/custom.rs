@@ -171,7 +171,11 @@ fn read_attributes(v: &Value) -> Result<Attributes, ProviderError> {
 fn forwarded_headers(headers: &[(String, Vec<u8>)]) -> Map<String, Value> {
     let mut out = Map::new();
     for (name, value) in headers {
-        let name = name.to_ascii_lowercase();
+        let mut name = name.to_ascii_lowercase();
+        // HTTP/1 `Host` arrives as `:authority`; Llama Stack's endpoint sees `host`.
+        if name == ":authority" {
+            name = "host".to_string();
+        }
         if name.starts_with(':') || name == "authorization" {
             continue;
         }
@@ -367,6 +371,7 @@ mod tests {
                 "request": {
                     "path": "/v1/models",
                     "headers": {
+                        "host": "api.example",
                         "x-trace": "a, b",
                         "accept": "application/json",
                         "x-bin": "ok\u{fffd}ok",
