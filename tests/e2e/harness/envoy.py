@@ -97,6 +97,7 @@ def bootstrap(plugin_config: dict | str, *, upstream_port: int, clusters: dict[s
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "ingress",
         "codec_type": "AUTO",
+        "use_remote_address": True,  # as envoy/envoy.yaml: x-forwarded-for is not trusted
         "access_log": [{
             "name": "envoy.access_loggers.file",
             "typed_config": {
