@@ -37,7 +37,8 @@
 //!
 //! A rule matches by `path` (exact; a `{name}` segment matches exactly one
 //! non-empty segment) or by `path_prefix` (a plain string prefix of the
-//! normalised path), and by `methods` when given (case-insensitive). The first
+//! normalised path), and by `methods` when given (case-insensitive; a rule on
+//! `GET` also covers `HEAD`, which Starlette serves on every GET route). The first
 //! matching rule decides; no matching rule means the request is allowed.
 
 use crate::json::{join, type_name, ConfigError, Obj};
@@ -520,6 +521,11 @@ fn parse_rule(v: &Value, at: &str, public: &PublicPaths) -> Result<Rule, ConfigE
                 if !upper.contains(&m) {
                     upper.push(m);
                 }
+            }
+            // Starlette (Llama Stack's server) answers HEAD on every GET route:
+            // a rule on GET covers HEAD too, or HEAD would walk around it.
+            if upper.iter().any(|m| m == "GET") && !upper.iter().any(|m| m == "HEAD") {
+                upper.push("HEAD".to_string());
             }
             Some(upper)
         }
@@ -1052,6 +1058,13 @@ mod tests {
         }
         let lower = rules(json!([{"path": "/x", "methods": ["get"], "required_scope": "s"}]));
         assert_eq!(lower.check("GET", "/x", &none), scope_denied("s"));
+        assert_eq!(
+            lower.check("HEAD", "/x", &none),
+            scope_denied("s"),
+            "a GET rule covers HEAD"
+        );
+        let post = rules(json!([{"path": "/x", "methods": ["POST"], "required_scope": "s"}]));
+        assert_eq!(post.check("HEAD", "/x", &none), Ok(()));
     }
 
     #[test]

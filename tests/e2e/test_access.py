@@ -267,6 +267,15 @@ def test_template_non_matches_pass(gw, tok, upstream, method, path):
     assert assert_passed(r, upstream)["path"] == path
 
 
+def test_get_rule_covers_head(gw, tok, upstream):
+    """Starlette serves HEAD on every GET route, so a GET rule covers HEAD."""
+    r = gw.request("/v1/telemetry/traces/abc", "HEAD", token=tok(scope="read"))
+    assert r.status == 403
+    assert upstream.received() == []
+    ok = gw.request("/v1/telemetry/traces/abc", "HEAD", token=tok(scope="telemetry.read"))
+    assert ok.status == 200
+
+
 @pytest.mark.parametrize("method", ["GET", "POST", "DELETE"])
 def test_exact_rule_covers_every_method(gw, tok, upstream, method):
     r = gw.request("/v1/telemetry/traces", method, token=tok(scope="read"))
