@@ -9,7 +9,7 @@
 use crate::auth::{self, Core, RequestFacts, Step, LEASE_MARGIN_MS};
 use crate::config::{AuthConfig, Config, JwtConfig};
 use crate::introspection::Answer;
-use crate::jwks::{self, FetchError, KeySet, SharedKeys};
+use crate::jwks::{self, FetchError, SharedKeys};
 use crate::metrics::Metrics;
 use crate::policy;
 use crate::quota::{SharedStore, StoreError};
@@ -125,77 +125,85 @@ impl Context for Root {
         let Some(vm) = guard.as_mut() else {
             return;
         };
-        let started_ms = match vm.callouts.remove(&token) {
-            Some(Pending::Jwks { started_ms }) => started_ms,
-            Some(Pending::Provider {
+        let Some(pending) = vm.callouts.remove(&token) else {
+            return;
+        };
+        match pending {
+            Pending::Provider {
                 key,
                 started_ms,
                 timeout_ms,
-            }) => {
-                let status = response_status();
-                let elapsed = now.saturating_sub(started_ms);
-                let timed_out =
-                    elapsed.saturating_add(50) >= timeout_ms && matches!(status, None | Some(504));
-                let body;
-                let answer = match status {
-                    _ if timed_out => Answer::TimedOut,
-                    None => Answer::NoAnswer,
-                    Some(_) if body_size > MAX_CALLOUT_BODY => {
-                        log::warn!("provider answer of {body_size} bytes is over the {MAX_CALLOUT_BODY}-byte limit");
-                        Answer::NoAnswer
-                    }
-                    Some(status) => {
-                        body = response_body(body_size);
-                        Answer::Response {
-                            status,
-                            body: &body,
-                        }
-                    }
+            } => {
+                let reply = read_reply(body_size, started_ms, timeout_ms, now);
+                let answer = match &reply {
+                    Reply::Response { status, body } => Answer::Response {
+                        status: *status,
+                        body,
+                    },
+                    Reply::TimedOut => Answer::TimedOut,
+                    Reply::NoAnswer | Reply::TooLarge => Answer::NoAnswer,
                 };
                 complete_callout(vm, key, answer, now);
-                return;
             }
-            None => return,
-        };
-        let status = response_status();
-        let timeout_ms = vm.core.jwt_config().map_or(0, |j| j.jwks.timeout_ms);
-        let elapsed = now.saturating_sub(started_ms);
-        let record = &vm.core.jwks.record;
-        let record = match status {
-            Some(200) if body_size <= MAX_CALLOUT_BODY => {
-                let body = response_body(body_size);
-                match KeySet::parse(&body) {
-                    Ok(_) => record.success(body, now),
-                    Err(e) => {
-                        log::warn!("JWKS refused: {e}");
-                        record.failure(FetchError::Unavailable, now)
+            Pending::Jwks { started_ms } => {
+                let timeout_ms = vm.core.jwt_config().map_or(0, |j| j.jwks.timeout_ms);
+                let record = match read_reply(body_size, started_ms, timeout_ms, now) {
+                    Reply::Response { status: 200, body } => vm.core.jwks.fetched(body, now),
+                    Reply::Response { status, .. } => {
+                        log::warn!("JWKS endpoint answered {status}");
+                        vm.core.jwks.record.failure(FetchError::Unavailable, now)
                     }
-                }
-            }
-            Some(200) => {
-                log::warn!(
-                    "JWKS answer of {body_size} bytes is over the {MAX_CALLOUT_BODY}-byte limit"
-                );
-                record.failure(FetchError::Unavailable, now)
-            }
-            other => {
-                let timed_out =
-                    elapsed.saturating_add(50) >= timeout_ms && matches!(other, None | Some(504));
-                log::warn!(
-                    "JWKS fetch failed: status {} after {elapsed} ms",
-                    other.map_or("none".to_string(), |s| s.to_string())
-                );
-                let why = if timed_out {
-                    FetchError::Timeout
-                } else {
-                    FetchError::Unavailable
+                    Reply::TimedOut => vm.core.jwks.record.failure(FetchError::Timeout, now),
+                    _ => vm.core.jwks.record.failure(FetchError::Unavailable, now),
                 };
-                record.failure(why, now)
+                finish_fetch(vm, record);
+                resume_waiters(vm, now);
             }
-        };
-        finish_fetch(vm, record);
-        resume_waiters(vm, now);
+        }
     }
+}
+
+/// A callout's answer as the glue reads it.
+enum Reply {
+    Response {
+        status: u16,
+        body: Vec<u8>,
+    },
+    /// Over [`MAX_CALLOUT_BODY`]: not read.
+    TooLarge,
+    NoAnswer,
+    TimedOut,
+}
+
+/// Reads the answer to the callout being delivered. No answer (or Envoy's own
+/// 504) once the timeout has run out is a timeout.
+fn read_reply(body_size: usize, started_ms: u64, timeout_ms: u64, now: u64) -> Reply {
+    let status = response_status();
+    let elapsed = now.saturating_sub(started_ms);
+    let reply = match status {
+        _ if elapsed.saturating_add(50) >= timeout_ms && matches!(status, None | Some(504)) => {
+            Reply::TimedOut
+        }
+        None => Reply::NoAnswer,
+        Some(_) if body_size > MAX_CALLOUT_BODY => Reply::TooLarge,
+        Some(status) => Reply::Response {
+            status,
+            body: response_body(body_size),
+        },
+    };
+    match &reply {
+        Reply::Response { status, .. } => {
+            log::debug!("callout answered {status} after {elapsed} ms")
+        }
+        Reply::TooLarge => {
+            log::warn!(
+                "callout answer of {body_size} bytes is over the {MAX_CALLOUT_BODY}-byte limit"
+            )
+        }
+        Reply::NoAnswer => log::warn!("callout got no answer after {elapsed} ms"),
+        Reply::TimedOut => log::warn!("callout timed out after {elapsed} ms"),
+    }
+    reply
 }
 
 /// Ends this VM's fetch: shares the record, gives the lease back, applies it.

@@ -548,25 +548,41 @@ impl JwksState {
                 self.wanted_since = None;
             }
         }
-        let mut changed = false;
-        if !record.body.is_empty() {
-            let digest = hmac_sha256::Hash::hash(&record.body);
-            if self.digest != Some(digest) {
-                match KeySet::parse(&record.body) {
-                    Ok(keys) => {
-                        log::info!("JWKS loaded: {} usable keys", keys.keys.len());
-                        self.keys = Some(std::rc::Rc::new(keys));
-                        self.digest = Some(digest);
-                        self.generation = self.generation.wrapping_add(1);
-                        changed = true;
-                    }
-                    Err(e) => log::warn!("JWKS refused: {e}"),
-                }
-            }
-        }
+        let changed = !record.body.is_empty() && self.install(&record.body).unwrap_or(false);
         self.record = record;
         self.record_cas = cas;
         changed
+    }
+
+    /// Makes a document's keys this VM's keys, unless they already are;
+    /// returns whether they changed.
+    fn install(&mut self, body: &[u8]) -> Result<bool, JwksError> {
+        let digest = hmac_sha256::Hash::hash(body);
+        if self.digest == Some(digest) {
+            return Ok(false);
+        }
+        match KeySet::parse(body) {
+            Ok(keys) => {
+                log::info!("JWKS loaded: {} usable keys", keys.keys.len());
+                self.keys = Some(std::rc::Rc::new(keys));
+                self.digest = Some(digest);
+                self.generation = self.generation.wrapping_add(1);
+                Ok(true)
+            }
+            Err(e) => {
+                log::warn!("JWKS refused: {e}");
+                Err(e)
+            }
+        }
+    }
+
+    /// The record after this VM fetched `body`: a usable document becomes the
+    /// keys at once (parsed once), anything else counts as a failed fetch.
+    pub fn fetched(&mut self, body: Vec<u8>, now: u64) -> FetchRecord {
+        match self.install(&body) {
+            Ok(_) => self.record.success(body, now),
+            Err(_) => self.record.failure(FetchError::Unavailable, now),
+        }
     }
 
     pub fn record_cas(&self) -> Option<u32> {
