@@ -21,9 +21,10 @@ pub struct RequestFacts {
     pub path: String,
     /// The raw `Authorization` value, if any.
     pub authorization: Option<Vec<u8>>,
-    /// The client's address without the port, if known.
+    /// The client's address without the port; filled for anonymous requests
+    /// when quotas are on.
     pub source_ip: Option<String>,
-    /// The raw `:path` (query included); filled for the custom provider.
+    /// The raw `:path` (query included); filled for the custom provider only.
     pub raw_path: String,
     /// The request headers; filled for the custom provider only.
     pub headers: Vec<(String, Vec<u8>)>,
@@ -54,7 +55,7 @@ pub enum Step {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Callout {
     /// The decision cache key: requests with the same key share the callout.
-    pub key: [u8; 32],
+    pub key: CacheKey,
     pub upstream: Upstream,
     pub request: CalloutRequest,
 }
@@ -79,10 +80,39 @@ pub const LEASE_MARGIN_MS: u64 = 1000;
 /// Denials are kept only briefly (see [`NEGATIVE_TTL`]).
 #[derive(Debug, Default)]
 pub struct TokenCache {
-    map: HashMap<[u8; 32], (Answered, u64)>,
+    map: HashMap<CacheKey, (Answered, u64)>,
     generation: u64,
     pub hits: u64,
     pub misses: u64,
+}
+
+/// The cache key of a token: a keyed 128-bit hash (see [`TokenHasher`]).
+pub type CacheKey = u128;
+
+/// Hashes tokens for the caches: two SipHash-1-3 with random per-VM keys, so a
+/// lookup costs a microsecond on the hot path (SHA-256 cost several), and
+/// without the keys nobody can aim a collision at a cached token.
+#[derive(Debug, Default)]
+pub struct TokenHasher {
+    a: std::collections::hash_map::RandomState,
+    b: std::collections::hash_map::RandomState,
+}
+
+impl TokenHasher {
+    /// The key of `parts` (a token, and for the custom provider the path).
+    pub fn key(&self, parts: &[&[u8]]) -> CacheKey {
+        use std::hash::{BuildHasher, Hasher};
+        let mut a = self.a.build_hasher();
+        let mut b = self.b.build_hasher();
+        for p in parts {
+            a.write(p);
+            b.write(p);
+            // Length-delimited, so ("ab", "c") and ("a", "bc") differ.
+            a.write_usize(p.len());
+            b.write_usize(p.len());
+        }
+        (u128::from(a.finish()) << 64) | u128::from(b.finish())
+    }
 }
 
 /// A remembered answer: an identity, or a denial.
@@ -94,7 +124,7 @@ pub const TOKEN_CACHE_CAPACITY: usize = 10_000;
 pub const NEGATIVE_TTL: u64 = 5;
 
 impl TokenCache {
-    fn get(&mut self, key: &[u8; 32], generation: u64, now_s: u64) -> Option<Answered> {
+    fn get(&mut self, key: &CacheKey, generation: u64, now_s: u64) -> Option<Answered> {
         if generation != self.generation {
             self.map.clear();
             self.generation = generation;
@@ -116,12 +146,12 @@ impl TokenCache {
         }
     }
 
-    fn put(&mut self, key: [u8; 32], answer: Answered, valid_until: u64, now_s: u64) {
+    fn put(&mut self, key: CacheKey, answer: Answered, valid_until: u64, now_s: u64) {
         if self.map.len() >= TOKEN_CACHE_CAPACITY {
             self.map.retain(|_, (_, until)| *until >= now_s);
             if self.map.len() >= TOKEN_CACHE_CAPACITY {
                 // Still full of live entries: drop an arbitrary eighth.
-                let drop: Vec<[u8; 32]> = self
+                let drop: Vec<CacheKey> = self
                     .map
                     .keys()
                     .take(TOKEN_CACHE_CAPACITY / 8)
@@ -150,6 +180,7 @@ pub struct Core {
     pub config: Rc<Config>,
     pub jwks: JwksState,
     pub tokens: TokenCache,
+    hasher: TokenHasher,
     missing_message: String,
 }
 
@@ -211,6 +242,7 @@ impl Core {
             config,
             jwks: JwksState::default(),
             tokens: TokenCache::default(),
+            hasher: TokenHasher::default(),
             missing_message,
         }
     }
@@ -334,21 +366,15 @@ impl Core {
         let config = self.config.clone();
         let (key, upstream, request) = match &config.auth {
             Some(AuthConfig::Introspection(i)) => (
-                hmac_sha256::Hash::hash(token.as_bytes()),
+                self.hasher.key(&[token.as_bytes()]),
                 &i.introspection.endpoint,
                 i.introspection.request(token),
             ),
-            Some(AuthConfig::Custom(c)) => {
-                let mut h = hmac_sha256::Hash::new();
-                h.update(token.as_bytes());
-                h.update([0u8]);
-                h.update(req.path.as_bytes());
-                (
-                    h.finalize(),
-                    &c.endpoint,
-                    c.request(token, &req.raw_path, &req.headers),
-                )
-            }
+            Some(AuthConfig::Custom(c)) => (
+                self.hasher.key(&[token.as_bytes(), req.path.as_bytes()]),
+                &c.endpoint,
+                c.request(token, &req.raw_path, &req.headers),
+            ),
             _ => return Err(Step::Deny(Denial::AuthUnavailable)),
         };
         match self.tokens.get(&key, 0, now_ms / 1000) {
@@ -365,7 +391,7 @@ impl Core {
     /// Reads a provider's answer to the callout for `key`, caches what may be
     /// cached, and returns the identity or the denial for every request that
     /// waited on it.
-    pub fn provider_answer(&mut self, key: [u8; 32], answer: Answer, now_ms: u64) -> AuthResult {
+    pub fn provider_answer(&mut self, key: CacheKey, answer: Answer, now_ms: u64) -> AuthResult {
         let now_s = now_ms / 1000;
         let config = self.config.clone();
         let (result, ttl) = match &config.auth {
@@ -434,7 +460,7 @@ impl Core {
     ) -> Result<Rc<Identity>, Step> {
         let token = self.bearer(authorization)?;
         let now_s = now_ms / 1000;
-        let key = hmac_sha256::Hash::hash(token.as_bytes());
+        let key = self.hasher.key(&[token.as_bytes()]);
         match self.tokens.get(&key, self.jwks.generation, now_s) {
             Some(Ok(id)) => return Ok(id),
             Some(Err(denial)) => return Err(Step::Deny(denial)),
@@ -492,6 +518,16 @@ impl Core {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn token_keys_are_keyed_and_delimited() {
+        let h = TokenHasher::default();
+        assert_eq!(h.key(&[b"abc"]), h.key(&[b"abc"]));
+        assert_ne!(h.key(&[b"abc"]), h.key(&[b"abd"]));
+        assert_ne!(h.key(&[b"ab", b"c"]), h.key(&[b"a", b"bc"]));
+        let other = TokenHasher::default();
+        assert_ne!(h.key(&[b"abc"]), other.key(&[b"abc"]), "per-VM keys");
+    }
 
     #[test]
     fn credentials_parsing() {

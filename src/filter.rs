@@ -42,7 +42,7 @@ struct Vm {
     /// Callout token → what it was for.
     callouts: HashMap<u32, Pending>,
     /// Requests parked on a provider callout, by decision cache key.
-    callout_waiters: HashMap<[u8; 32], Vec<(u32, RequestFacts)>>,
+    callout_waiters: HashMap<auth::CacheKey, Vec<(u32, RequestFacts)>>,
     /// Provider callouts to dispatch on the next tick.
     queued: Vec<auth::Callout>,
     /// Response headers to add, by HTTP context id.
@@ -51,6 +51,8 @@ struct Vm {
     /// Where the key set is shared with the other VMs.
     shared_keys: Option<SharedKeys>,
     metrics: Metrics,
+    /// Allowed requests not yet reported as a metric (reported on the tick).
+    allowed: u64,
     /// Cache counters already reported as metrics.
     reported_hits: u64,
     reported_misses: u64,
@@ -63,7 +65,7 @@ enum Pending {
         started_ms: u64,
     },
     Provider {
-        key: [u8; 32],
+        key: auth::CacheKey,
         started_ms: u64,
         timeout_ms: u64,
     },
@@ -258,7 +260,7 @@ fn resume_waiters(vm: &mut Vm, now: u64) {
 }
 
 /// A provider callout ended: finish every request that waited on it.
-fn complete_callout(vm: &mut Vm, key: [u8; 32], answer: Answer, now: u64) {
+fn complete_callout(vm: &mut Vm, key: auth::CacheKey, answer: Answer, now: u64) {
     let result = vm.core.provider_answer(key, answer, now);
     let provider = match vm.core.config.auth {
         Some(AuthConfig::Custom(_)) => "custom",
@@ -343,26 +345,22 @@ fn tick_soon(vm: &mut Vm) {
 fn apply(vm: &mut Vm, context_id: u32, step: Step, facts: &RequestFacts) -> bool {
     match step {
         Step::Allow(allowed) => {
-            vm.metrics.allowed();
+            vm.allowed = vm.allowed.saturating_add(1);
+            // Identity headers come only from tollgate: replaced for callers
+            // it identified, removed for anonymous ones.
             let forward = &vm.core.config.forward;
-            if let Some(id) = &allowed.identity {
-                let _ = hostcalls::set_map_value(
-                    proxy_wasm::types::MapType::HttpRequestHeaders,
-                    &forward.principal_header,
-                    Some(&id.principal),
-                );
-                let _ = hostcalls::set_map_value(
-                    proxy_wasm::types::MapType::HttpRequestHeaders,
-                    &forward.attributes_header,
-                    Some(&id.attributes_header),
-                );
-                if forward.strip_authorization {
-                    let _ = hostcalls::set_map_value(
-                        proxy_wasm::types::MapType::HttpRequestHeaders,
-                        "authorization",
-                        None,
-                    );
-                }
+            let (principal, attributes) = match &allowed.identity {
+                Some(id) => (
+                    Some(id.principal.as_str()),
+                    Some(id.attributes_header.as_str()),
+                ),
+                None => (None, None),
+            };
+            let headers = proxy_wasm::types::MapType::HttpRequestHeaders;
+            let _ = hostcalls::set_map_value(headers, &forward.principal_header, principal);
+            let _ = hostcalls::set_map_value(headers, &forward.attributes_header, attributes);
+            if allowed.identity.is_some() && forward.strip_authorization {
+                let _ = hostcalls::set_map_value(headers, "authorization", None);
             }
             if !allowed.response_headers.is_empty() {
                 vm.response_headers
@@ -462,6 +460,7 @@ fn tick_jwks(vm: &mut Vm, j: &JwtConfig, now: u64) -> bool {
 
 /// Reports the cache counters and the key set's age as metrics.
 fn report(vm: &mut Vm, now: u64) {
+    vm.metrics.allowed(std::mem::take(&mut vm.allowed));
     let cache = if vm.core.jwt_config().is_some() {
         "token"
     } else {
@@ -550,6 +549,7 @@ impl RootContext for Root {
                     tick_soon: false,
                     shared_keys,
                     metrics,
+                    allowed: 0,
                     reported_hits: 0,
                     reported_misses: 0,
                 });
@@ -640,10 +640,7 @@ impl HttpContext for Request {
             deny(&Denial::AuthUnavailable);
             return Action::Pause;
         };
-        // Identity headers come only from tollgate.
         let config = vm.core.config.clone();
-        self.set_http_request_header(&config.forward.principal_header, None);
-        self.set_http_request_header(&config.forward.attributes_header, None);
 
         let raw_path = self.header(":path").unwrap_or_default();
         let path = match std::str::from_utf8(&raw_path)
@@ -662,22 +659,28 @@ impl HttpContext for Request {
             .header(":method")
             .and_then(|m| String::from_utf8(m).ok())
             .unwrap_or_default();
-        let source_ip = if vm.core.config.quota.is_some() {
+        // Only anonymous requests are counted by address.
+        let anonymous = config.auth.is_none() || config.public_paths.matches(&path);
+        let source_ip = if config.quota.is_some() && anonymous {
             self.source_ip()
         } else {
             None
         };
-        let headers = if matches!(vm.core.config.auth, Some(AuthConfig::Custom(_))) {
-            self.get_http_request_headers_bytes()
+        let custom = matches!(config.auth, Some(AuthConfig::Custom(_)));
+        let (raw_path, headers) = if custom {
+            (
+                String::from_utf8_lossy(&raw_path).into_owned(),
+                self.get_http_request_headers_bytes(),
+            )
         } else {
-            Vec::new()
+            (String::new(), Vec::new())
         };
         let facts = RequestFacts {
             method,
             path,
             authorization: self.header("authorization"),
             source_ip,
-            raw_path: String::from_utf8_lossy(&raw_path).into_owned(),
+            raw_path,
             headers,
         };
         let step = vm.core.decide(&facts, now_ms(), &HostStore);

@@ -32,6 +32,8 @@ pub const CALLOUT_OUTCOMES: [&str; 3] = ["ok", "rejected", "error"];
 #[derive(Debug, Default)]
 pub struct Metrics {
     ids: HashMap<String, u32>,
+    /// `tollgate_requests_allowed_total`, looked up once (the hot path).
+    allowed: Option<u32>,
 }
 
 /// The names of every metric tollgate defines (for the README and tests).
@@ -76,7 +78,8 @@ impl Metrics {
                 ids.insert(name, id);
             }
         }
-        Metrics { ids }
+        let allowed = ids.get("tollgate_requests_allowed_total").copied();
+        Metrics { ids, allowed }
     }
 
     fn add(&self, name: &str, n: u64) {
@@ -92,8 +95,11 @@ impl Metrics {
         self.add(name, 1);
     }
 
-    pub fn allowed(&self) {
-        self.inc("tollgate_requests_allowed_total");
+    /// Adds `n` allowed requests (counted locally, reported on the tick).
+    pub fn allowed(&self, n: u64) {
+        if let (Some(id), true) = (self.allowed, n > 0) {
+            let _ = hostcalls::increment_metric(id, i64::try_from(n).unwrap_or(i64::MAX));
+        }
     }
 
     pub fn denied(&self, reason: &str) {
