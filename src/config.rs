@@ -221,6 +221,14 @@ pub fn is_tchar(b: u8) -> bool {
 }
 
 fn parse_auth(mut o: Obj) -> Result<AuthConfig, ConfigError> {
+    for key in ["access_policy", "route_policy"] {
+        if o.has(key) {
+            return Err(ConfigError::new(
+                o.path(key),
+                "Llama Stack's access policies are not supported; use `route_scopes` (required_scope / required_attributes per route)",
+            ));
+        }
+    }
     // Llama Stack's current form: {"provider_config": {"type": T, ...}}.
     if o.has("provider_config") {
         if o.has("provider_type") || o.has("config") {
@@ -496,6 +504,19 @@ mod tests {
         let mut v = jwt_example();
         v["auth"]["config"]["introspection"] = json!({"url": "http://x/i"});
         assert!(err(v).reason.contains("exactly one"));
+    }
+
+    #[test]
+    fn llama_stack_keys_moved_over() {
+        let v = json!({"quota": {"kvstore": {"type": "sqlite", "db_path": "/tmp/q.db"},
+                                 "anonymous_max_requests": 5, "period": "hour"}});
+        let c = Config::from_value(&v).unwrap();
+        assert_eq!(c.quota.unwrap().anonymous_max_requests, 5);
+        let mut v = jwt_example();
+        v["auth"]["access_policy"] = json!([]);
+        let e = err(v);
+        assert_eq!(e.key, "auth.access_policy");
+        assert!(e.reason.contains("route_scopes"));
     }
 
     #[test]

@@ -156,6 +156,14 @@ impl QuotaConfig {
             })?,
         };
         let headers = o.bool("headers")?.unwrap_or(d.headers);
+        // Llama Stack keeps counts in a kvstore; here they live in Envoy's
+        // shared data. Accepted so its settings move over unchanged.
+        if o.obj("kvstore")?.is_some() {
+            log::warn!(
+                "{}: quota counts live in Envoy's shared data; the kvstore is not used",
+                o.path("kvstore")
+            );
+        }
         o.finish()?;
         Ok(QuotaConfig {
             authenticated_max_requests,
