@@ -154,6 +154,7 @@ def main():
         stop()
     base = f"http://127.0.0.1:{LISTEN_PORT}"
     alice, bob = mint("alice", USERS["alice"]), mint("bob", USERS["bob"])
+    carol = mint("carol", USERS["carol"])
     print(f"""
 tollgate is running in Envoy on {base} (admin http://127.0.0.1:{ADMIN_PORT}, log {log_path}).
 
@@ -171,6 +172,10 @@ A public path, no token needed:
 
 Quota headers (RateLimit-*) on every counted answer; 1000 a day per user:
   curl -si {base}/v1/models -H "Authorization: Bearer {bob}" | grep -i ratelimit
+
+Hit the quota (carol's 1000 requests of the day, then a 429 with Retry-After):
+  for i in $(seq 1000); do curl -s -o /dev/null {base}/v1/models -H "Authorization: Bearer {carol}"; done
+  curl -si {base}/v1/models -H "Authorization: Bearer {carol}"
 
 Mint more tokens:  scripts/token alice "telemetry.read admin"
 Prometheus stats:  curl -s http://127.0.0.1:{ADMIN_PORT}/stats/prometheus | grep tollgate
