@@ -460,12 +460,6 @@ impl Core {
     ) -> Result<Rc<Identity>, Step> {
         let token = self.bearer(authorization)?;
         let now_s = now_ms / 1000;
-        let key = self.hasher.key(&[token.as_bytes()]);
-        match self.tokens.get(&key, self.jwks.generation, now_s) {
-            Some(Ok(id)) => return Ok(id),
-            Some(Err(denial)) => return Err(Step::Deny(denial)),
-            None => {}
-        }
         let rules = Rules {
             audiences: &j.audiences,
             issuer: j.issuer.as_deref(),
@@ -475,6 +469,8 @@ impl Core {
         let ttl_ms = j.cache_ttl.saturating_mul(1000);
         let lease_ms = j.jwks.timeout_ms.saturating_add(LEASE_MARGIN_MS);
         let max_age = ttl_ms.saturating_add(j.max_stale_seconds.saturating_mul(1000));
+        // Keys first: a token verified with keys that are now too stale to
+        // use is not served from the cache either.
         let Some(keys) = self.jwks.usable_keys(now_ms, max_age) else {
             // No keys yet: refuse what is refused without keys, else wait.
             if let Err(e) = jwt::parse(token, &rules, now_s) {
@@ -490,6 +486,12 @@ impl Core {
             let why = self.jwks.record.error.unwrap_or(FetchError::Unavailable);
             return Err(Step::Deny(why.denial()));
         };
+        let key = self.hasher.key(&[token.as_bytes()]);
+        match self.tokens.get(&key, self.jwks.generation, now_s) {
+            Some(Ok(id)) => return Ok(id),
+            Some(Err(denial)) => return Err(Step::Deny(denial)),
+            None => {}
+        }
         match jwt::verify(token, &keys, &rules, now_s) {
             Ok(v) => {
                 let id = Rc::new(v.identity);

@@ -121,7 +121,7 @@ impl Default for Root {
 }
 
 impl Context for Root {
-    fn on_http_call_response(&mut self, token: u32, _headers: usize, body_size: usize, _t: usize) {
+    fn on_http_call_response(&mut self, token: u32, headers: usize, body_size: usize, _t: usize) {
         let now = now_ms();
         let mut guard = self.vm.borrow_mut();
         let Some(vm) = guard.as_mut() else {
@@ -136,7 +136,7 @@ impl Context for Root {
                 started_ms,
                 timeout_ms,
             } => {
-                let reply = read_reply(body_size, started_ms, timeout_ms, now);
+                let reply = read_reply(headers, body_size, started_ms, timeout_ms, now);
                 let answer = match &reply {
                     Reply::Response { status, body } => Answer::Response {
                         status: *status,
@@ -149,7 +149,7 @@ impl Context for Root {
             }
             Pending::Jwks { started_ms } => {
                 let timeout_ms = vm.core.jwt_config().map_or(0, |j| j.jwks.timeout_ms);
-                let record = match read_reply(body_size, started_ms, timeout_ms, now) {
+                let record = match read_reply(headers, body_size, started_ms, timeout_ms, now) {
                     Reply::Response { status: 200, body } => vm.core.jwks.fetched(body, now),
                     Reply::Response { status, .. } => {
                         log::warn!("JWKS endpoint answered {status}");
@@ -179,8 +179,19 @@ enum Reply {
 
 /// Reads the answer to the callout being delivered. No answer (or Envoy's own
 /// 504) once the timeout has run out is a timeout.
-fn read_reply(body_size: usize, started_ms: u64, timeout_ms: u64, now: u64) -> Reply {
-    let status = response_status();
+fn read_reply(
+    num_headers: usize,
+    body_size: usize,
+    started_ms: u64,
+    timeout_ms: u64,
+    now: u64,
+) -> Reply {
+    // An answer cut off after its headers arrives with no header map at all.
+    let status = if num_headers == 0 {
+        None
+    } else {
+        response_status()
+    };
     let elapsed = now.saturating_sub(started_ms);
     let reply = match status {
         _ if elapsed.saturating_add(50) >= timeout_ms && matches!(status, None | Some(504)) => {
@@ -228,21 +239,69 @@ fn finish_fetch(vm: &mut Vm, record: jwks::FetchRecord) {
 
 /// The `:status` of a callout's answer.
 fn response_status() -> Option<u16> {
-    hostcalls::get_map_value_bytes(
-        proxy_wasm::types::MapType::HttpCallResponseHeaders,
-        ":status",
-    )
-    .ok()
-    .flatten()
-    .and_then(|s| std::str::from_utf8(&s).ok()?.parse().ok())
+    let s = raw::header_map_value(MAP_CALLOUT_RESPONSE_HEADERS, ":status")?;
+    std::str::from_utf8(&s).ok()?.parse().ok()
 }
 
 /// The body of a callout's answer (the caller checked its size).
 fn response_body(size: usize) -> Vec<u8> {
-    hostcalls::get_buffer(proxy_wasm::types::BufferType::HttpCallResponseBody, 0, size)
-        .ok()
-        .flatten()
-        .unwrap_or_default()
+    raw::buffer(BUFFER_CALLOUT_RESPONSE_BODY, size).unwrap_or_default()
+}
+
+/// proxy-wasm ABI numbers of the map and buffer read above.
+const MAP_CALLOUT_RESPONSE_HEADERS: u32 = 6;
+const BUFFER_CALLOUT_RESPONSE_BODY: u32 = 4;
+
+/// Reads of callout answers without the SDK's wrappers, which `panic!` (and so
+/// trap the VM) on any host status but Ok and NotFound — Envoy answers
+/// otherwise for an answer cut off mid-way. Here any other status is "none".
+mod raw {
+    extern "C" {
+        fn proxy_get_header_map_value(
+            map_type: u32,
+            key_data: *const u8,
+            key_size: usize,
+            return_value_data: *mut *mut u8,
+            return_value_size: *mut usize,
+        ) -> u32;
+        fn proxy_get_buffer_bytes(
+            buffer_type: u32,
+            start: usize,
+            max_size: usize,
+            return_buffer_data: *mut *mut u8,
+            return_buffer_size: *mut usize,
+        ) -> u32;
+    }
+
+    /// Takes ownership of memory the host allocated through the SDK's
+    /// `proxy_on_memory_allocate` (a `Vec<u8>` of that capacity).
+    fn owned(status: u32, data: *mut u8, size: usize) -> Option<Vec<u8>> {
+        if status != 0 || data.is_null() {
+            return None;
+        }
+        // SAFETY: on Ok the host returned `size` bytes it allocated with the
+        // module's allocator, as a Vec<u8> of capacity `size`; ownership is ours.
+        Some(unsafe { Vec::from_raw_parts(data, size, size) })
+    }
+
+    pub fn header_map_value(map_type: u32, key: &str) -> Option<Vec<u8>> {
+        let mut data: *mut u8 = std::ptr::null_mut();
+        let mut size: usize = 0;
+        // SAFETY: the key is a live slice; the out-pointers are valid locals.
+        let status = unsafe {
+            proxy_get_header_map_value(map_type, key.as_ptr(), key.len(), &mut data, &mut size)
+        };
+        owned(status, data, size)
+    }
+
+    pub fn buffer(buffer_type: u32, max_size: usize) -> Option<Vec<u8>> {
+        let mut data: *mut u8 = std::ptr::null_mut();
+        let mut size: usize = 0;
+        // SAFETY: the out-pointers are valid locals.
+        let status =
+            unsafe { proxy_get_buffer_bytes(buffer_type, 0, max_size, &mut data, &mut size) };
+        owned(status, data, size)
+    }
 }
 
 /// Decides every request parked for keys again and answers or resumes it.
