@@ -214,27 +214,18 @@ fn credentials(value: Option<&[u8]>) -> Credentials<'_> {
     Credentials::Bearer(std::str::from_utf8(token).unwrap_or("\u{fffd}"))
 }
 
+/// The 401 message for a request without a token (OAuth2 providers).
+const OAUTH2_MISSING: &str = "Authentication required. Please provide a valid OAuth2 Bearer token";
+
 impl Core {
     pub fn new(config: Rc<Config>) -> Core {
+        let oauth2 = |issuer: &Option<String>| match issuer {
+            Some(iss) => format!("{OAUTH2_MISSING} from {iss}"),
+            None => OAUTH2_MISSING.to_string(),
+        };
         let missing_message = match &config.auth {
-            Some(AuthConfig::Jwt(j)) => {
-                let mut m = "Authentication required. Please provide a valid OAuth2 Bearer token"
-                    .to_string();
-                if let Some(iss) = &j.issuer {
-                    m.push_str(" from ");
-                    m.push_str(iss);
-                }
-                m
-            }
-            Some(AuthConfig::Introspection(i)) => {
-                let mut m = "Authentication required. Please provide a valid OAuth2 Bearer token"
-                    .to_string();
-                if let Some(iss) = &i.issuer {
-                    m.push_str(" from ");
-                    m.push_str(iss);
-                }
-                m
-            }
+            Some(AuthConfig::Jwt(j)) => oauth2(&j.issuer),
+            Some(AuthConfig::Introspection(i)) => oauth2(&i.issuer),
             Some(AuthConfig::Custom(c)) => c.missing_message(),
             None => String::new(),
         };
