@@ -727,10 +727,15 @@ impl HttpContext for Request {
         };
         let custom = matches!(config.auth, Some(AuthConfig::Custom(_)));
         let (raw_path, headers) = if custom {
-            (
-                String::from_utf8_lossy(&raw_path).into_owned(),
-                self.get_http_request_headers_bytes(),
-            )
+            // The endpoint sees the request as the client sent it, less any
+            // identity headers the client made up.
+            let mut headers = self.get_http_request_headers_bytes();
+            let forward = &config.forward;
+            headers.retain(|(name, _)| {
+                !name.eq_ignore_ascii_case(&forward.principal_header)
+                    && !name.eq_ignore_ascii_case(&forward.attributes_header)
+            });
+            (String::from_utf8_lossy(&raw_path).into_owned(), headers)
         } else {
             (String::new(), Vec::new())
         };
