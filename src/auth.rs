@@ -288,6 +288,7 @@ impl Core {
                 .route_rules
                 .check(&req.method, &req.path, &id.attributes)
             {
+                log::debug!("{why} (principal {:?})", id.principal);
                 return Step::Deny(Denial::Forbidden(why));
             }
         }

@@ -82,3 +82,37 @@ def test_jwks_failures_are_counted(envoy, idp):
     m = scrape(gw)
     assert m["tollgate_jwks_fetch_failures_total{}"] >= 1
     assert m['tollgate_requests_denied_total{reason="auth_unavailable"}'] >= 1
+
+
+def test_logs_one_debug_line_per_denial_and_info_for_jwks(envoy, idp):
+    """`log_level: debug`: each denial is one debug line with status, reason,
+    method and path (the principal for 403); JWKS fetches log at info; the
+    token never appears."""
+    key = tokens.rsa_key("k1")
+    idp.set_keys(key)
+    config = jwt_config(idp.port)
+    config["log_level"] = "debug"
+    config["route_scopes"] = [{"path_prefix": "/v1/admin/", "required_scope": "admin"}]
+    gw = envoy(config, concurrency=1, log_level="debug")
+    expired = key.sign(tokens.claims(lifetime=-3600))
+    assert gw.get(API, token=expired).status == 401
+    assert gw.get("/v1/admin/x", token=key.sign(tokens.claims(sub="bob"))).status == 403
+    time.sleep(0.5)
+    log = gw.log_text()
+    wasm = [line for line in log.splitlines() if "wasm log" in line]
+    assert any("denied 401 expired: GET /v1/models" in line for line in wasm), "\n".join(wasm)
+    assert any("denied 403 scope: GET /v1/admin/x" in line for line in wasm), "\n".join(wasm)
+    assert any('(principal "bob")' in line for line in wasm), "\n".join(wasm)
+    assert any("[info]" in line and "JWKS fetched" in line for line in wasm), "\n".join(wasm)
+    assert expired not in log
+
+
+def test_info_level_hides_denials(envoy, idp):
+    """At the default `log_level` (info) denials are not logged."""
+    key = tokens.rsa_key("k1")
+    idp.set_keys(key)
+    gw = envoy(jwt_config(idp.port), concurrency=1, log_level="debug")
+    assert gw.get(API).status == 401
+    time.sleep(0.5)
+    assert not [line for line in gw.log_text().splitlines()
+                if "wasm log" in line and "denied" in line]
