@@ -353,6 +353,13 @@ fn parse_oauth2(mut o: Obj) -> Result<AuthConfig, ConfigError> {
     let refresh_cooldown_seconds = j
         .u64_max("refresh_cooldown_seconds", 86400)?
         .unwrap_or(DEFAULT_REFRESH_COOLDOWN);
+    if refresh_cooldown_seconds == 0 {
+        // A request that waited for a refresh must not start another one.
+        return Err(ConfigError::new(
+            j.path("refresh_cooldown_seconds"),
+            "must be at least 1",
+        ));
+    }
     let jwks_token = j.nonempty_str("token")?.map(str::to_string);
     let max_stale_seconds = j
         .u64_max("max_stale_seconds", MAX_SECONDS)?
@@ -561,6 +568,9 @@ mod tests {
         let mut v = jwt_example();
         v["forward"]["attributes_header"] = json!("X-Auth-Principal");
         assert_eq!(err(v).key, "forward.attributes_header");
+        let mut v = jwt_example();
+        v["auth"]["config"]["jwks"]["refresh_cooldown_seconds"] = json!(0);
+        assert_eq!(err(v).key, "auth.config.jwks.refresh_cooldown_seconds");
         let mut v = jwt_example();
         v["auth"]["config"]["jwks"]["key_recheck_period"] = json!(5);
         assert_eq!(err(v).key, "auth.config.jwks.key_recheck_period");
