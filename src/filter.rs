@@ -714,10 +714,14 @@ impl HttpContext for Request {
                 return Action::Pause;
             }
         };
-        let method = self
-            .header(":method")
-            .and_then(|m| String::from_utf8(m).ok())
-            .unwrap_or_default();
+        // The method matters to route rules and debug lines only.
+        let method = if config.route_rules.is_empty() && !log::log_enabled!(log::Level::Debug) {
+            String::new()
+        } else {
+            self.header(":method")
+                .and_then(|m| String::from_utf8(m).ok())
+                .unwrap_or_default()
+        };
         // Only anonymous requests are counted by address.
         let anonymous = config.auth.is_none() || config.public_paths.matches(&path);
         let source_ip = if config.quota.is_some() && anonymous {
