@@ -668,10 +668,6 @@ struct Request {
 }
 
 impl Request {
-    fn header(&self, name: &str) -> Option<Vec<u8>> {
-        self.get_http_request_header_bytes(name)
-    }
-
     fn source_ip(&self) -> Option<String> {
         let raw = self.get_property(vec!["source", "address"])?;
         let s = String::from_utf8(raw).ok()?;
@@ -701,7 +697,13 @@ impl HttpContext for Request {
         };
         let config = vm.core.config.clone();
 
-        let raw_path = self.header(":path").unwrap_or_default();
+        // One host call for every header: cheaper than one per header read.
+        let mut headers = self.get_http_request_headers_bytes();
+        let take = |headers: &mut Vec<(String, Vec<u8>)>, name: &str| {
+            let i = headers.iter().position(|(k, _)| k == name)?;
+            Some(headers.swap_remove(i).1)
+        };
+        let raw_path = take(&mut headers, ":path").unwrap_or_default();
         let path = match std::str::from_utf8(&raw_path)
             .ok()
             .map(policy::normalize_path)
@@ -714,14 +716,21 @@ impl HttpContext for Request {
                 return Action::Pause;
             }
         };
-        // The method matters to route rules and debug lines only.
-        let method = if config.route_rules.is_empty() && !log::log_enabled!(log::Level::Debug) {
-            String::new()
-        } else {
-            self.header(":method")
-                .and_then(|m| String::from_utf8(m).ok())
-                .unwrap_or_default()
-        };
+        let method = take(&mut headers, ":method")
+            .and_then(|m| String::from_utf8(m).ok())
+            .unwrap_or_default();
+        // Several Authorization headers read as one joined value, as Envoy's
+        // own getter gives them: never a valid token.
+        let mut authorization: Option<Vec<u8>> = None;
+        for (_, v) in headers.iter().filter(|(k, _)| k == "authorization") {
+            match authorization.as_mut() {
+                None => authorization = Some(v.clone()),
+                Some(joined) => {
+                    joined.extend_from_slice(b", ");
+                    joined.extend_from_slice(v);
+                }
+            }
+        }
         // Only anonymous requests are counted by address.
         let anonymous = config.auth.is_none() || config.public_paths.matches(&path);
         let source_ip = if config.quota.is_some() && anonymous {
@@ -729,11 +738,9 @@ impl HttpContext for Request {
         } else {
             None
         };
-        let custom = matches!(config.auth, Some(AuthConfig::Custom(_)));
-        let (raw_path, headers) = if custom {
+        let (raw_path, headers) = if matches!(config.auth, Some(AuthConfig::Custom(_))) {
             // The endpoint sees the request as the client sent it, less any
             // identity headers the client made up.
-            let mut headers = self.get_http_request_headers_bytes();
             let forward = &config.forward;
             headers.retain(|(name, _)| {
                 !name.eq_ignore_ascii_case(&forward.principal_header)
@@ -746,7 +753,7 @@ impl HttpContext for Request {
         let facts = RequestFacts {
             method,
             path,
-            authorization: self.header("authorization"),
+            authorization,
             source_ip,
             raw_path,
             headers,
