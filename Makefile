@@ -11,7 +11,7 @@ TARGET  := wasm32-wasip1
 WASM    := target/$(TARGET)/release/tollgate.wasm
 PYTEST_ARGS ?=
 
-.PHONY: all build run test setup rust-target lint unit wasm-test e2e bench bench-smoke oci deny clean
+.PHONY: all build run test setup rust-target lint unit wasm-test e2e bench bench-smoke fuzz fuzz-smoke oci deny clean
 
 all: build
 
@@ -49,8 +49,9 @@ lint: rust-target
 	cargo clippy --all-targets -- -D warnings
 	cargo clippy --release --target $(TARGET) -- -D warnings
 
+# Host unit tests, and the committed fuzz corpus replayed as regular tests.
 unit:
-	cargo test --lib
+	cargo test
 
 wasm-test: rust-target
 	bash scripts/test-wasm.sh
@@ -69,6 +70,16 @@ bench: build $(STAMP)
 bench-smoke: build $(STAMP)
 	$(PY) bench/run.py --smoke
 
+# Fuzzing (fuzz/README.md): cargo-fuzz on stable (`-s none`), installed if missing.
+#   make fuzz          every target for FUZZ_SECONDS (default 600) each
+#   make fuzz-smoke    every target for a few seconds (part of make test)
+FUZZ_SECONDS ?= 600
+fuzz:
+	bash scripts/fuzz.sh long $(FUZZ_SECONDS)
+
+fuzz-smoke:
+	bash scripts/fuzz.sh smoke
+
 # OCI image layout of the filter in build/oci/, no Docker needed: tag <version>
 # (Wasm "oci" variant) and <version>-compat (/plugin.wasm, as ./Dockerfile builds).
 oci: build
@@ -80,7 +91,7 @@ deny:
 	@command -v cargo-deny >/dev/null || cargo install cargo-deny --locked --version 0.20.2
 	cargo deny --log-level error check licenses bans sources
 
-test: setup lint unit wasm-test e2e bench-smoke
+test: setup lint unit wasm-test fuzz-smoke e2e bench-smoke
 
 clean:
 	cargo clean
