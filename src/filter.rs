@@ -697,13 +697,11 @@ impl HttpContext for Request {
         };
         let config = vm.core.config.clone();
 
-        // One host call for every header: cheaper than one per header read.
-        let mut headers = self.get_http_request_headers_bytes();
-        let take = |headers: &mut Vec<(String, Vec<u8>)>, name: &str| {
-            let i = headers.iter().position(|(k, _)| k == name)?;
-            Some(headers.swap_remove(i).1)
-        };
-        let raw_path = take(&mut headers, ":path").unwrap_or_default();
+        // Single reads: cheaper than all headers at once (measured), and
+        // `get_http_request_header_bytes` never traps on non-UTF-8 values.
+        let raw_path = self
+            .get_http_request_header_bytes(":path")
+            .unwrap_or_default();
         let path = match std::str::from_utf8(&raw_path)
             .ok()
             .map(policy::normalize_path)
@@ -716,21 +714,17 @@ impl HttpContext for Request {
                 return Action::Pause;
             }
         };
-        let method = take(&mut headers, ":method")
-            .and_then(|m| String::from_utf8(m).ok())
-            .unwrap_or_default();
-        // Several Authorization headers read as one joined value, as Envoy's
-        // own getter gives them: never a valid token.
-        let mut authorization: Option<Vec<u8>> = None;
-        for (_, v) in headers.iter().filter(|(k, _)| k == "authorization") {
-            match authorization.as_mut() {
-                None => authorization = Some(v.clone()),
-                Some(joined) => {
-                    joined.extend_from_slice(b", ");
-                    joined.extend_from_slice(v);
-                }
-            }
-        }
+        // The method matters to route rules and debug lines only.
+        let method = if config.route_rules.is_empty() && !log::log_enabled!(log::Level::Debug) {
+            String::new()
+        } else {
+            self.get_http_request_header_bytes(":method")
+                .and_then(|m| String::from_utf8(m).ok())
+                .unwrap_or_default()
+        };
+        // Envoy joins several Authorization headers into one value (never a
+        // valid token).
+        let authorization = self.get_http_request_header_bytes("authorization");
         // Only anonymous requests are counted by address.
         let anonymous = config.auth.is_none() || config.public_paths.matches(&path);
         let source_ip = if config.quota.is_some() && anonymous {
@@ -741,6 +735,7 @@ impl HttpContext for Request {
         let (raw_path, headers) = if matches!(config.auth, Some(AuthConfig::Custom(_))) {
             // The endpoint sees the request as the client sent it, less any
             // identity headers the client made up.
+            let mut headers = self.get_http_request_headers_bytes();
             let forward = &config.forward;
             headers.retain(|(name, _)| {
                 !name.eq_ignore_ascii_case(&forward.principal_header)
