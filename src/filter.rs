@@ -380,13 +380,16 @@ fn handle(vm: &mut Vm, id: u32, facts: RequestFacts, step: Step) -> Outcome {
 
 /// Answers a request locally: the denial, its metric, its debug line.
 fn refuse(vm: &Vm, facts: &RequestFacts, denial: &Denial) {
+    refuse_request(vm, &facts.method, &facts.path, denial);
+}
+
+/// [`refuse`] for a request not yet read into [`RequestFacts`].
+fn refuse_request(vm: &Vm, method: &str, path: &str, denial: &Denial) {
     vm.metrics.denied(denial.reason());
     log::debug!(
-        "denied {} {}: {} {}",
+        "denied {} {}: {method} {path}",
         denial.status(),
-        denial.reason(),
-        facts.method,
-        facts.path
+        denial.reason()
     );
     deny(denial);
 }
@@ -708,9 +711,8 @@ impl HttpContext for Request {
         {
             Some(Ok(p)) => p,
             _ => {
-                vm.metrics.denied(Denial::BadPath.reason());
-                log::debug!("denied 400 bad_path");
-                deny(&Denial::BadPath);
+                // The raw path (and its query) is not logged: it may carry secrets.
+                refuse_request(vm, "", "", &Denial::BadPath);
                 return Action::Pause;
             }
         };
