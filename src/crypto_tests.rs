@@ -18,7 +18,7 @@ use jwt_simple::prelude::*;
 use serde_json::{json, Map, Value};
 use std::sync::OnceLock;
 
-const RSA_PEM: &str = include_str!("testdata/rsa2048.pem");
+pub(crate) const RSA_PEM: &str = include_str!("testdata/rsa2048.pem");
 const RSA_1024_PEM: &str = include_str!("testdata/rsa1024.pem");
 const RSA_1024_TOKEN: &str = include_str!("testdata/rsa1024_rs256.jwt");
 const EC_PEM: &str = include_str!("testdata/ec_p256.pem");
@@ -116,7 +116,7 @@ fn standard_keys() -> &'static KeySet {
 
 /// `n` and `e` of a PKCS#1 `RSAPrivateKey` PEM, read by hand: jwt-simple
 /// refuses to load keys under 2048 bits.
-fn pkcs1_n_e(pem: &str) -> (Vec<u8>, Vec<u8>) {
+pub(crate) fn pkcs1_n_e(pem: &str) -> (Vec<u8>, Vec<u8>) {
     fn read<'a>(der: &mut &'a [u8], tag: u8) -> &'a [u8] {
         assert_eq!(der[0], tag, "unexpected DER tag");
         let (len, header) = match der[1] {
@@ -683,4 +683,172 @@ fn control_characters_in_the_identity_are_refused() {
     let mut c = claims();
     c.custom.insert("note".into(), json!("a\r\nb"));
     assert_alice(&verify(&eddsa(c)).unwrap());
+}
+
+// ---------------------------------------------------------------------------
+// RS256/384/512 through `crate::rsa` (prepared moduli), checked against ring
+
+const RSA_WIDE: [(&str, &str, &str); 3] = [
+    (
+        include_str!("testdata/rsa2560.pem"),
+        include_str!("testdata/rsa2560_rs256.jwt"),
+        "rsa2560",
+    ),
+    (
+        include_str!("testdata/rsa3072.pem"),
+        include_str!("testdata/rsa3072_rs384.jwt"),
+        "rsa3072",
+    ),
+    (
+        include_str!("testdata/rsa4096.pem"),
+        include_str!("testdata/rsa4096_rs512.jwt"),
+        "rsa4096",
+    ),
+];
+
+fn hash_of(alg: &str) -> crate::rsa::Hash {
+    match alg {
+        "RS256" => crate::rsa::Hash::Sha256,
+        "RS384" => crate::rsa::Hash::Sha384,
+        "RS512" => crate::rsa::Hash::Sha512,
+        other => panic!("{other}"),
+    }
+}
+
+/// ring's verdict on a PKCS#1 v1.5 signature (the reference).
+fn ring_verdict(alg: &str, n: &[u8], e: &[u8], msg: &[u8], sig: &[u8]) -> bool {
+    use ring::signature as s;
+    let params = match alg {
+        "RS256" => &s::RSA_PKCS1_2048_8192_SHA256,
+        "RS384" => &s::RSA_PKCS1_2048_8192_SHA384,
+        "RS512" => &s::RSA_PKCS1_2048_8192_SHA512,
+        other => panic!("{other}"),
+    };
+    s::RsaPublicKeyComponents { n, e }
+        .verify(params, msg, sig)
+        .is_ok()
+}
+
+/// (n, e, alg, signed part, signature) of a fixture RSA token.
+type RsaFixture = (Vec<u8>, Vec<u8>, String, String, Vec<u8>);
+
+fn rsa_fixtures() -> Vec<RsaFixture> {
+    let mut out = Vec::new();
+    let c = keys().rs256.public_key().to_components();
+    let (h, p, s) = parts(rs256_token());
+    out.push((
+        c.n,
+        c.e,
+        "RS256".to_string(),
+        format!("{h}.{p}"),
+        URL_SAFE_NO_PAD.decode(s).unwrap(),
+    ));
+    for (pem, token, _) in RSA_WIDE {
+        let (n, e) = pkcs1_n_e(pem);
+        let (h, p, s) = parts(token.trim());
+        let alg = decode_json(&h)["alg"].as_str().unwrap().to_string();
+        out.push((
+            n,
+            e,
+            alg,
+            format!("{h}.{p}"),
+            URL_SAFE_NO_PAD.decode(s).unwrap(),
+        ));
+    }
+    out
+}
+
+#[test]
+fn wide_rsa_keys_verify_their_tokens_through_the_key_set() {
+    for (pem, token, sub) in RSA_WIDE {
+        let (n, e) = pkcs1_n_e(pem);
+        let kid = format!("rsa-{}", n.len() * 8);
+        let set = key_set(vec![rsa_jwk(&kid, &n, &e, None)]);
+        let token = token.trim();
+        let v = jwt::verify(token, &set, &rules(), NOW).unwrap();
+        assert_eq!(v.identity.principal, sub);
+        assert_eq!(
+            jwt::verify(&with_flipped_signature(token), &set, &rules(), NOW),
+            Err(TokenError::BadSignature)
+        );
+        // Every entry of an alg-less JWK got the prepared modulus.
+        assert!(set.keys.iter().all(|k| matches!(
+            &k.key,
+            crate::jwks::PublicKey::Rsa {
+                modulus: Some(_),
+                ..
+            }
+        )));
+    }
+}
+
+#[test]
+fn prepared_modulus_agrees_with_ring() {
+    for (n, e, alg, msg, sig) in rsa_fixtures() {
+        let m = crate::rsa::Modulus::new(&n, &e).expect("a usable modulus");
+        let hash = hash_of(&alg);
+        let ours = |msg: &[u8], sig: &[u8]| m.verify(hash, msg, sig);
+        let theirs = |msg: &[u8], sig: &[u8]| ring_verdict(&alg, &n, &e, msg, sig);
+        assert!(ours(msg.as_bytes(), &sig), "{alg} {} bits", n.len() * 8);
+        assert!(theirs(msg.as_bytes(), &sig));
+        // Every single-bit flip of the signature, at a spread of positions.
+        for i in (0..sig.len()).step_by(7) {
+            for bit in [0x01, 0x80] {
+                let mut bad = sig.clone();
+                bad[i] ^= bit;
+                assert_eq!(ours(msg.as_bytes(), &bad), theirs(msg.as_bytes(), &bad));
+                assert!(!ours(msg.as_bytes(), &bad));
+            }
+        }
+        // Another message, another digest, other lengths, out-of-range values.
+        let mut other = msg.clone().into_bytes();
+        other[0] ^= 1;
+        assert!(!ours(&other, &sig));
+        for wrong in ["RS256", "RS384", "RS512"] {
+            if wrong != alg {
+                assert!(!m.verify(hash_of(wrong), msg.as_bytes(), &sig));
+            }
+        }
+        let k = n.len();
+        let mut longer = vec![0u8];
+        longer.extend_from_slice(&sig);
+        for bad in [
+            Vec::new(),
+            sig[1..].to_vec(),
+            longer,
+            vec![0u8; k],
+            {
+                let mut one = vec![0u8; k];
+                one[k - 1] = 1;
+                one
+            },
+            n.clone(),
+            vec![0xff; k],
+        ] {
+            assert_eq!(ours(msg.as_bytes(), &bad), theirs(msg.as_bytes(), &bad));
+            assert!(!ours(msg.as_bytes(), &bad));
+        }
+        // n - 1 (in range, not a signature).
+        let mut n_minus_1 = n.clone();
+        n_minus_1[k - 1] -= 1; // n is odd: no borrow
+        assert!(!ours(msg.as_bytes(), &n_minus_1));
+    }
+}
+
+#[test]
+fn prepared_modulus_refuses_what_it_does_not_handle() {
+    let (n, e) = pkcs1_n_e(RSA_PEM);
+    assert!(crate::rsa::Modulus::new(&n, &e).is_some());
+    // Another exponent, an even modulus, a leading zero, sizes outside 2048-4096 bits.
+    assert!(crate::rsa::Modulus::new(&n, &[3]).is_none());
+    let mut even = n.clone();
+    *even.last_mut().unwrap() &= 0xfe;
+    assert!(crate::rsa::Modulus::new(&even, &e).is_none());
+    let mut padded = vec![0u8];
+    padded.extend_from_slice(&n);
+    assert!(crate::rsa::Modulus::new(&padded, &e).is_none());
+    let (weak_n, weak_e) = pkcs1_n_e(RSA_1024_PEM);
+    assert!(crate::rsa::Modulus::new(&weak_n, &weak_e).is_none());
+    assert!(crate::rsa::Modulus::new(&[0xff; 513], &e).is_none());
+    assert!(crate::rsa::Modulus::new(&[], &e).is_none());
 }

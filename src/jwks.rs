@@ -11,6 +11,7 @@ use base64::Engine;
 use jwt_simple::prelude::*;
 use serde_json::Value;
 use std::fmt;
+use std::sync::Arc;
 
 /// A verification key, built for one algorithm.
 ///
@@ -24,6 +25,9 @@ pub enum PublicKey {
         alg: Alg,
         n: Vec<u8>,
         e: Vec<u8>,
+        /// Prepared once per key for RS256/384/512 (shared by the entries
+        /// of one JWK); PS* and any key it refuses go to ring.
+        modulus: Option<Arc<crate::rsa::Modulus>>,
     },
     Es256(ES256PublicKey),
     Es384(ES384PublicKey),
@@ -48,19 +52,40 @@ impl PublicKey {
 
     /// Verifies the signature of a compact JWS whose structure and claims
     /// `jwt::parse` already checked (jwt-simple re-checks the claims too).
-    pub fn verify(&self, token: &str, options: VerificationOptions) -> bool {
-        let o = Some(options);
+    /// `options` (jwt-simple's) is called for EC and EdDSA keys only.
+    pub fn verify(&self, token: &str, options: impl FnOnce() -> VerificationOptions) -> bool {
         match self {
-            PublicKey::Rsa { alg, n, e } => verify_rsa(*alg, n, e, token),
-            PublicKey::Es256(k) => k.verify_token::<NoCustomClaims>(token, o).is_ok(),
-            PublicKey::Es384(k) => k.verify_token::<NoCustomClaims>(token, o).is_ok(),
-            PublicKey::EdDsa(k) => k.verify_token::<NoCustomClaims>(token, o).is_ok(),
+            PublicKey::Rsa { alg, n, e, modulus } => {
+                verify_rsa(*alg, n, e, modulus.as_deref(), token)
+            }
+            PublicKey::Es256(k) => k
+                .verify_token::<NoCustomClaims>(token, Some(options()))
+                .is_ok(),
+            PublicKey::Es384(k) => k
+                .verify_token::<NoCustomClaims>(token, Some(options()))
+                .is_ok(),
+            PublicKey::EdDsa(k) => k
+                .verify_token::<NoCustomClaims>(token, Some(options()))
+                .is_ok(),
         }
     }
 }
 
-fn verify_rsa(alg: Alg, n: &[u8], e: &[u8], token: &str) -> bool {
+fn verify_rsa(
+    alg: Alg,
+    n: &[u8],
+    e: &[u8],
+    modulus: Option<&crate::rsa::Modulus>,
+    token: &str,
+) -> bool {
+    use crate::rsa::Hash;
     use ring::signature as sig;
+    let pkcs1 = match alg {
+        Alg::RS256 => Some(Hash::Sha256),
+        Alg::RS384 => Some(Hash::Sha384),
+        Alg::RS512 => Some(Hash::Sha512),
+        _ => None,
+    };
     let params: &sig::RsaParameters = match alg {
         Alg::RS256 => &sig::RSA_PKCS1_2048_8192_SHA256,
         Alg::RS384 => &sig::RSA_PKCS1_2048_8192_SHA384,
@@ -76,6 +101,9 @@ fn verify_rsa(alg: Alg, n: &[u8], e: &[u8], token: &str) -> bool {
     let Ok(signature) = URL_SAFE_NO_PAD.decode(signature) else {
         return false;
     };
+    if let (Some(hash), Some(m)) = (pkcs1, modulus) {
+        return m.verify(hash, signed.as_bytes(), &signature);
+    }
     sig::RsaPublicKeyComponents { n, e }
         .verify(params, signed.as_bytes(), &signature)
         .is_ok()
@@ -222,6 +250,7 @@ fn parse_jwk(jwk: &Value) -> Result<Vec<Key>, String> {
             // bits, e = 65537); ring then does the arithmetic.
             RS256PublicKey::from_components(&n, &e).map_err(weak)?;
             let (n, e) = (strip_leading_zeros(&n), strip_leading_zeros(&e));
+            let modulus = crate::rsa::Modulus::new(&n, &e).map(Arc::new);
             for alg in [
                 Alg::RS256,
                 Alg::RS384,
@@ -235,6 +264,7 @@ fn parse_jwk(jwk: &Value) -> Result<Vec<Key>, String> {
                         alg,
                         n: n.clone(),
                         e: e.clone(),
+                        modulus: modulus.clone(),
                     });
                 }
             }

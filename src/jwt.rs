@@ -289,8 +289,12 @@ pub fn verify(token: &str, keys: &KeySet, rules: &Rules, now: u64) -> Result<Ver
             }
         }
     }
-    let mut options = options(rules, now);
-    options.required_signature_type = parsed.jose_typ.clone();
+    // jwt-simple's options (EC and EdDSA keys only) are built when needed.
+    let options = || {
+        let mut o = options(rules, now);
+        o.required_signature_type = parsed.jose_typ.clone();
+        o
+    };
     let mut tried = false;
     let mut verified = false;
     for key in keys.candidates(parsed.alg, kid) {
@@ -298,7 +302,7 @@ pub fn verify(token: &str, keys: &KeySet, rules: &Rules, now: u64) -> Result<Ver
             continue;
         }
         tried = true;
-        if key.key.verify(token, options.clone()) {
+        if key.key.verify(token, options) {
             verified = true;
             break;
         }

@@ -30,6 +30,7 @@ pub mod metrics;
 pub mod policy;
 pub mod quota;
 pub mod response;
+pub mod rsa;
 
 #[cfg(target_arch = "wasm32")]
 proxy_wasm::main! {{
