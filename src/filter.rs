@@ -250,6 +250,65 @@ fn response_body(size: usize) -> Vec<u8> {
 
 /// proxy-wasm ABI numbers of the map and buffer read above.
 const MAP_CALLOUT_RESPONSE_HEADERS: u32 = 6;
+const MAP_REQUEST_HEADERS: u32 = 0;
+
+/// A header map as the proxy-wasm ABI serializes it: a little-endian `u32`
+/// count, then each pair's key and value lengths (`u32` each), then each
+/// key and value followed by a NUL. Read in place, every length checked:
+/// a map that does not parse has no headers.
+pub struct HeaderPairs<'a> {
+    sizes: &'a [u8],
+    data: &'a [u8],
+}
+
+impl<'a> HeaderPairs<'a> {
+    pub fn new(buf: &'a [u8]) -> HeaderPairs<'a> {
+        let empty = HeaderPairs {
+            sizes: &[],
+            data: &[],
+        };
+        let Some(count) = buf.get(..4).and_then(|b| b.try_into().ok()) else {
+            return empty;
+        };
+        let Some(sizes_len) = usize::try_from(u32::from_le_bytes(count))
+            .ok()
+            .and_then(|n| n.checked_mul(8))
+        else {
+            return empty;
+        };
+        match buf
+            .get(4..)
+            .and_then(|rest| rest.split_at_checked(sizes_len))
+        {
+            Some((sizes, data)) => HeaderPairs { sizes, data },
+            None => empty,
+        }
+    }
+
+    /// The value of the first header named `name` (lower case, as Envoy
+    /// keeps them).
+    pub fn get(&self, name: &str) -> Option<&'a [u8]> {
+        self.iter()
+            .find(|(k, _)| *k == name.as_bytes())
+            .map(|(_, v)| v)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&'a [u8], &'a [u8])> + 'a {
+        let mut data = self.data;
+        self.sizes.chunks_exact(8).map_while(move |lens| {
+            let len = |b: &[u8]| {
+                b.try_into()
+                    .ok()
+                    .and_then(|b: [u8; 4]| usize::try_from(u32::from_le_bytes(b)).ok())
+            };
+            let (k, v) = (len(lens.get(..4)?)?, len(lens.get(4..)?)?);
+            let key = data.get(..k)?;
+            let value = data.get(k.checked_add(1)?..k.checked_add(1)?.checked_add(v)?)?;
+            data = data.get(k.checked_add(v)?.checked_add(2)?..)?;
+            Some((key, value))
+        })
+    }
+}
 const BUFFER_CALLOUT_RESPONSE_BODY: u32 = 4;
 
 /// Reads of callout answers without the SDK's wrappers, which `panic!` (and so
@@ -263,6 +322,11 @@ mod raw {
             key_size: usize,
             return_value_data: *mut *mut u8,
             return_value_size: *mut usize,
+        ) -> u32;
+        fn proxy_get_header_map_pairs(
+            map_type: u32,
+            return_map_data: *mut *mut u8,
+            return_map_size: *mut usize,
         ) -> u32;
         fn proxy_get_buffer_bytes(
             buffer_type: u32,
@@ -291,6 +355,16 @@ mod raw {
         let status = unsafe {
             proxy_get_header_map_value(map_type, key.as_ptr(), key.len(), &mut data, &mut size)
         };
+        owned(status, data, size)
+    }
+
+    /// The whole header map, serialized as the ABI has it (see
+    /// [`super::HeaderPairs`]): one host call for every header.
+    pub fn header_map_pairs(map_type: u32) -> Option<Vec<u8>> {
+        let mut data: *mut u8 = std::ptr::null_mut();
+        let mut size: usize = 0;
+        // SAFETY: the out-pointers are valid locals.
+        let status = unsafe { proxy_get_header_map_pairs(map_type, &mut data, &mut size) };
         owned(status, data, size)
     }
 
@@ -700,12 +774,12 @@ impl HttpContext for Request {
         };
         let config = vm.core.config.clone();
 
-        // Single reads: cheaper than all headers at once (measured), and
-        // `get_http_request_header_bytes` never traps on non-UTF-8 values.
-        let raw_path = self
-            .get_http_request_header_bytes(":path")
-            .unwrap_or_default();
-        let path = match std::str::from_utf8(&raw_path)
+        // Every header in one host call (measured cheaper than one call per
+        // header), read in place.
+        let map = raw::header_map_pairs(MAP_REQUEST_HEADERS).unwrap_or_default();
+        let pairs = HeaderPairs::new(&map);
+        let raw_path = pairs.get(":path").unwrap_or_default();
+        let path = match std::str::from_utf8(raw_path)
             .ok()
             .map(policy::normalize_path)
         {
@@ -720,13 +794,15 @@ impl HttpContext for Request {
         let method = if config.route_rules.is_empty() && !log::log_enabled!(log::Level::Debug) {
             String::new()
         } else {
-            self.get_http_request_header_bytes(":method")
-                .and_then(|m| String::from_utf8(m).ok())
+            pairs
+                .get(":method")
+                .and_then(|m| std::str::from_utf8(m).ok())
                 .unwrap_or_default()
+                .to_string()
         };
         // Envoy joins several Authorization headers into one value (never a
         // valid token).
-        let authorization = self.get_http_request_header_bytes("authorization");
+        let authorization = pairs.get("authorization").map(<[u8]>::to_vec);
         // Only anonymous requests are counted by address.
         let anonymous = config.auth.is_none() || config.public_paths.matches(&path);
         let source_ip = if config.quota.is_some() && anonymous {
@@ -737,13 +813,16 @@ impl HttpContext for Request {
         let (raw_path, headers) = if matches!(config.auth, Some(AuthConfig::Custom(_))) {
             // The endpoint sees the request as the client sent it, less any
             // identity headers the client made up.
-            let mut headers = self.get_http_request_headers_bytes();
             let forward = &config.forward;
-            headers.retain(|(name, _)| {
-                !name.eq_ignore_ascii_case(&forward.principal_header)
-                    && !name.eq_ignore_ascii_case(&forward.attributes_header)
-            });
-            (String::from_utf8_lossy(&raw_path).into_owned(), headers)
+            let headers = pairs
+                .iter()
+                .filter(|(name, _)| {
+                    !name.eq_ignore_ascii_case(forward.principal_header.as_bytes())
+                        && !name.eq_ignore_ascii_case(forward.attributes_header.as_bytes())
+                })
+                .map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), v.to_vec()))
+                .collect();
+            (String::from_utf8_lossy(raw_path).into_owned(), headers)
         } else {
             (String::new(), Vec::new())
         };
@@ -787,6 +866,84 @@ impl HttpContext for Request {
                     list.retain(|(id, _)| *id != self.id);
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Serializes pairs as the proxy-wasm ABI does.
+    fn serialize(pairs: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut out = (pairs.len() as u32).to_le_bytes().to_vec();
+        for (k, v) in pairs {
+            out.extend_from_slice(&(k.len() as u32).to_le_bytes());
+            out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+        }
+        for (k, v) in pairs {
+            out.extend_from_slice(k.as_bytes());
+            out.push(0);
+            out.extend_from_slice(v);
+            out.push(0);
+        }
+        out
+    }
+
+    #[test]
+    fn header_pairs_are_read_in_place() {
+        let map = serialize(&[
+            (":path", b"/v1/models?x=1"),
+            (":method", b"GET"),
+            ("authorization", b"Bearer abc"),
+            ("empty", b""),
+            ("authorization", b"Bearer second"),
+            ("bin", b"\xff\x00\xfe"),
+        ]);
+        let pairs = HeaderPairs::new(&map);
+        assert_eq!(pairs.get(":path"), Some(&b"/v1/models?x=1"[..]));
+        assert_eq!(pairs.get(":method"), Some(&b"GET"[..]));
+        // The first of repeated headers, as Envoy's single-value getter.
+        assert_eq!(pairs.get("authorization"), Some(&b"Bearer abc"[..]));
+        assert_eq!(pairs.get("empty"), Some(&b""[..]));
+        assert_eq!(pairs.get("bin"), Some(&b"\xff\x00\xfe"[..]));
+        assert_eq!(pairs.get("missing"), None);
+        assert_eq!(pairs.iter().count(), 6);
+        assert_eq!(HeaderPairs::new(&serialize(&[])).iter().count(), 0);
+    }
+
+    #[test]
+    fn broken_header_maps_never_panic_and_yield_only_whole_pairs() {
+        let map = serialize(&[(":path", b"/a"), ("authorization", b"Bearer t")]);
+        for cut in 0..map.len() {
+            let pairs = HeaderPairs::new(&map[..cut]);
+            for (k, v) in pairs.iter() {
+                assert!(
+                    (k, v) == (&b":path"[..], &b"/a"[..])
+                        || (k, v) == (&b"authorization"[..], &b"Bearer t"[..])
+                );
+            }
+        }
+        // Counts and lengths far beyond the buffer.
+        let mut huge = map.clone();
+        huge[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(HeaderPairs::new(&huge).iter().count(), 0);
+        let mut long_key = map.clone();
+        long_key[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(HeaderPairs::new(&long_key).get(":path"), None);
+        // Pseudo-random bytes.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for len in 0..400 {
+            let buf: Vec<u8> = (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    (x & 0x0f) as u8
+                })
+                .collect();
+            let _ = HeaderPairs::new(&buf).iter().count();
+            let _ = HeaderPairs::new(&buf).get("authorization");
         }
     }
 }
