@@ -15,6 +15,9 @@ Settings (flag, else environment, else default):
     --rounds       BENCH_ROUNDS       repeat the whole sequence, report medians (1)
     --envoy-cpu    BENCH_ENVOY_CPU    core for Envoy (0)
     --load-cpu     BENCH_LOAD_CPU     core for wrk, the IdP and this script (1)
+    --sequential   BENCH_SEQUENTIAL=1 one configuration after another, each measured in one
+                                      piece (default: every configuration's Envoy runs at once and
+                                      the measured seconds are taken in 1 s slices in turn)
     --only a,e,..                     run only these configurations (and skip the checks unless named:
                                       jwks-c2, memory)
     --out PATH                        markdown report (build/bench.md; smoke: build/bench-smoke.md),
@@ -108,6 +111,8 @@ def settings() -> argparse.Namespace:
     ap.add_argument("--out")
     ap.add_argument("--no-build", action="store_true")
     ap.add_argument("--enforce-targets", action="store_true")
+    ap.add_argument("--sequential", action="store_true",
+                    help="one configuration after another (default: interleaved 1 s slices)")
     a = ap.parse_args()
 
     def pick(flag, env, default, conv=int):
@@ -138,6 +143,7 @@ def settings() -> argparse.Namespace:
               f"({sorted(usable)}): running unpinned, numbers are not comparable", flush=True)
         a.envoy_cpu = a.load_cpu = None
     a.only = set(a.only.split(",")) if a.only else None
+    a.interleave = not a.sequential and os.environ.get("BENCH_SEQUENTIAL", "") in ("", "0")
     return a
 
 
@@ -315,6 +321,7 @@ class Idp:
     def __init__(self, jwks: dict):
         self.body = json.dumps(jwks).encode()
         self.fetches: list[float] = []
+        self.fetched_by: dict[str, int] = {}
         self.delay = 0.0
         self.lock = threading.Lock()
         idp = self
@@ -328,8 +335,10 @@ class Idp:
                     self.send_header("content-length", "0")
                     self.end_headers()
                     return
+                who = self.path.partition("?for=")[2]
                 with idp.lock:
                     idp.fetches.append(time.time())
+                    idp.fetched_by[who] = idp.fetched_by.get(who, 0) + 1
                 if idp.delay:
                     time.sleep(idp.delay)
                 try:
@@ -356,6 +365,10 @@ class Idp:
     def count(self) -> int:
         with self.lock:
             return len(self.fetches)
+
+    def count_for(self, who: str) -> int:
+        with self.lock:
+            return self.fetched_by.get(who, 0)
 
     def since(self, t: float) -> list[float]:
         with self.lock:
@@ -422,12 +435,13 @@ def wasm_filter(name: str, wasm: Path, configuration: str | None = None,
         "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm", "config": config}}
 
 
-def tollgate_config(idp_port: int, *, quota: bool = False, cache_ttl: int = 3600) -> str:
+def tollgate_config(idp_port: int, *, quota: bool = False, cache_ttl: int = 3600, who: str = "") -> str:
     config = {
         "auth": {"provider_type": "oauth2_token", "config": {
             "audience": AUDIENCE, "issuer": ISSUER,
             "claims_mapping": {"sub": "roles", "groups": "teams", "scope": "scopes"},
-            "jwks": {"uri": f"http://127.0.0.1:{idp_port}/jwks", "cluster": "idp",
+            "jwks": {"uri": f"http://127.0.0.1:{idp_port}/jwks" + (f"?for={who}" if who else ""),
+                     "cluster": "idp",
                      "cache_ttl": cache_ttl, "timeout_ms": 5000},
         }},
     }
@@ -693,71 +707,12 @@ class Bench:
         elif cfg.kind == "native":
             doc = native_bootstrap(self.jwks, cfg.cache)
         else:
-            doc = tollgate_bootstrap(self.idp.port, quota=cfg.quota)
+            doc = tollgate_bootstrap(self.idp.port, quota=cfg.quota, who=tag)
         return Envoy(tag, doc, self.tools["envoy"], self.o.envoy_cpu)
 
-    def run_config(self, cfg: Config, rnd: int) -> dict:
+    def live(self, cfg: Config, rnd: int) -> "Live":
         tag = cfg.key if self.o.rounds == 1 else f"{cfg.key}.{rnd}"
-        envoy = self.envoy_for(cfg, tag)
-        fetches0 = self.idp.count()
-        envoy.start()
-        rss_start = envoy.rss()
-        common = dict(cpu=self.o.load_cpu, connections=self.o.connections)
-        if cfg.cold:
-            src = self.tokens["RS256-bad" if cfg.bad else cfg.alg]
-            load = dict(tokens=src, max_tokens=self.o.tokens)
-        else:
-            load = dict(header=f"Authorization: Bearer {self.warm_token}")
-        # Warm-up (V8 tiers up, the JWKS is fetched, connections open), then measure.
-        if self.o.warmup > 0:
-            wu = wrk(envoy.url, seconds=self.o.warmup, **common, **load, save=envoy.dir / "wrk-warmup.txt")
-        else:
-            wu = wrk(envoy.url, seconds=30, stop_after=300, **common, **load,
-                     save=envoy.dir / "wrk-warmup.txt")
-        offset = wu["requests"] + self.o.connections  # cold: never reuse a warm-up token
-        s0 = envoy.stats()
-        rss_before, mem_before = envoy.rss(), envoy.memory()
-        cpu0 = envoy.cpu_ns()
-        r = wrk(envoy.url, seconds=self.o.seconds, offset=offset, **common, **load,
-                save=envoy.dir / "wrk.txt")
-        cpu1 = envoy.cpu_ns()
-        s1 = envoy.stats()
-        rss_after, mem_after = envoy.rss(), envoy.memory()
-        alive = envoy.alive()
-        delta = {k: s1[k] - s0.get(k, 0) for k in s1 if s1[k] != s0.get(k, 0)}
-        stop_s = envoy.stop()
-        found = envoy.log_findings()
-        served = delta.get("http.ingress.downstream_rq_completed", 0) or r["requests"]
-        res = {
-            "config": cfg.key, "title": cfg.title, "round": rnd,
-            "rps": r["rps"], "requests": r["requests"], "p50_ms": r["p50_us"] / 1000,
-            "p90_ms": r["p90_us"] / 1000, "p99_ms": r["p99_us"] / 1000, "max_ms": r["max_us"] / 1000,
-            "wrk_errors": {k: r[k] for k in ("connect_errors", "read_errors", "write_errors", "timeouts")
-                           if r[k]},
-            "non_2xx": r["status_errors"],
-            "status_classes": {c: delta.get(f"http.ingress.downstream_rq_{c}", 0)
-                               for c in ("1xx", "2xx", "3xx", "4xx", "5xx")},
-            "warmup_requests": wu["requests"],
-            # Envoy's CPU per request: far less sensitive to a busy machine than req/s.
-            "cpu_us_per_req": (cpu1 - cpu0) / 1000 / served if served else None,
-            "envoy_cpu_pct": 100 * (cpu1 - cpu0) / 1000 / r["duration_us"] if r["duration_us"] else None,
-            "rss_kib": {"start": rss_start.get("VmRSS"), "before": rss_before.get("VmRSS"),
-                        "after": rss_after.get("VmRSS"), "peak": rss_after.get("VmHWM")},
-            "memory_before": mem_before, "memory_after": mem_after,
-            "envoy_stop_s": round(stop_s, 2), "envoy_exit": envoy.exit_code,
-            "log": found,
-        }
-        if cfg.kind == "tollgate":
-            res["jwks_fetches"] = self.idp.count() - fetches0
-            res["tollgate_stats"] = {k: v for k, v in s1.items() if "tollgate" in k and v}
-            res["wasm_stats"] = {k: v for k, v in s1.items()
-                                 if k.startswith("wasm.") and v and re.search(r"fail|reload|crash", k)}
-        if cfg.cold:
-            distinct = self.o.tokens
-            res["tokens_used"] = offset + r["requests"]
-            res["tokens_wrapped"] = res["tokens_used"] > distinct
-        self.validate(cfg, res, alive)
-        return res
+        return Live(self, cfg, rnd, tag)
 
     def validate(self, cfg: Config, res: dict, alive: bool) -> None:
         where = f"[{res['config']}]"
@@ -785,6 +740,41 @@ class Bench:
         res["problems"] = problems
         for p in problems:
             self.invalid.append(f"{where} {p}")
+
+    def report(self, res: dict) -> None:
+        cfg = next(c for c in CONFIGS if c.key == res["config"])
+        label = f"({cfg.key}) {cfg.title}" + (f" [round {res['round']}]" if self.o.rounds > 1 else "")
+        extra = ""
+        if "jwks_fetches" in res:
+            extra += f", JWKS fetches {res['jwks_fetches']}"
+        if cfg.cold and cfg.kind == "tollgate":
+            rk = res["rss_kib"]
+            extra += f", RSS {rk['before'] / 1024:.1f} -> {rk['after'] / 1024:.1f} MiB"
+        flag = "" if not res["problems"] else "  !! " + "; ".join(res["problems"])
+        log(f"  {label:<58} {res['rps']:>9,.0f} req/s  p50 {res['p50_ms']:.2f} ms  "
+            f"p99 {res['p99_ms']:.2f} ms{extra}{flag}")
+
+    def run_interleaved(self, selected: list[Config], rnd: int) -> list[dict]:
+        """Every configuration's Envoy runs at once (each one worker on the
+        Envoy core; the idle ones sleep), and the measured seconds are taken in
+        1 s slices in turn, in alternating order: a change in the machine's
+        speed then hits every configuration alike, and each ratio is the
+        median of its per-cycle ratios."""
+        lives = [self.live(cfg, rnd) for cfg in selected]
+        started: list[Live] = []
+        try:
+            for live in lives:
+                started.append(live.start())
+            for live in lives:
+                live.warm()
+            for cycle in range(self.o.seconds):
+                for live in (lives if cycle % 2 == 0 else lives[::-1]):
+                    live.slice(1)
+        finally:
+            done = [live.finish() for live in started]
+        for res in done:
+            self.report(res)
+        return done
 
     # -- JWKS at --concurrency 2 -------------------------------------------
     def jwks_check(self) -> dict:
@@ -893,19 +883,19 @@ class Bench:
         selected = [c for c in CONFIGS if not o.only or c.key in o.only]
         runs: list[dict] = []
         for rnd in range(1, o.rounds + 1):
-            for cfg in selected:
-                label = f"({cfg.key}) {cfg.title}" + (f" [round {rnd}]" if o.rounds > 1 else "")
-                res = self.run_config(cfg, rnd)
-                runs.append(res)
-                extra = ""
-                if "jwks_fetches" in res:
-                    extra += f", JWKS fetches {res['jwks_fetches']}"
-                if cfg.cold and cfg.kind == "tollgate":
-                    rk = res["rss_kib"]
-                    extra += f", RSS {rk['before'] / 1024:.1f} -> {rk['after'] / 1024:.1f} MiB"
-                flag = "" if not res["problems"] else "  !! " + "; ".join(res["problems"])
-                log(f"  {label:<58} {res['rps']:>9,.0f} req/s  p50 {res['p50_ms']:.2f} ms  "
-                    f"p99 {res['p99_ms']:.2f} ms{extra}{flag}")
+            if o.interleave and len(selected) > 1:
+                done = self.run_interleaved(selected, rnd)
+            else:
+                done = []
+                for cfg in selected:
+                    live = self.live(cfg, rnd).start()
+                    try:
+                        live.warm()
+                        live.slice(o.seconds)
+                    finally:
+                        done.append(live.finish())
+                    self.report(done[-1])
+            runs.extend(done)
         jwks_c2 = self.jwks_check() if not o.only or "jwks-c2" in o.only else None
         memory = self.memory_check() if (not o.only or "memory" in o.only) and o.mem_tokens else None
         self.idp.close()
@@ -933,11 +923,19 @@ class Bench:
             }
         ratios = []
         for name, num, den, target, meaning in RATIOS:
-            per_round = [n["rps"] / d["rps"] for n, d in zip(by.get(num, []), by.get(den, [])) if d["rps"]]
+            # Pairs measured close together: the slices of one cycle when
+            # interleaved, else the runs of one round.
+            pairs = []
+            for n, d in zip(by.get(num, []), by.get(den, [])):
+                if o.interleave and len(n["slices"]) == len(d["slices"]) > 1:
+                    pairs.extend(zip(n["slices"], d["slices"]))
+                else:
+                    pairs.append((n, d))
+            per_round = [n["rps"] / d["rps"] for n, d in pairs if d["rps"]]
             if not per_round:
                 continue
             v = statistics.median(per_round)
-            by_cpu = [d["cpu_us_per_req"] / n["cpu_us_per_req"] for n, d in zip(by[num], by[den])
+            by_cpu = [d["cpu_us_per_req"] / n["cpu_us_per_req"] for n, d in pairs
                       if n["cpu_us_per_req"] and d["cpu_us_per_req"]]
             ratios.append({"name": name, "value": v, "target": target, "meaning": meaning,
                            "rounds": per_round, "ok": None if target is None else v >= target,
@@ -972,12 +970,115 @@ class Bench:
             "duration_s": round(time.time() - started, 1),
             "settings": {"seconds": o.seconds, "warmup": o.warmup or "300 requests",
                          "connections": o.connections, "tokens": o.tokens, "mem_tokens": o.mem_tokens,
-                         "rounds": o.rounds, "envoy_cpu": o.envoy_cpu, "load_cpu": o.load_cpu,
+                         "rounds": o.rounds, "interleaved": o.interleave,
+                         "envoy_cpu": o.envoy_cpu, "load_cpu": o.load_cpu,
                          "smoke": o.quick},
             "environment": environment(self.tools),
             "wasm": wasm, "configs": table, "ratios": ratios, "targets": targets,
             "jwks_concurrency_2": jwks_c2, "memory": memory, "runs": runs, "invalid": self.invalid,
         }
+
+
+class Live:
+    """One configuration's Envoy from start to stop: warmed up, then measured
+    in one or more slices (interleaved with the other configurations' slices
+    when `--interleave`), then stopped, checked and summed up."""
+
+    def __init__(self, bench: "Bench", cfg: Config, rnd: int, tag: str):
+        self.b, self.cfg, self.rnd, self.tag = bench, cfg, rnd, tag
+        self.envoy = bench.envoy_for(cfg, tag)
+        self.slices: list[dict] = []
+        self.offset = 0
+        self.cpu_ns = 0
+        self.delta: dict[str, int] = {}
+        self.warmup_requests = 0
+
+    def load(self) -> dict:
+        if self.cfg.cold:
+            src = self.b.tokens["RS256-bad" if self.cfg.bad else self.cfg.alg]
+            return dict(tokens=src, max_tokens=self.b.o.tokens, offset=self.offset)
+        return dict(header=f"Authorization: Bearer {self.b.warm_token}")
+
+    def start(self) -> "Live":
+        self.envoy.start()
+        self.rss_start = self.envoy.rss()
+        return self
+
+    def warm(self) -> None:
+        """V8 tiers up, the JWKS is fetched, connections open."""
+        o = self.b.o
+        common = dict(cpu=o.load_cpu, connections=o.connections, save=self.envoy.dir / "wrk-warmup.txt")
+        if o.warmup > 0:
+            wu = wrk(self.envoy.url, seconds=o.warmup, **common, **self.load())
+        else:
+            wu = wrk(self.envoy.url, seconds=30, stop_after=300, **common, **self.load())
+        self.warmup_requests += wu["requests"]
+        self.offset += wu["requests"] + o.connections  # cold: never reuse a warm-up token
+        self.rss_before, self.mem_before = self.envoy.rss(), self.envoy.memory()
+
+    def slice(self, seconds: int) -> dict:
+        o = self.b.o
+        s0 = self.envoy.stats()
+        cpu0 = self.envoy.cpu_ns()
+        r = wrk(self.envoy.url, cpu=o.load_cpu, seconds=seconds, connections=o.connections,
+                **self.load(), save=self.envoy.dir / f"wrk-{len(self.slices) + 1}.txt")
+        cpu1 = self.envoy.cpu_ns()
+        s1 = self.envoy.stats()
+        delta = {k: s1[k] - s0.get(k, 0) for k in s1 if s1[k] != s0.get(k, 0)}
+        for k, v in delta.items():
+            self.delta[k] = self.delta.get(k, 0) + v
+        self.cpu_ns += cpu1 - cpu0
+        self.offset += r["requests"] + o.connections
+        served = delta.get("http.ingress.downstream_rq_completed", 0) or r["requests"]
+        r["cpu_us_per_req"] = (cpu1 - cpu0) / 1000 / served if served else None
+        r["envoy_cpu_pct"] = 100 * (cpu1 - cpu0) / 1000 / r["duration_us"] if r["duration_us"] else None
+        self.slices.append(r)
+        return r
+
+    def finish(self) -> dict:
+        cfg, envoy, sl = self.cfg, self.envoy, self.slices
+        rss_after, mem_after = envoy.rss(), envoy.memory()
+        alive = envoy.alive()
+        stats = envoy.stats() if alive else {}
+        stop_s = envoy.stop()
+        found = envoy.log_findings()
+        requests = sum(r["requests"] for r in sl)
+        duration_us = sum(r["duration_us"] for r in sl)
+        served = self.delta.get("http.ingress.downstream_rq_completed", 0) or requests
+        med = lambda key: statistics.median(r[key] for r in sl) / 1000
+        res = {
+            "config": cfg.key, "title": cfg.title, "round": self.rnd,
+            "rps": requests / (duration_us / 1e6) if duration_us else 0.0, "requests": requests,
+            # One slice: wrk's percentiles; several: the median of the slices' (max: the max).
+            "p50_ms": med("p50_us"), "p90_ms": med("p90_us"), "p99_ms": med("p99_us"),
+            "max_ms": max(r["max_us"] for r in sl) / 1000,
+            "wrk_errors": {k: sum(r[k] for r in sl) for k in
+                           ("connect_errors", "read_errors", "write_errors", "timeouts")
+                           if sum(r[k] for r in sl)},
+            "non_2xx": sum(r["status_errors"] for r in sl),
+            "status_classes": {c: self.delta.get(f"http.ingress.downstream_rq_{c}", 0)
+                               for c in ("1xx", "2xx", "3xx", "4xx", "5xx")},
+            "warmup_requests": self.warmup_requests,
+            # Envoy's CPU per request: far less sensitive to a busy machine than req/s.
+            "cpu_us_per_req": self.cpu_ns / 1000 / served if served else None,
+            "envoy_cpu_pct": 100 * self.cpu_ns / 1000 / duration_us if duration_us else None,
+            "slices": [{"rps": r["rps"], "cpu_us_per_req": r["cpu_us_per_req"]} for r in sl],
+            "rss_kib": {"start": self.rss_start.get("VmRSS"), "before": self.rss_before.get("VmRSS"),
+                        "after": rss_after.get("VmRSS"), "peak": rss_after.get("VmHWM")},
+            "memory_before": self.mem_before, "memory_after": mem_after,
+            "envoy_stop_s": round(stop_s, 2), "envoy_exit": envoy.exit_code,
+            "log": found,
+        }
+        if cfg.kind == "tollgate":
+            res["jwks_fetches"] = self.b.idp.count_for(self.tag)
+            res["tollgate_stats"] = {k: v for k, v in stats.items() if "tollgate" in k and v}
+            res["wasm_stats"] = {k: v for k, v in stats.items()
+                                 if k.startswith("wasm.") and v and re.search(r"fail|reload|crash", k)}
+        if cfg.cold:
+            res["tokens_used"] = self.offset
+            res["tokens_wrapped"] = res["tokens_used"] > self.b.o.tokens
+        self.b.validate(cfg, res, alive)
+        return res
 
 
 def environment(tools) -> dict:
@@ -1009,7 +1110,8 @@ def report_text(res: dict) -> str:
     out = []
     s, env, w = res["settings"], res["environment"], res["wasm"]
     out.append(f"tollgate bench {res['when']}  ({'smoke, ' if s['smoke'] else ''}{s['seconds']} s per "
-               f"configuration, warm-up {s['warmup']}, wrk -t1 -c{s['connections']}, "
+               f"configuration{' in interleaved 1 s slices' if s.get('interleaved') else ''}, "
+               f"warm-up {s['warmup']}, wrk -t1 -c{s['connections']}, "
                f"{s['rounds']} round(s); " + (f"Envoy on core {s['envoy_cpu']}, wrk on core {s['load_cpu']})"
                                               if s["envoy_cpu"] else "UNPINNED)"))
     out.append(f"Envoy {env['envoy']} | {env['rustc']} | {env['cpu']} x{env['cores']} | "
@@ -1082,8 +1184,11 @@ def report_markdown(res: dict) -> str:
     else:
         setup = f"One Envoy worker (`--concurrency 1`), `wrk -t1 -c{s['connections']}`, NOT PINNED"
     warm = f"{s['warmup']} s" if isinstance(s["warmup"], int) else s["warmup"]
+    how = ("all configurations' Envoys running at once and measured in turn, in 1 s slices "
+           "(ratios: the median of the per-cycle ratios)" if s.get("interleaved")
+           else "one configuration after another")
     md.append(f"{smoke}{setup}; {s['seconds']} s per configuration after a warm-up ({warm}), each "
-              f"configuration in a fresh Envoy, {s['rounds']} round(s) (medians). Upstream: "
+              f"configuration in its own Envoy, {how}, {s['rounds']} round(s) (medians). Upstream: "
               f"`direct_response` 200 everywhere. Envoy {env['envoy']}, {env['rustc']}, {env['cpu']} "
               f"({env['cores']} cores, load average {' '.join(env['loadavg'])} at the start), git `{env['git']}`.")
     md.append("")
