@@ -1,0 +1,122 @@
+"""A/B: Envoy CPU per request of several filter builds, interleaved.
+
+Every variant gets its own Envoy (one worker, all pinned to the Envoy core);
+they run at once and get load in turn, 1 s wrk slices for CYCLES cycles (the
+order reversed each cycle), after a 2 s warm-up each. Prints, per variant, the
+CPU µs/request (first quartile, median, min over the slices), the median
+req/s, and the median over cycles of (first variant's CPU / this one's): a
+ratio above 1 means cheaper than the first variant.
+
+    build/venv/bin/python bench/ab.py CYCLES VARIANT...
+
+VARIANT is name=WASM[:flag...]: WASM a tollgate build (copied, so the file may
+change afterwards) or, with the `noop` flag, any do-nothing-style filter.
+Flags: cold (a new RS256 token per request), quota (tollgate with a quota),
+quota-no-headers (the quota without RateLimit-* headers), noop (WASM is loaded
+as the bench's do-nothing filter; `x:noop` uses bench/noop's own build),
+native (Envoy's jwt_authn, no cache; WASM ignored).
+
+    build/venv/bin/python bench/ab.py 10 noop=x:noop \\
+        old=/tmp/old.wasm new=target/wasm32-wasip1/release/tollgate.wasm
+
+Needs what `make bench` needs (and a `make bench` run before, for the noop
+build and the minted tokens).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+spec = importlib.util.spec_from_file_location("bench_run", HERE / "run.py")
+b = importlib.util.module_from_spec(spec)
+sys.modules["bench_run"] = b
+spec.loader.exec_module(b)
+
+ENVOY_CPU, LOAD_CPU, CONNECTIONS = "0", "1", 16
+
+
+def main() -> int:
+    if len(sys.argv) < 3 or not sys.argv[1].isdigit():
+        print(__doc__)
+        return 2
+    cycles = int(sys.argv[1])
+    tools = b.ensure_tools()
+    keys = b.load_keys()
+    jwks = b.jwks_doc(keys)
+    now = int(time.time())
+    warm = b._mint_chunk("RS256", keys["RS256"], 10**9, 1, now - 60, now + 86400)[0]
+    cold_tokens = b.token_file("RS256", keys["RS256"], 100_000)
+    work = b.WORK / "ab"
+    work.mkdir(parents=True, exist_ok=True)
+    idp = b.Idp(jwks)
+    variants: list[tuple[str, b.Envoy, bool]] = []
+    try:
+        for arg in sys.argv[2:]:
+            name, _, rest = arg.partition("=")
+            wasm, *flags = rest.split(":")
+            if "native" in flags:
+                doc = b.native_bootstrap(jwks, False)
+            elif "noop" in flags:
+                src = b.NOOP_WASM if wasm == "x" else Path(wasm)
+                dst = work / f"{name}.wasm"
+                shutil.copy(src, dst)
+                doc = b.bootstrap([b.wasm_filter("noop", dst)])
+            else:
+                dst = work / f"{name}.wasm"
+                shutil.copy(wasm, dst)
+                config = json.loads(b.tollgate_config(idp.port, quota="quota" in flags
+                                                      or "quota-no-headers" in flags))
+                if "quota-no-headers" in flags:
+                    config["quota"]["headers"] = False
+                doc = b.bootstrap([b.wasm_filter("tollgate", dst, json.dumps(config),
+                                                 failure_policy="FAIL_RELOAD")],
+                                  clusters={"idp": idp.port})
+            envoy = b.Envoy("ab-" + name, doc, tools["envoy"], ENVOY_CPU).start()
+            variants.append((name, envoy, "cold" in flags))
+        offsets = {name: 0 for name, _, _ in variants}
+
+        def one(name: str, envoy: b.Envoy, cold: bool, seconds: int) -> tuple[float, float]:
+            if cold:
+                load = dict(tokens=cold_tokens, max_tokens=100_000, offset=offsets[name])
+            else:
+                load = dict(header=f"Authorization: Bearer {warm}")
+            cpu0 = envoy.cpu_ns()
+            done0 = envoy.stats().get("http.ingress.downstream_rq_completed", 0)
+            r = b.wrk(envoy.url, cpu=LOAD_CPU, seconds=seconds, connections=CONNECTIONS, **load)
+            cpu1 = envoy.cpu_ns()
+            done1 = envoy.stats().get("http.ingress.downstream_rq_completed", 0)
+            offsets[name] += r["requests"] + CONNECTIONS
+            if r["status_errors"]:
+                raise SystemExit(f"{name}: {r['status_errors']} answers other than 200")
+            return (cpu1 - cpu0) / 1000 / max(1, done1 - done0), r["rps"]
+
+        for v in variants:
+            one(*v, seconds=2)
+        results: dict[str, list[tuple[float, float]]] = {name: [] for name, _, _ in variants}
+        for cycle in range(cycles):
+            for v in (variants if cycle % 2 == 0 else variants[::-1]):
+                results[v[0]].append(one(*v, seconds=1))
+        first = variants[0][0]
+        for name, rs in results.items():
+            cpu = [c for c, _ in rs]
+            q25 = statistics.quantiles(cpu, n=4)[0] if len(cpu) >= 4 else min(cpu)
+            ratio = statistics.median(results[first][i][0] / rs[i][0] for i in range(cycles))
+            print(f"{name:20} CPU µs/req q25 {q25:6.1f} median {statistics.median(cpu):6.1f} "
+                  f"min {min(cpu):6.1f}   req/s median {statistics.median(r for _, r in rs):8,.0f}   "
+                  f"{first}/{name} by CPU {ratio:.3f}")
+    finally:
+        for _, envoy, _ in variants:
+            envoy.stop()
+        idp.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
