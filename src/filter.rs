@@ -16,7 +16,7 @@ use crate::quota::{SharedStore, StoreError};
 use crate::response::Denial;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, Status};
+use proxy_wasm::types::{Action, ContextType};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -96,14 +96,10 @@ struct HostStore;
 
 impl SharedStore for HostStore {
     fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), StoreError> {
-        hostcalls::get_shared_data(key).map_err(|_| StoreError::Other)
+        raw::get_shared_data(key)
     }
     fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
-        match hostcalls::set_shared_data(key, Some(value), cas) {
-            Ok(()) => Ok(()),
-            Err(Status::CasMismatch) => Err(StoreError::CasMismatch),
-            Err(_) => Err(StoreError::Other),
-        }
+        raw::set_shared_data(key, value, cas)
     }
 }
 
@@ -328,6 +324,37 @@ mod raw {
             return_map_data: *mut *mut u8,
             return_map_size: *mut usize,
         ) -> u32;
+        fn proxy_get_shared_data(
+            key_data: *const u8,
+            key_size: usize,
+            return_value_data: *mut *mut u8,
+            return_value_size: *mut usize,
+            return_cas: *mut u32,
+        ) -> u32;
+        fn proxy_set_shared_data(
+            key_data: *const u8,
+            key_size: usize,
+            value_data: *const u8,
+            value_size: usize,
+            cas: u32,
+        ) -> u32;
+        #[allow(clippy::too_many_arguments)]
+        fn proxy_send_local_response(
+            status_code: u32,
+            status_code_details_data: *const u8,
+            status_code_details_size: usize,
+            body_data: *const u8,
+            body_size: usize,
+            headers_data: *const u8,
+            headers_size: usize,
+            grpc_status: i32,
+        ) -> u32;
+        fn proxy_get_property(
+            path_data: *const u8,
+            path_size: usize,
+            return_value_data: *mut *mut u8,
+            return_value_size: *mut usize,
+        ) -> u32;
         fn proxy_get_buffer_bytes(
             buffer_type: u32,
             start: usize,
@@ -337,10 +364,17 @@ mod raw {
         ) -> u32;
     }
 
+    use crate::quota::StoreError;
+
+    /// proxy-wasm statuses.
+    const OK: u32 = 0;
+    const NOT_FOUND: u32 = 1;
+    const CAS_MISMATCH: u32 = 8;
+
     /// Takes ownership of memory the host allocated through the SDK's
     /// `proxy_on_memory_allocate` (a `Vec<u8>` of that capacity).
     fn owned(status: u32, data: *mut u8, size: usize) -> Option<Vec<u8>> {
-        if status != 0 || data.is_null() {
+        if status != OK || data.is_null() {
             return None;
         }
         // SAFETY: on Ok the host returned `size` bytes it allocated with the
@@ -365,6 +399,69 @@ mod raw {
         let mut size: usize = 0;
         // SAFETY: the out-pointers are valid locals.
         let status = unsafe { proxy_get_header_map_pairs(map_type, &mut data, &mut size) };
+        owned(status, data, size)
+    }
+
+    /// Shared data: `(None, None)` for a missing key; any status other than
+    /// Ok and NotFound is a store error (the SDK would trap).
+    pub fn get_shared_data(key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), StoreError> {
+        let mut data: *mut u8 = std::ptr::null_mut();
+        let mut size: usize = 0;
+        let mut cas: u32 = 0;
+        // SAFETY: the key is a live slice; the out-pointers are valid locals.
+        let status = unsafe {
+            proxy_get_shared_data(key.as_ptr(), key.len(), &mut data, &mut size, &mut cas)
+        };
+        match status {
+            OK => Ok((owned(OK, data, size), (cas != 0).then_some(cas))),
+            NOT_FOUND => Ok((None, None)),
+            _ => Err(StoreError::Other),
+        }
+    }
+
+    /// A write with CAS (`None`: unconditional).
+    pub fn set_shared_data(key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
+        // SAFETY: key and value are live slices.
+        let status = unsafe {
+            proxy_set_shared_data(
+                key.as_ptr(),
+                key.len(),
+                value.as_ptr(),
+                value.len(),
+                cas.unwrap_or(0),
+            )
+        };
+        match status {
+            OK => Ok(()),
+            CAS_MISMATCH => Err(StoreError::CasMismatch),
+            _ => Err(StoreError::Other),
+        }
+    }
+
+    /// Answers the current request locally; false when Envoy refused.
+    pub fn send_local_response(status: u32, headers: &[u8], body: &[u8]) -> bool {
+        // SAFETY: headers and body are live slices; no details string.
+        let status = unsafe {
+            proxy_send_local_response(
+                status,
+                std::ptr::null(),
+                0,
+                body.as_ptr(),
+                body.len(),
+                headers.as_ptr(),
+                headers.len(),
+                -1,
+            )
+        };
+        status == OK
+    }
+
+    /// A property by its NUL-separated path.
+    pub fn property(path: &[u8]) -> Option<Vec<u8>> {
+        let mut data: *mut u8 = std::ptr::null_mut();
+        let mut size: usize = 0;
+        // SAFETY: the path is a live slice; the out-pointers are valid locals.
+        let status = unsafe { proxy_get_property(path.as_ptr(), path.len(), &mut data, &mut size) };
         owned(status, data, size)
     }
 
@@ -514,12 +611,27 @@ fn apply(vm: &mut Vm, context_id: u32, step: Step, facts: &RequestFacts) -> bool
 
 fn deny(denial: &Denial) {
     let r = denial.response();
-    let headers: Vec<(&str, &str)> = r
-        .headers
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    let _ = hostcalls::send_http_response(r.status, headers, Some(r.body.as_bytes()));
+    let headers = serialize_pairs(r.headers.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes())));
+    if !raw::send_local_response(r.status, &headers, r.body.as_bytes()) {
+        log::warn!("Envoy refused the {} answer", r.status);
+    }
+}
+
+/// Pairs serialized as the proxy-wasm ABI has them (see [`HeaderPairs`]).
+fn serialize_pairs<'a>(pairs: impl Iterator<Item = (&'a [u8], &'a [u8])> + Clone) -> Vec<u8> {
+    let as_u32 = |n: usize| u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes();
+    let mut out = as_u32(pairs.clone().count()).to_vec();
+    for (k, v) in pairs.clone() {
+        out.extend_from_slice(&as_u32(k.len()));
+        out.extend_from_slice(&as_u32(v.len()));
+    }
+    for (k, v) in pairs {
+        out.extend_from_slice(k);
+        out.push(0);
+        out.extend_from_slice(v);
+        out.push(0);
+    }
+    out
 }
 
 /// Key set upkeep on every tick: take in what another VM fetched, and fetch
@@ -746,7 +858,7 @@ struct Request {
 
 impl Request {
     fn source_ip(&self) -> Option<String> {
-        let raw = self.get_property(vec!["source", "address"])?;
+        let raw = raw::property(b"source\0address")?;
         let s = String::from_utf8(raw).ok()?;
         Some(strip_port(&s).to_string())
     }
@@ -888,6 +1000,27 @@ mod tests {
             out.push(0);
         }
         out
+    }
+
+    #[test]
+    fn serialized_pairs_are_the_abi_format() {
+        let pairs: Vec<(&[u8], &[u8])> = vec![
+            (b"content-type", b"application/json"),
+            (b"retry-after", b"7"),
+            (b"empty", b""),
+        ];
+        let bytes = serialize_pairs(pairs.iter().copied());
+        assert_eq!(
+            bytes,
+            serialize(&[
+                ("content-type", b"application/json"),
+                ("retry-after", b"7"),
+                ("empty", b""),
+            ])
+        );
+        let back: Vec<(&[u8], &[u8])> = HeaderPairs::new(&bytes).iter().collect();
+        assert_eq!(back, pairs);
+        assert_eq!(serialize_pairs(std::iter::empty()), 0u32.to_le_bytes());
     }
 
     #[test]
