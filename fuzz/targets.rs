@@ -266,6 +266,45 @@ pub fn token(data: &[u8]) {
             }
         }
     }
+    rsa_agrees_with_ring(&token, &with_kids);
+}
+
+/// Every RS256/384/512 key's prepared modulus (`tollgate::rsa`) gives ring's
+/// verdict on the token's signing input and signature, whatever the header.
+fn rsa_agrees_with_ring(token: &str, keys: &KeySet) {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+    use ring::signature as sig;
+    use tollgate::jwks::PublicKey;
+    use tollgate::rsa::Hash;
+    let Some((signed, signature)) = token.rsplit_once('.') else {
+        return;
+    };
+    let Ok(signature) = URL_SAFE_NO_PAD.decode(signature) else {
+        return;
+    };
+    for key in &keys.keys {
+        let PublicKey::Rsa {
+            alg,
+            n,
+            e,
+            modulus: Some(m),
+        } = &key.key
+        else {
+            continue;
+        };
+        let (hash, params) = match alg {
+            jwt::Alg::RS256 => (Hash::Sha256, &sig::RSA_PKCS1_2048_8192_SHA256),
+            jwt::Alg::RS384 => (Hash::Sha384, &sig::RSA_PKCS1_2048_8192_SHA384),
+            jwt::Alg::RS512 => (Hash::Sha512, &sig::RSA_PKCS1_2048_8192_SHA512),
+            _ => continue,
+        };
+        let ours = m.verify(hash, signed.as_bytes(), &signature);
+        let ring = sig::RsaPublicKeyComponents { n, e }
+            .verify(params, signed.as_bytes(), &signature)
+            .is_ok();
+        assert_eq!(ours, ring, "{alg:?}: tollgate::rsa and ring disagree");
+    }
 }
 
 // ---------------------------------------------------------------------------
