@@ -80,19 +80,15 @@ fn verify_rsa(
 ) -> bool {
     use crate::rsa::Hash;
     use ring::signature as sig;
-    let pkcs1 = match alg {
-        Alg::RS256 => Some(Hash::Sha256),
-        Alg::RS384 => Some(Hash::Sha384),
-        Alg::RS512 => Some(Hash::Sha512),
-        _ => None,
-    };
-    let params: &sig::RsaParameters = match alg {
-        Alg::RS256 => &sig::RSA_PKCS1_2048_8192_SHA256,
-        Alg::RS384 => &sig::RSA_PKCS1_2048_8192_SHA384,
-        Alg::RS512 => &sig::RSA_PKCS1_2048_8192_SHA512,
-        Alg::PS256 => &sig::RSA_PSS_2048_8192_SHA256,
-        Alg::PS384 => &sig::RSA_PSS_2048_8192_SHA384,
-        Alg::PS512 => &sig::RSA_PSS_2048_8192_SHA512,
+    // PKCS#1 v1.5 through the prepared modulus when there is one; ring
+    // otherwise (PSS, or a key `rsa::Modulus` refused).
+    let (pkcs1, params): (Option<Hash>, &sig::RsaParameters) = match alg {
+        Alg::RS256 => (Some(Hash::Sha256), &sig::RSA_PKCS1_2048_8192_SHA256),
+        Alg::RS384 => (Some(Hash::Sha384), &sig::RSA_PKCS1_2048_8192_SHA384),
+        Alg::RS512 => (Some(Hash::Sha512), &sig::RSA_PKCS1_2048_8192_SHA512),
+        Alg::PS256 => (None, &sig::RSA_PSS_2048_8192_SHA256),
+        Alg::PS384 => (None, &sig::RSA_PSS_2048_8192_SHA384),
+        Alg::PS512 => (None, &sig::RSA_PSS_2048_8192_SHA512),
         _ => return false,
     };
     let Some((signed, signature)) = token.rsplit_once('.') else {
@@ -247,7 +243,7 @@ fn parse_jwk(jwk: &Value) -> Result<Vec<Key>, String> {
             let n = b64(o, "n")?;
             let e = b64(o, "e")?;
             // Every RSA algorithm shares jwt-simple's key policy (2048-4096
-            // bits, e = 65537); ring then does the arithmetic.
+            // bits, e = 65537); `rsa` (RS*) or ring (PS*) then checks signatures.
             RS256PublicKey::from_components(&n, &e).map_err(weak)?;
             let (n, e) = (strip_leading_zeros(&n), strip_leading_zeros(&e));
             let modulus = crate::rsa::Modulus::new(&n, &e).map(Arc::new);
