@@ -244,9 +244,10 @@ fn response_body(size: usize) -> Vec<u8> {
     raw::buffer(BUFFER_CALLOUT_RESPONSE_BODY, size).unwrap_or_default()
 }
 
-/// proxy-wasm ABI numbers of the map and buffer read above.
-const MAP_CALLOUT_RESPONSE_HEADERS: u32 = 6;
+/// proxy-wasm ABI numbers of the maps and the buffer tollgate reads.
 const MAP_REQUEST_HEADERS: u32 = 0;
+const MAP_CALLOUT_RESPONSE_HEADERS: u32 = 6;
+const BUFFER_CALLOUT_RESPONSE_BODY: u32 = 4;
 
 /// A header map as the proxy-wasm ABI serializes it: a little-endian `u32`
 /// count, then each pair's key and value lengths (`u32` each), then each
@@ -305,11 +306,10 @@ impl<'a> HeaderPairs<'a> {
         })
     }
 }
-const BUFFER_CALLOUT_RESPONSE_BODY: u32 = 4;
-
-/// Reads of callout answers without the SDK's wrappers, which `panic!` (and so
-/// trap the VM) on any host status but Ok and NotFound — Envoy answers
-/// otherwise for an answer cut off mid-way. Here any other status is "none".
+/// Host calls without the SDK's wrappers, which `panic!` (and so trap the VM)
+/// on any host status they do not expect — Envoy answers otherwise, for one,
+/// for a callout answer cut off mid-way. Here every status is mapped: reads
+/// give "none", shared data a store error, a local answer `false`.
 mod raw {
     extern "C" {
         fn proxy_get_header_map_value(
