@@ -87,15 +87,12 @@ def main() -> int:
                 load = dict(tokens=cold_tokens, max_tokens=100_000, offset=offsets[name])
             else:
                 load = dict(header=f"Authorization: Bearer {warm}")
-            cpu0 = envoy.cpu_ns()
-            done0 = envoy.stats().get("http.ingress.downstream_rq_completed", 0)
-            r = b.wrk(envoy.url, cpu=LOAD_CPU, seconds=seconds, connections=CONNECTIONS, **load)
-            cpu1 = envoy.cpu_ns()
-            done1 = envoy.stats().get("http.ingress.downstream_rq_completed", 0)
+            r, _, _ = b.measured_wrk(envoy, seconds=seconds, cpu=LOAD_CPU,
+                                     connections=CONNECTIONS, **load)
             offsets[name] += r["requests"] + CONNECTIONS
             if r["status_errors"]:
                 raise SystemExit(f"{name}: {r['status_errors']} answers other than 200")
-            return (cpu1 - cpu0) / 1000 / max(1, done1 - done0), r["rps"]
+            return r["cpu_us_per_req"] or 0.0, r["rps"]
 
         for v in variants:
             one(*v, seconds=2)

@@ -638,6 +638,23 @@ def wrk(url: str, *, cpu: str | None, seconds: int, connections: int, tokens: Pa
     raise ToolError(f"wrk gave no result ({' '.join(cmd)}):\n{text[-2000:]}")
 
 
+def measured_wrk(envoy: "Envoy", *, seconds: int, cpu: str | None, connections: int,
+                 **load) -> tuple[dict, int, dict[str, int]]:
+    """One wrk run against `envoy`, with Envoy's CPU and counters around it:
+    (wrk's result plus `cpu_us_per_req` and `envoy_cpu_pct`, Envoy CPU ns,
+    the counters that changed)."""
+    s0 = envoy.stats()
+    cpu0 = envoy.cpu_ns()
+    r = wrk(envoy.url, cpu=cpu, seconds=seconds, connections=connections, **load)
+    cpu_ns = envoy.cpu_ns() - cpu0
+    s1 = envoy.stats()
+    delta = {k: s1[k] - s0.get(k, 0) for k in s1 if s1[k] != s0.get(k, 0)}
+    served = delta.get("http.ingress.downstream_rq_completed", 0) or r["requests"]
+    r["cpu_us_per_req"] = cpu_ns / 1000 / served if served else None
+    r["envoy_cpu_pct"] = 100 * cpu_ns / 1000 / r["duration_us"] if r["duration_us"] else None
+    return r, cpu_ns, delta
+
+
 # ---------------------------------------------------------------- configurations
 
 class Config:
@@ -1018,20 +1035,13 @@ class Live:
 
     def slice(self, seconds: int) -> dict:
         o = self.b.o
-        s0 = self.envoy.stats()
-        cpu0 = self.envoy.cpu_ns()
-        r = wrk(self.envoy.url, cpu=o.load_cpu, seconds=seconds, connections=o.connections,
-                **self.load(), save=self.envoy.dir / f"wrk-{len(self.slices) + 1}.txt")
-        cpu1 = self.envoy.cpu_ns()
-        s1 = self.envoy.stats()
-        delta = {k: s1[k] - s0.get(k, 0) for k in s1 if s1[k] != s0.get(k, 0)}
+        r, cpu_ns, delta = measured_wrk(self.envoy, seconds=seconds, cpu=o.load_cpu,
+                                        connections=o.connections, **self.load(),
+                                        save=self.envoy.dir / f"wrk-{len(self.slices) + 1}.txt")
         for k, v in delta.items():
             self.delta[k] = self.delta.get(k, 0) + v
-        self.cpu_ns += cpu1 - cpu0
+        self.cpu_ns += cpu_ns
         self.offset += r["requests"] + o.connections
-        served = delta.get("http.ingress.downstream_rq_completed", 0) or r["requests"]
-        r["cpu_us_per_req"] = (cpu1 - cpu0) / 1000 / served if served else None
-        r["envoy_cpu_pct"] = 100 * (cpu1 - cpu0) / 1000 / r["duration_us"] if r["duration_us"] else None
         self.slices.append(r)
         return r
 

@@ -986,20 +986,9 @@ impl HttpContext for Request {
 mod tests {
     use super::*;
 
-    /// Serializes pairs as the proxy-wasm ABI does.
+    /// [`serialize_pairs`] of string names (its layout is pinned below).
     fn serialize(pairs: &[(&str, &[u8])]) -> Vec<u8> {
-        let mut out = (pairs.len() as u32).to_le_bytes().to_vec();
-        for (k, v) in pairs {
-            out.extend_from_slice(&(k.len() as u32).to_le_bytes());
-            out.extend_from_slice(&(v.len() as u32).to_le_bytes());
-        }
-        for (k, v) in pairs {
-            out.extend_from_slice(k.as_bytes());
-            out.push(0);
-            out.extend_from_slice(v);
-            out.push(0);
-        }
-        out
+        serialize_pairs(pairs.iter().map(|(k, v)| (k.as_bytes(), *v)))
     }
 
     #[test]
@@ -1010,14 +999,13 @@ mod tests {
             (b"empty", b""),
         ];
         let bytes = serialize_pairs(pairs.iter().copied());
-        assert_eq!(
-            bytes,
-            serialize(&[
-                ("content-type", b"application/json"),
-                ("retry-after", b"7"),
-                ("empty", b""),
-            ])
-        );
+        // Count, then (key, value) lengths, then key NUL value NUL each.
+        let mut expected = vec![
+            3, 0, 0, 0, 12, 0, 0, 0, 16, 0, 0, 0, 11, 0, 0, 0, 1, 0, 0, 0,
+        ];
+        expected.extend_from_slice(&[5, 0, 0, 0, 0, 0, 0, 0]);
+        expected.extend_from_slice(b"content-type\0application/json\0retry-after\x007\0empty\0\0");
+        assert_eq!(bytes, expected);
         let back: Vec<(&[u8], &[u8])> = HeaderPairs::new(&bytes).iter().collect();
         assert_eq!(back, pairs);
         assert_eq!(serialize_pairs(std::iter::empty()), 0u32.to_le_bytes());
