@@ -14,10 +14,11 @@ use std::collections::HashMap;
 use std::rc::Rc;
 
 /// What the decision needs to know of a request.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RequestFacts {
     pub method: String,
-    /// The normalised path (see `policy::normalize_path`).
+    /// The normalised path (see `policy::normalize_path`); empty when the
+    /// configuration needs no path (`Config::needs_path`).
     pub path: String,
     /// The raw `Authorization` value, if any.
     pub authorization: Option<Vec<u8>>,

@@ -107,6 +107,15 @@ const MAX_SECONDS: u64 = 10 * 365 * 86400;
 const MAX_TIMEOUT_MS: u64 = 600_000;
 
 impl Config {
+    /// Whether a decision reads the request path: public paths, route rules
+    /// and the custom provider (which forwards it) do. Without them the path
+    /// is not read or checked at all (see the README's path normalisation).
+    pub fn needs_path(&self) -> bool {
+        !self.public_paths.is_empty()
+            || !self.route_rules.is_empty()
+            || matches!(self.auth, Some(AuthConfig::Custom(_)))
+    }
+
     /// Parses the plugin configuration bytes (a JSON object; empty means `{}`).
     pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
         let text = std::str::from_utf8(bytes)
@@ -452,6 +461,20 @@ mod tests {
         assert_eq!(j.jwks_token, None);
         assert!(c.public_paths.matches("/v1/health"));
         assert_eq!(c.forward, Forward::default());
+    }
+
+    #[test]
+    fn the_path_is_needed_only_by_public_paths_rules_and_the_custom_provider() {
+        let mut v = jwt_example();
+        assert!(Config::from_value(&v).unwrap().needs_path());
+        v["public_paths"] = json!([]);
+        assert!(!Config::from_value(&v).unwrap().needs_path());
+        v["route_scopes"] = json!([{"path": "/v1/admin", "required_scope": "admin"}]);
+        assert!(Config::from_value(&v).unwrap().needs_path());
+        let custom = json!({"auth": {"provider_config": {"type": "custom",
+            "endpoint": "http://auth.local/check", "cluster": "auth"}}});
+        assert!(Config::from_value(&custom).unwrap().needs_path());
+        assert!(!Config::from_value(&json!({})).unwrap().needs_path());
     }
 
     #[test]

@@ -8,6 +8,10 @@
 
 use crate::auth::{self, Core, RequestFacts, Step, LEASE_MARGIN_MS};
 use crate::config::{AuthConfig, Config, JwtConfig};
+use crate::host::{
+    self, BUFFER_CALLOUT_RESPONSE_BODY, BUFFER_PLUGIN_CONFIGURATION, MAP_CALLOUT_RESPONSE_HEADERS,
+    MAP_REQUEST_HEADERS, MAP_RESPONSE_HEADERS,
+};
 use crate::introspection::Answer;
 use crate::jwks::{self, FetchError, SharedKeys};
 use crate::metrics::Metrics;
@@ -20,7 +24,7 @@ use proxy_wasm::types::{Action, ContextType};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
 /// Largest callout answer read (bytes); larger answers count as a failure.
 pub const MAX_CALLOUT_BODY: usize = 1024 * 1024;
@@ -29,10 +33,11 @@ pub const MAX_WAITERS: usize = 4096;
 /// Most distinct provider callouts (introspection, custom) queued or under way
 /// per VM; requests needing another one get 503 until one ends.
 pub const MAX_PROVIDER_CALLOUTS: usize = 256;
-const IDLE_TICK: Duration = Duration::from_millis(1000);
-const SOON_TICK: Duration = Duration::from_millis(1);
+/// Tick periods, milliseconds.
+const IDLE_TICK_MS: u32 = 1000;
+const SOON_TICK_MS: u32 = 1;
 /// While requests wait for another VM's fetch, look for its result this often.
-const POLL_TICK: Duration = Duration::from_millis(20);
+const POLL_TICK_MS: u32 = 20;
 
 /// State shared by a VM's root context and its HTTP contexts.
 struct Vm {
@@ -85,10 +90,7 @@ enum Outcome {
 type Shared = Rc<RefCell<Option<Vm>>>;
 
 fn now_ms() -> u64 {
-    hostcalls::get_current_time()
-        .ok()
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    host::now_ns().map_or(0, |ns| ns / 1_000_000)
 }
 
 /// Shared data through the host.
@@ -96,10 +98,10 @@ struct HostStore;
 
 impl SharedStore for HostStore {
     fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), StoreError> {
-        raw::get_shared_data(key)
+        host::get_shared_data(key)
     }
     fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
-        raw::set_shared_data(key, value, cas)
+        host::set_shared_data(key, value, cas)
     }
 }
 
@@ -235,19 +237,14 @@ fn finish_fetch(vm: &mut Vm, record: jwks::FetchRecord) {
 
 /// The `:status` of a callout's answer.
 fn response_status() -> Option<u16> {
-    let s = raw::header_map_value(MAP_CALLOUT_RESPONSE_HEADERS, ":status")?;
+    let s = host::header_map_value(MAP_CALLOUT_RESPONSE_HEADERS, ":status")?;
     std::str::from_utf8(&s).ok()?.parse().ok()
 }
 
 /// The body of a callout's answer (the caller checked its size).
 fn response_body(size: usize) -> Vec<u8> {
-    raw::buffer(BUFFER_CALLOUT_RESPONSE_BODY, size).unwrap_or_default()
+    host::buffer(BUFFER_CALLOUT_RESPONSE_BODY, size).unwrap_or_default()
 }
-
-/// proxy-wasm ABI numbers of the maps and the buffer tollgate reads.
-const MAP_REQUEST_HEADERS: u32 = 0;
-const MAP_CALLOUT_RESPONSE_HEADERS: u32 = 6;
-const BUFFER_CALLOUT_RESPONSE_BODY: u32 = 4;
 
 /// A header map as the proxy-wasm ABI serializes it: a little-endian `u32`
 /// count, then each pair's key and value lengths (`u32` each), then each
@@ -306,185 +303,17 @@ impl<'a> HeaderPairs<'a> {
         })
     }
 }
-/// Host calls without the SDK's wrappers, which `panic!` (and so trap the VM)
-/// on any host status they do not expect — Envoy answers otherwise, for one,
-/// for a callout answer cut off mid-way. Here every status is mapped: reads
-/// give "none", shared data a store error, a local answer `false`.
-mod raw {
-    extern "C" {
-        fn proxy_get_header_map_value(
-            map_type: u32,
-            key_data: *const u8,
-            key_size: usize,
-            return_value_data: *mut *mut u8,
-            return_value_size: *mut usize,
-        ) -> u32;
-        fn proxy_get_header_map_pairs(
-            map_type: u32,
-            return_map_data: *mut *mut u8,
-            return_map_size: *mut usize,
-        ) -> u32;
-        fn proxy_get_shared_data(
-            key_data: *const u8,
-            key_size: usize,
-            return_value_data: *mut *mut u8,
-            return_value_size: *mut usize,
-            return_cas: *mut u32,
-        ) -> u32;
-        fn proxy_set_shared_data(
-            key_data: *const u8,
-            key_size: usize,
-            value_data: *const u8,
-            value_size: usize,
-            cas: u32,
-        ) -> u32;
-        #[allow(clippy::too_many_arguments)]
-        fn proxy_send_local_response(
-            status_code: u32,
-            status_code_details_data: *const u8,
-            status_code_details_size: usize,
-            body_data: *const u8,
-            body_size: usize,
-            headers_data: *const u8,
-            headers_size: usize,
-            grpc_status: i32,
-        ) -> u32;
-        fn proxy_get_property(
-            path_data: *const u8,
-            path_size: usize,
-            return_value_data: *mut *mut u8,
-            return_value_size: *mut usize,
-        ) -> u32;
-        fn proxy_get_buffer_bytes(
-            buffer_type: u32,
-            start: usize,
-            max_size: usize,
-            return_buffer_data: *mut *mut u8,
-            return_buffer_size: *mut usize,
-        ) -> u32;
-    }
-
-    use crate::quota::StoreError;
-
-    /// proxy-wasm statuses.
-    const OK: u32 = 0;
-    const NOT_FOUND: u32 = 1;
-    const CAS_MISMATCH: u32 = 8;
-
-    /// Takes ownership of memory the host allocated through the SDK's
-    /// `proxy_on_memory_allocate` (a `Vec<u8>` of that capacity).
-    fn owned(status: u32, data: *mut u8, size: usize) -> Option<Vec<u8>> {
-        if status != OK || data.is_null() {
-            return None;
-        }
-        // SAFETY: on Ok the host returned `size` bytes it allocated with the
-        // module's allocator, as a Vec<u8> of capacity `size`; ownership is ours.
-        Some(unsafe { Vec::from_raw_parts(data, size, size) })
-    }
-
-    pub fn header_map_value(map_type: u32, key: &str) -> Option<Vec<u8>> {
-        let mut data: *mut u8 = std::ptr::null_mut();
-        let mut size: usize = 0;
-        // SAFETY: the key is a live slice; the out-pointers are valid locals.
-        let status = unsafe {
-            proxy_get_header_map_value(map_type, key.as_ptr(), key.len(), &mut data, &mut size)
-        };
-        owned(status, data, size)
-    }
-
-    /// The whole header map, serialized as the ABI has it (see
-    /// [`super::HeaderPairs`]): one host call for every header.
-    pub fn header_map_pairs(map_type: u32) -> Option<Vec<u8>> {
-        let mut data: *mut u8 = std::ptr::null_mut();
-        let mut size: usize = 0;
-        // SAFETY: the out-pointers are valid locals.
-        let status = unsafe { proxy_get_header_map_pairs(map_type, &mut data, &mut size) };
-        owned(status, data, size)
-    }
-
-    /// Shared data: `(None, None)` for a missing key; any status other than
-    /// Ok and NotFound is a store error (the SDK would trap).
-    pub fn get_shared_data(key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), StoreError> {
-        let mut data: *mut u8 = std::ptr::null_mut();
-        let mut size: usize = 0;
-        let mut cas: u32 = 0;
-        // SAFETY: the key is a live slice; the out-pointers are valid locals.
-        let status = unsafe {
-            proxy_get_shared_data(key.as_ptr(), key.len(), &mut data, &mut size, &mut cas)
-        };
-        match status {
-            OK => Ok((owned(OK, data, size), (cas != 0).then_some(cas))),
-            NOT_FOUND => Ok((None, None)),
-            _ => Err(StoreError::Other),
-        }
-    }
-
-    /// A write with CAS (`None`: unconditional).
-    pub fn set_shared_data(key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
-        // SAFETY: key and value are live slices.
-        let status = unsafe {
-            proxy_set_shared_data(
-                key.as_ptr(),
-                key.len(),
-                value.as_ptr(),
-                value.len(),
-                cas.unwrap_or(0),
-            )
-        };
-        match status {
-            OK => Ok(()),
-            CAS_MISMATCH => Err(StoreError::CasMismatch),
-            _ => Err(StoreError::Other),
-        }
-    }
-
-    /// Answers the current request locally; false when Envoy refused.
-    pub fn send_local_response(status: u32, headers: &[u8], body: &[u8]) -> bool {
-        // SAFETY: headers and body are live slices; no details string.
-        let status = unsafe {
-            proxy_send_local_response(
-                status,
-                std::ptr::null(),
-                0,
-                body.as_ptr(),
-                body.len(),
-                headers.as_ptr(),
-                headers.len(),
-                -1,
-            )
-        };
-        status == OK
-    }
-
-    /// A property by its NUL-separated path.
-    pub fn property(path: &[u8]) -> Option<Vec<u8>> {
-        let mut data: *mut u8 = std::ptr::null_mut();
-        let mut size: usize = 0;
-        // SAFETY: the path is a live slice; the out-pointers are valid locals.
-        let status = unsafe { proxy_get_property(path.as_ptr(), path.len(), &mut data, &mut size) };
-        owned(status, data, size)
-    }
-
-    pub fn buffer(buffer_type: u32, max_size: usize) -> Option<Vec<u8>> {
-        let mut data: *mut u8 = std::ptr::null_mut();
-        let mut size: usize = 0;
-        // SAFETY: the out-pointers are valid locals.
-        let status =
-            unsafe { proxy_get_buffer_bytes(buffer_type, 0, max_size, &mut data, &mut size) };
-        owned(status, data, size)
-    }
-}
 
 /// Decides every request parked for keys again and answers or resumes it.
 fn resume_waiters(vm: &mut Vm, now: u64) {
     let waiters = std::mem::take(&mut vm.waiters);
     for (id, facts) in waiters {
-        if hostcalls::set_effective_context(id).is_err() {
+        if !host::set_effective_context(id) {
             continue;
         }
         let step = vm.core.decide(&facts, now, &HostStore);
         if handle(vm, id, facts, step) == Outcome::Continue {
-            let _ = hostcalls::resume_http_request();
+            host::continue_request();
         }
     }
 }
@@ -503,12 +332,12 @@ fn complete_callout(vm: &mut Vm, key: auth::CacheKey, answer: Answer, now: u64) 
     };
     vm.metrics.callout(provider, outcome);
     for (id, facts) in vm.callout_waiters.remove(&key).unwrap_or_default() {
-        if hostcalls::set_effective_context(id).is_err() {
+        if !host::set_effective_context(id) {
             continue;
         }
         let step = vm.core.finish(&facts, result.clone(), now, &HostStore);
         if handle(vm, id, facts, step) == Outcome::Continue {
-            let _ = hostcalls::resume_http_request();
+            host::continue_request();
         }
     }
 }
@@ -549,6 +378,19 @@ fn handle(vm: &mut Vm, id: u32, facts: RequestFacts, step: Step) -> Outcome {
     }
 }
 
+/// Decides a request just read and carries the decision out.
+fn decide(vm: &mut Vm, id: u32, parked: &mut bool, facts: RequestFacts) -> Action {
+    let step = vm.core.decide(&facts, now_ms(), &HostStore);
+    match handle(vm, id, facts, step) {
+        Outcome::Continue => Action::Continue,
+        Outcome::Answered => Action::Pause,
+        Outcome::Parked => {
+            *parked = true;
+            Action::Pause
+        }
+    }
+}
+
 /// Answers a request locally: the denial, its metric, its debug line.
 fn refuse(vm: &Vm, facts: &RequestFacts, denial: &Denial) {
     refuse_request(vm, &facts.method, &facts.path, denial);
@@ -569,7 +411,7 @@ fn refuse_request(vm: &Vm, method: &str, path: &str, denial: &Denial) {
 fn tick_soon(vm: &mut Vm) {
     if !vm.tick_soon {
         vm.tick_soon = true;
-        let _ = hostcalls::set_tick_period(SOON_TICK);
+        host::set_tick_period_ms(SOON_TICK_MS);
     }
 }
 
@@ -589,11 +431,15 @@ fn apply(vm: &mut Vm, context_id: u32, step: Step, facts: &RequestFacts) -> bool
                 ),
                 None => (None, None),
             };
-            let headers = proxy_wasm::types::MapType::HttpRequestHeaders;
-            let _ = hostcalls::set_map_value(headers, &forward.principal_header, principal);
-            let _ = hostcalls::set_map_value(headers, &forward.attributes_header, attributes);
+            let map = MAP_REQUEST_HEADERS;
+            host::set_header(map, &forward.principal_header, principal.map(str::as_bytes));
+            host::set_header(
+                map,
+                &forward.attributes_header,
+                attributes.map(str::as_bytes),
+            );
             if allowed.identity.is_some() && forward.strip_authorization {
-                let _ = hostcalls::set_map_value(headers, "authorization", None);
+                host::set_header(map, "authorization", None);
             }
             if !allowed.response_headers.is_empty() {
                 vm.response_headers
@@ -612,7 +458,7 @@ fn apply(vm: &mut Vm, context_id: u32, step: Step, facts: &RequestFacts) -> bool
 fn deny(denial: &Denial) {
     let r = denial.response();
     let headers = serialize_pairs(r.headers.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes())));
-    if !raw::send_local_response(r.status, &headers, r.body.as_bytes()) {
+    if !host::send_local_response(r.status, &headers, r.body.as_bytes()) {
         log::warn!("Envoy refused the {} answer", r.status);
     }
 }
@@ -775,11 +621,7 @@ fn dispatch_queued(vm: &mut Vm, now: u64) {
 
 impl RootContext for Root {
     fn on_configure(&mut self, size: usize) -> bool {
-        let bytes =
-            hostcalls::get_buffer(proxy_wasm::types::BufferType::PluginConfiguration, 0, size)
-                .ok()
-                .flatten()
-                .unwrap_or_default();
+        let bytes = host::buffer(BUFFER_PLUGIN_CONFIGURATION, size).unwrap_or_default();
         let metrics = Metrics::define();
         match Config::parse(&bytes) {
             Ok(config) => {
@@ -801,7 +643,7 @@ impl RootContext for Root {
                     reported_hits: 0,
                     reported_misses: 0,
                 });
-                let _ = hostcalls::set_tick_period(SOON_TICK);
+                host::set_tick_period_ms(SOON_TICK_MS);
                 true
             }
             Err(e) => {
@@ -828,11 +670,11 @@ impl RootContext for Root {
         }
         if !vm.tick_soon {
             let period = if vm.waiters.is_empty() && vm.queued.is_empty() {
-                IDLE_TICK
+                IDLE_TICK_MS
             } else {
-                POLL_TICK
+                POLL_TICK_MS
             };
-            let _ = hostcalls::set_tick_period(period);
+            host::set_tick_period_ms(period);
         }
     }
 
@@ -858,7 +700,7 @@ struct Request {
 
 impl Request {
     fn source_ip(&self) -> Option<String> {
-        let raw = raw::property(b"source\0address")?;
+        let raw = host::property(b"source\0address")?;
         let s = String::from_utf8(raw).ok()?;
         Some(strip_port(&s).to_string())
     }
@@ -886,9 +728,25 @@ impl HttpContext for Request {
         };
         let config = vm.core.config.clone();
 
-        // Every header in one host call (measured cheaper than one call per
-        // header), read in place.
-        let map = raw::header_map_pairs(MAP_REQUEST_HEADERS).unwrap_or_default();
+        // Without public paths, route rules or the custom provider nothing
+        // reads the path: one read of `authorization`, as any authenticating
+        // filter must do. Otherwise every header in one host call (measured
+        // cheaper than one call per header), read in place.
+        if !config.needs_path() && !log::log_enabled!(log::Level::Debug) {
+            let facts = RequestFacts {
+                // Envoy joins several Authorization headers into one value
+                // (never a valid token).
+                authorization: host::header_map_value(MAP_REQUEST_HEADERS, "authorization"),
+                source_ip: if config.quota.is_some() && config.auth.is_none() {
+                    self.source_ip()
+                } else {
+                    None
+                },
+                ..RequestFacts::default()
+            };
+            return decide(vm, self.id, &mut self.parked, facts);
+        }
+        let map = host::header_map_pairs(MAP_REQUEST_HEADERS).unwrap_or_default();
         let pairs = HeaderPairs::new(&map);
         let raw_path = pairs.get(":path").unwrap_or_default();
         let path = match std::str::from_utf8(raw_path)
@@ -912,8 +770,6 @@ impl HttpContext for Request {
                 .unwrap_or_default()
                 .to_string()
         };
-        // Envoy joins several Authorization headers into one value (never a
-        // valid token).
         let authorization = pairs.get("authorization").map(<[u8]>::to_vec);
         // Only anonymous requests are counted by address.
         let anonymous = config.auth.is_none() || config.public_paths.matches(&path);
@@ -946,15 +802,7 @@ impl HttpContext for Request {
             raw_path,
             headers,
         };
-        let step = vm.core.decide(&facts, now_ms(), &HostStore);
-        match handle(vm, self.id, facts, step) {
-            Outcome::Continue => Action::Continue,
-            Outcome::Answered => Action::Pause,
-            Outcome::Parked => {
-                self.parked = true;
-                Action::Pause
-            }
-        }
+        decide(vm, self.id, &mut self.parked, facts)
     }
 
     fn on_http_response_headers(&mut self, _n: usize, _eos: bool) -> Action {
@@ -964,7 +812,7 @@ impl HttpContext for Request {
             .as_mut()
             .and_then(|vm| vm.response_headers.remove(&self.id));
         for (k, v) in headers.unwrap_or_default() {
-            self.set_http_response_header(&k, Some(&v));
+            host::set_header(MAP_RESPONSE_HEADERS, &k, Some(v.as_bytes()));
         }
         Action::Continue
     }

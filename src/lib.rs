@@ -22,6 +22,7 @@ pub mod config;
 mod crypto_tests;
 pub mod custom;
 pub mod filter;
+mod host;
 pub mod introspection;
 pub mod json;
 pub mod jwks;

@@ -5,8 +5,7 @@
 //! into Prometheus labels (see `envoy/envoy.yaml`); without that config they
 //! appear flattened, e.g. `tollgate_requests_denied_total_reason_expired`.
 
-use proxy_wasm::hostcalls;
-use proxy_wasm::types::MetricType;
+use crate::host::{self, METRIC_COUNTER, METRIC_GAUGE};
 use std::collections::HashMap;
 
 /// Every denial reason (`Denial::reason`, `ProviderError::reason`).
@@ -70,11 +69,11 @@ impl Metrics {
         let mut ids = HashMap::new();
         for name in all_names() {
             let kind = if name.ends_with("_seconds") {
-                MetricType::Gauge
+                METRIC_GAUGE
             } else {
-                MetricType::Counter
+                METRIC_COUNTER
             };
-            if let Ok(id) = hostcalls::define_metric(kind, &name) {
+            if let Some(id) = host::define_metric(kind, &name) {
                 ids.insert(name, id);
             }
         }
@@ -87,7 +86,7 @@ impl Metrics {
             return;
         }
         if let Some(id) = self.ids.get(name) {
-            let _ = hostcalls::increment_metric(*id, i64::try_from(n).unwrap_or(i64::MAX));
+            host::increment_metric(*id, i64::try_from(n).unwrap_or(i64::MAX));
         }
     }
 
@@ -98,7 +97,7 @@ impl Metrics {
     /// Adds `n` allowed requests (counted locally, reported on the tick).
     pub fn allowed(&self, n: u64) {
         if let (Some(id), true) = (self.allowed, n > 0) {
-            let _ = hostcalls::increment_metric(id, i64::try_from(n).unwrap_or(i64::MAX));
+            host::increment_metric(id, i64::try_from(n).unwrap_or(i64::MAX));
         }
     }
 
@@ -125,7 +124,7 @@ impl Metrics {
 
     pub fn set_gauge(&self, name: &str, value: u64) {
         if let Some(id) = self.ids.get(name) {
-            let _ = hostcalls::record_metric(*id, value);
+            host::record_metric(*id, value);
         }
     }
 }

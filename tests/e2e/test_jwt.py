@@ -247,6 +247,53 @@ def test_spoofed_identity_headers_removed_on_public_path(gw):
     assert "x-auth-principal" not in h and "x-auth-attributes" not in h
 
 
+# -- no public paths, no route rules: only `authorization` is read --------------
+
+@pytest.fixture(scope="module")
+def gw_no_paths(module_idp, module_envoy, keys):
+    """The contract's configuration without public paths or route rules:
+    nothing matches the path, so tollgate reads `authorization` alone."""
+    module_idp.set_keys(*keys.values())
+    return module_envoy(jwt_config(module_idp.port, public_paths=[]))
+
+
+@pytest.mark.parametrize("alg", ["RS256", "PS256", "ES256", "EdDSA"])
+def test_no_paths_valid_token_forwards_identity_over_spoofs(gw_no_paths, keys, alg, upstream):
+    token = keys[alg].sign(tokens.claims(sub="alice", groups=["g1"], scope="read write"))
+    r = gw_no_paths.get(API, token=token, headers=SPOOF)
+    h = forwarded(r)
+    assert h["x-auth-principal"] == "alice"
+    assert json.loads(h["x-auth-attributes"]) == {
+        "roles": ["alice"], "scopes": ["read", "write"], "teams": ["g1"]}
+    names = [n for n, _ in r.json()["header_list"]]
+    assert names.count("x-auth-principal") == 1 and names.count("x-auth-attributes") == 1
+    assert upstream.count(API) == 1
+
+
+@pytest.mark.parametrize("case", ["expired", "wrong_audience", "tampered_claims", "alg_none", "garbage"])
+def test_no_paths_rejected_token(gw_no_paths, keys, case, upstream):
+    r = gw_no_paths.get(API, token=REJECTED[case](keys))
+    assert_denied(r, 401, MSG_INVALID, token_presented=True)
+    assert upstream.received() == []
+
+
+def test_no_paths_missing_or_malformed_authorization(gw_no_paths, upstream):
+    assert_denied(gw_no_paths.get("/v1/health", headers=SPOOF), 401, MSG_REQUIRED,
+                  token_presented=False)
+    assert_denied(gw_no_paths.get(API, headers={"Authorization": "Basic dXNlcjpwYXNz"}), 401,
+                  MSG_FORMAT)
+    assert upstream.received() == []
+
+
+def test_no_paths_the_path_is_not_checked(gw_no_paths, rsa, upstream):
+    """With nothing matched against the path it is not normalised, so a path
+    that route rules would refuse with 400 reaches the upstream (Envoy's own
+    path options govern it)."""
+    r = gw_no_paths.get("/v1/models%2Fx", token=rsa.sign(tokens.claims(sub="alice")))
+    assert forwarded(r)["x-auth-principal"] == "alice"
+    assert [q.route for q in upstream.received()] == ["/v1/models%2Fx"]
+
+
 def test_strip_authorization(envoy, idp, rsa):
     idp.set_keys(rsa)
     gw = envoy(jwt_config(idp.port, forward={"strip_authorization": True}))
