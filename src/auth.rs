@@ -8,7 +8,7 @@ use crate::config::{AuthConfig, Config, JwtConfig, Upstream};
 use crate::introspection::{Answer, CalloutRequest, ProviderError};
 use crate::jwks::{FetchError, JwksState};
 use crate::jwt::{self, Rules, TokenError};
-use crate::quota::{self, Client, QuotaDecision, SharedStore};
+use crate::quota::{self, Client, QuotaDecision, RateLimit, SharedStore};
 use crate::response::Denial;
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -36,8 +36,8 @@ pub struct RequestFacts {
 pub struct Allowed {
     /// Absent for anonymous requests (public paths, no `auth`).
     pub identity: Option<Rc<Identity>>,
-    /// `RateLimit-*` headers for the response, when quotas send them.
-    pub response_headers: Vec<(String, String)>,
+    /// `RateLimit-*` values for the response, when quotas send them.
+    pub rate_limit: Option<RateLimit>,
 }
 
 /// What to do with a request now.
@@ -293,7 +293,7 @@ impl Core {
                 return Step::Deny(Denial::Forbidden(why));
             }
         }
-        let mut response_headers = Vec::new();
+        let mut rate_limit = None;
         if let Some(q) = &config.quota {
             let client = match (&identity, &req.source_ip) {
                 (Some(id), _) => Client::Principal(&id.principal),
@@ -301,27 +301,23 @@ impl Core {
                 (None, None) => Client::Anonymous("unknown"),
             };
             let headers = |limit: u64, remaining: u64, reset: u64| {
-                if q.headers {
-                    vec![
-                        ("ratelimit-limit".to_string(), limit.to_string()),
-                        ("ratelimit-remaining".to_string(), remaining.to_string()),
-                        ("ratelimit-reset".to_string(), reset.to_string()),
-                    ]
-                } else {
-                    Vec::new()
-                }
+                q.headers.then_some(RateLimit {
+                    limit,
+                    remaining,
+                    reset,
+                })
             };
             match quota::check(q, store, &client, now_ms / 1000) {
                 QuotaDecision::Allowed {
                     limit,
                     remaining,
                     reset,
-                } => response_headers = headers(limit, remaining, reset),
+                } => rate_limit = headers(limit, remaining, reset),
                 QuotaDecision::Exceeded { limit, reset } => {
                     log::debug!("quota of {limit} used up by {client:?}");
                     return Step::Deny(Denial::QuotaExceeded {
                         retry_after: reset,
-                        headers: headers(limit, 0, reset),
+                        rate_limit: headers(limit, 0, reset),
                     });
                 }
                 QuotaDecision::Contended => return Step::Deny(Denial::QuotaContended),
@@ -330,7 +326,7 @@ impl Core {
         }
         Step::Allow(Allowed {
             identity,
-            response_headers,
+            rate_limit,
         })
     }
 
@@ -522,6 +518,68 @@ mod tests {
         assert_ne!(h.key(&[b"ab", b"c"]), h.key(&[b"a", b"bc"]));
         let other = TokenHasher::default();
         assert_ne!(h.key(&[b"abc"]), other.key(&[b"abc"]), "per-VM keys");
+    }
+
+    /// Anonymous requests of one address against a quota of 2 a day.
+    fn anonymous_quota_steps(headers: bool) -> Vec<Step> {
+        let config = Config::parse(
+            format!(r#"{{"quota": {{"anonymous_max_requests": 2, "headers": {headers}}}}}"#)
+                .as_bytes(),
+        )
+        .unwrap();
+        let mut core = Core::new(Rc::new(config));
+        let store = quota::fake::FakeStore::new();
+        let req = RequestFacts {
+            path: "/v1/models".into(),
+            source_ip: Some("192.0.2.7".into()),
+            ..RequestFacts::default()
+        };
+        // 1 s before a day boundary: the window resets in 1 s.
+        let now_ms = (86_400 * 20_000 - 1) * 1000;
+        (0..3).map(|_| core.decide(&req, now_ms, &store)).collect()
+    }
+
+    #[test]
+    fn quota_rate_limit_values_follow_the_count() {
+        let rl = |remaining| {
+            Some(RateLimit {
+                limit: 2,
+                remaining,
+                reset: 1,
+            })
+        };
+        let allowed = |remaining| {
+            Step::Allow(Allowed {
+                identity: None,
+                rate_limit: rl(remaining),
+            })
+        };
+        let refused = Step::Deny(Denial::QuotaExceeded {
+            retry_after: 1,
+            rate_limit: rl(0),
+        });
+        assert_eq!(
+            anonymous_quota_steps(true),
+            [allowed(1), allowed(0), refused]
+        );
+        let steps = anonymous_quota_steps(false);
+        assert!(matches!(
+            steps.as_slice(),
+            [
+                Step::Allow(Allowed {
+                    rate_limit: None,
+                    ..
+                }),
+                Step::Allow(Allowed {
+                    rate_limit: None,
+                    ..
+                }),
+                Step::Deny(Denial::QuotaExceeded {
+                    retry_after: 1,
+                    rate_limit: None
+                })
+            ]
+        ));
     }
 
     #[test]

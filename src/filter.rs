@@ -16,7 +16,7 @@ use crate::introspection::Answer;
 use crate::jwks::{self, FetchError, SharedKeys};
 use crate::metrics::Metrics;
 use crate::policy;
-use crate::quota::{SharedStore, StoreError};
+use crate::quota::{RateLimit, SharedStore, StoreError};
 use crate::response::Denial;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -51,7 +51,7 @@ struct Vm {
     /// Provider callouts to dispatch on the next tick.
     queued: Vec<auth::Callout>,
     /// Response headers to add, by HTTP context id.
-    response_headers: HashMap<u32, Vec<(String, String)>>,
+    rate_limits: HashMap<u32, RateLimit>,
     tick_soon: bool,
     /// Where the key set is shared with the other VMs.
     shared_keys: Option<SharedKeys>,
@@ -441,9 +441,8 @@ fn apply(vm: &mut Vm, context_id: u32, step: Step, facts: &RequestFacts) -> bool
             if allowed.identity.is_some() && forward.strip_authorization {
                 host::set_header(map, "authorization", None);
             }
-            if !allowed.response_headers.is_empty() {
-                vm.response_headers
-                    .insert(context_id, allowed.response_headers);
+            if let Some(rate_limit) = allowed.rate_limit {
+                vm.rate_limits.insert(context_id, rate_limit);
             }
             true
         }
@@ -635,7 +634,7 @@ impl RootContext for Root {
                     callouts: HashMap::new(),
                     callout_waiters: HashMap::new(),
                     queued: Vec::new(),
-                    response_headers: HashMap::new(),
+                    rate_limits: HashMap::new(),
                     tick_soon: false,
                     shared_keys,
                     metrics,
@@ -806,20 +805,20 @@ impl HttpContext for Request {
     }
 
     fn on_http_response_headers(&mut self, _n: usize, _eos: bool) -> Action {
-        let headers = self
+        let rate_limit = self
             .vm
             .borrow_mut()
             .as_mut()
-            .and_then(|vm| vm.response_headers.remove(&self.id));
-        for (k, v) in headers.unwrap_or_default() {
-            host::set_header(MAP_RESPONSE_HEADERS, &k, Some(v.as_bytes()));
+            .and_then(|vm| vm.rate_limits.remove(&self.id));
+        for (k, v) in rate_limit.iter().flat_map(RateLimit::headers) {
+            host::set_header(MAP_RESPONSE_HEADERS, k, Some(v.as_bytes()));
         }
         Action::Continue
     }
 
     fn on_log(&mut self) {
         if let Some(vm) = self.vm.borrow_mut().as_mut() {
-            vm.response_headers.remove(&self.id);
+            vm.rate_limits.remove(&self.id);
             if self.parked {
                 vm.waiters.retain(|(id, _)| *id != self.id);
                 for list in vm.callout_waiters.values_mut() {

@@ -220,6 +220,27 @@ pub fn key_for(client: &Client) -> String {
     }
 }
 
+/// The `RateLimit-*` values of a counted (or refused) request: numbers until
+/// the answer goes out, so a request allocates no header strings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub limit: u64,
+    pub remaining: u64,
+    /// Seconds until the window ends.
+    pub reset: u64,
+}
+
+impl RateLimit {
+    /// The three headers, names lower-case.
+    pub fn headers(&self) -> [(&'static str, String); 3] {
+        [
+            ("ratelimit-limit", self.limit.to_string()),
+            ("ratelimit-remaining", self.remaining.to_string()),
+            ("ratelimit-reset", self.reset.to_string()),
+        ]
+    }
+}
+
 /// The answer for one request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum QuotaDecision {

@@ -6,6 +6,7 @@
 use crate::introspection::ProviderError;
 use crate::jwt::TokenError;
 use crate::policy::AccessDenied;
+use crate::quota::RateLimit;
 use std::fmt;
 
 /// Why a request is not passed to the upstream.
@@ -28,7 +29,7 @@ pub enum Denial {
     /// Over quota; seconds until the window ends, and the rate-limit headers.
     QuotaExceeded {
         retry_after: u64,
-        headers: Vec<(String, String)>,
+        rate_limit: Option<RateLimit>,
     },
     /// The quota counter could not be updated (contention); fail closed.
     QuotaContended,
@@ -122,10 +123,11 @@ impl Denial {
             }
             Denial::QuotaExceeded {
                 retry_after,
-                headers: extra,
+                rate_limit,
             } => {
                 headers.push(("retry-after".into(), retry_after.to_string()));
-                headers.extend(extra.iter().cloned());
+                let extra = rate_limit.iter().flat_map(RateLimit::headers);
+                headers.extend(extra.map(|(k, v)| (k.to_string(), v)));
             }
             Denial::QuotaContended => headers.push(("retry-after".into(), "1".into())),
             _ => {}
@@ -164,13 +166,36 @@ mod tests {
         );
         let r = Denial::QuotaExceeded {
             retry_after: 42,
-            headers: vec![("ratelimit-limit".into(), "5".into())],
+            rate_limit: Some(RateLimit {
+                limit: 5,
+                remaining: 0,
+                reset: 42,
+            }),
         }
         .response();
         assert_eq!(r.status, 429);
         assert_eq!(r.body, r#"{"error":{"message":"Quota exceeded"}}"#);
-        assert!(r.headers.contains(&("retry-after".into(), "42".into())));
-        assert!(r.headers.contains(&("ratelimit-limit".into(), "5".into())));
+        let pairs: Vec<(&str, &str)> = r
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(
+            pairs,
+            [
+                ("content-type", "application/json"),
+                ("retry-after", "42"),
+                ("ratelimit-limit", "5"),
+                ("ratelimit-remaining", "0"),
+                ("ratelimit-reset", "42"),
+            ]
+        );
+        let r = Denial::QuotaExceeded {
+            retry_after: 7,
+            rate_limit: None,
+        }
+        .response();
+        assert_eq!(r.headers.len(), 2);
         assert_eq!(Denial::AuthTimeout.response().status, 503);
         assert_eq!(Denial::BadPath.response().status, 400);
     }
