@@ -704,7 +704,7 @@ fn run_to_end(
                 if let Some(id) = &a.identity {
                     check_identity(id);
                 }
-                for (k, v) in &a.response_headers {
+                for (k, v) in a.rate_limit.iter().flat_map(|r| r.headers()) {
                     assert!(header_safe(k) && v.bytes().all(|b| b.is_ascii_digit()));
                 }
                 return Some(a.identity);
