@@ -659,8 +659,9 @@ def measured_wrk(envoy: "Envoy", *, seconds: int, cpu: str | None, connections: 
 
 class Config:
     def __init__(self, key, title, kind, *, alg=None, cold=False, bad=False, quota=False,
-                 cache=False, expect=200, forward=False):
-        self.key, self.title, self.kind, self.forward = key, title, kind, forward
+                 cache=False, expect=200, forward=False, count=False):
+        self.key, self.title, self.kind = key, title, kind
+        self.forward, self.count = forward, count
         self.alg, self.cold, self.bad, self.quota, self.cache = alg, cold, bad, quota, cache
         self.expect = expect
 
@@ -670,6 +671,9 @@ class Config:
 FORWARDED_HEADERS = ("x-auth-principal: user0\n"
                      'x-auth-attributes: {"roles":["user0"],"scopes":["telemetry.read"],'
                      '"teams":["bench"]}\n')
+# Configuration b3 counts in shared data as tollgate's quota does: one read,
+# one write with the CAS the read returned, per request.
+COUNTER = "count tollgate.bench.counter\n"
 
 
 # Run order: each ratio's two sides run close together.
@@ -677,6 +681,7 @@ CONFIGS = [
     Config("a", "plain Envoy (direct_response 200)", "plain"),
     Config("b", "do-nothing wasm filter (wasm floor)", "noop"),
     Config("b2", "do-nothing filter + the 2 identity headers set", "noop", forward=True),
+    Config("b3", "do-nothing + shared-data read and CAS write", "noop", count=True),
     Config("e", "tollgate warm (one RS256 token)", "tollgate", alg="RS256"),
     Config("h", "tollgate warm, quota on", "tollgate", alg="RS256", quota=True),
     Config("d", "native jwt_authn RS256, jwt_cache_config", "native", alg="RS256", cache=True),
@@ -694,6 +699,7 @@ RATIOS = [  # (name, numerator, denominator, target or None, meaning)
     ("e/b", "e", "b", 0.90, "warm tollgate vs the wasm floor"),
     ("e/b2", "e", "b2", None, "warm tollgate vs the floor that also sets the 2 identity headers"),
     ("b2/b", "b2", "b", None, "setting 2 request headers from wasm vs not"),
+    ("b3/b", "b3", "b", None, "a shared-data read + CAS write from wasm vs not (compare h/e)"),
     ("e/d", "e", "d", None, "warm tollgate vs native jwt_authn with cache"),
     ("f/c", "f", "c", 0.25, "cold RS256 vs native jwt_authn RS256 without cache"),
     ("h/e", "h", "e", 0.95, "quota on vs off (warm)"),
@@ -730,8 +736,8 @@ class Bench:
         if cfg.kind == "plain":
             doc = bootstrap([])
         elif cfg.kind == "noop":
-            doc = bootstrap([wasm_filter("noop", NOOP_WASM,
-                                         FORWARDED_HEADERS if cfg.forward else None)])
+            work = (FORWARDED_HEADERS if cfg.forward else "") + (COUNTER if cfg.count else "")
+            doc = bootstrap([wasm_filter("noop", NOOP_WASM, work or None)])
         elif cfg.kind == "native":
             doc = native_bootstrap(self.jwks, cfg.cache)
         else:

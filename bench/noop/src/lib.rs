@@ -3,10 +3,13 @@
 //! what every authenticating filter must do at least — cross into the VM and
 //! read the `authorization` header out of Envoy — and lets the request go on.
 //!
-//! Its plugin configuration, when not empty, lists request headers to set on
-//! every request, one `name: value` per line: with tollgate's two identity
-//! headers it is the floor of a filter that forwards an identity (`b2`).
+//! Its plugin configuration, when not empty, adds work per request, one line
+//! each: `name: value` sets a request header (with tollgate's two identity
+//! headers: the floor of a filter that forwards an identity, `b2`), and
+//! `count key` reads a counter in shared data and writes it back with its CAS
+//! (the floor of exact counting across workers, `b3`).
 
+use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
 use std::rc::Rc;
@@ -16,9 +19,14 @@ proxy_wasm::main! {{
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
 }}
 
+enum Work {
+    SetHeader(String, String),
+    Count(String),
+}
+
 #[derive(Default)]
 struct Root {
-    set: Rc<Vec<(String, String)>>,
+    work: Rc<Vec<Work>>,
 }
 
 impl Context for Root {}
@@ -26,18 +34,22 @@ impl Context for Root {}
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
         let config = self.get_plugin_configuration().unwrap_or_default();
-        let set = String::from_utf8_lossy(&config)
+        let work = String::from_utf8_lossy(&config)
             .lines()
-            .filter_map(|l| l.split_once(':'))
-            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+            .filter_map(|l| match l.strip_prefix("count ") {
+                Some(key) => Some(Work::Count(key.trim().to_string())),
+                None => l
+                    .split_once(':')
+                    .map(|(k, v)| Work::SetHeader(k.trim().to_string(), v.trim().to_string())),
+            })
             .collect();
-        self.set = Rc::new(set);
+        self.work = Rc::new(work);
         true
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         Some(Box::new(Noop {
-            set: self.set.clone(),
+            work: self.work.clone(),
         }))
     }
 
@@ -47,7 +59,7 @@ impl RootContext for Root {
 }
 
 struct Noop {
-    set: Rc<Vec<(String, String)>>,
+    work: Rc<Vec<Work>>,
 }
 
 impl Context for Noop {}
@@ -57,8 +69,21 @@ impl HttpContext for Noop {
         // Bytes, not the string getter: that one traps on non-UTF-8 values.
         let authorization = self.get_http_request_header_bytes("authorization");
         std::hint::black_box(authorization);
-        for (name, value) in self.set.iter() {
-            self.set_http_request_header(name, Some(value));
+        for w in self.work.iter() {
+            match w {
+                Work::SetHeader(name, value) => self.set_http_request_header(name, Some(value)),
+                Work::Count(key) => {
+                    // A counter as tollgate stores one: "<window>:<count>".
+                    if let Ok((value, cas)) = hostcalls::get_shared_data(key) {
+                        let n = value
+                            .and_then(|v| String::from_utf8(v).ok())
+                            .and_then(|v| v.rsplit(':').next()?.parse::<u64>().ok())
+                            .unwrap_or(0);
+                        let next = format!("20415:{}", n + 1);
+                        let _ = hostcalls::set_shared_data(key, Some(next.as_bytes()), cas);
+                    }
+                }
+            }
         }
         Action::Continue
     }
