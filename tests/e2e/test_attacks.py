@@ -163,15 +163,18 @@ def keys() -> Keys:
     return Keys()
 
 
-@pytest.fixture(scope="module")
-def gw(module_idp, module_envoy, keys):
+@pytest.fixture(scope="module", params=["all-headers", "authorization-only"])
+def gw(request, module_idp, module_envoy, keys):
     """The gateway; the IdP also serves the attacker's JWKS and certificate on
-    paths that `jku`/`x5u` point at (they must never be fetched)."""
+    paths that `jku`/`x5u` point at (they must never be fetched). Every attack
+    runs twice: with a public path (tollgate reads every request header in one
+    call) and without (nothing needs the path: it reads `authorization` alone)."""
     module_idp.set_jwks(keys.jwks())
     module_idp.route("/attacker/jwks", lambda req: Reply(200, tokens.jwks(keys.attacker, keys.attacker_ec)))
     module_idp.route("/attacker/x5u", lambda req: Reply(
         200, base64.encodebytes(self_signed_cert(keys.attacker)), {"content-type": "application/pkix-cert"}))
-    e = module_envoy(jwt_config(module_idp.port), concurrency=2)
+    public = ["/v1/health"] if request.param == "all-headers" else []
+    e = module_envoy(jwt_config(module_idp.port, public_paths=public), concurrency=2)
     # Warm up: the key set is loaded and the good keys work.
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
