@@ -260,3 +260,58 @@ pub fn record_metric(id: u32, value: u64) -> bool {
     // SAFETY: no pointers.
     unsafe { proxy_record_metric(id, value) == OK }
 }
+
+#[cfg(all(test, not(target_arch = "wasm32")))]
+mod tests {
+    /// The SDK's host-call wrappers `panic!` on statuses they do not expect
+    /// (a trap in the VM): outside this module only `dispatch_http_call` may
+    /// be called through the SDK, and no SDK context method that calls the
+    /// host may be used at all.
+    #[test]
+    fn only_dispatch_http_call_goes_through_the_sdk() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src");
+        let mut checked = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|e| e != "rs") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            // This test's own text names what it looks for.
+            let code = text.split("#[cfg(all(test, not(").next().unwrap();
+            for (i, line) in code.lines().enumerate() {
+                let at = format!("{}:{}", path.display(), i + 1);
+                for (n, _) in line.match_indices("hostcalls::") {
+                    let rest = &line[n + "hostcalls::".len()..];
+                    assert!(
+                        rest.starts_with("dispatch_http_call"),
+                        "{at}: an SDK host call that can trap: {line}"
+                    );
+                }
+                for method in [
+                    "get_http_request_header",
+                    "set_http_request_header",
+                    "set_http_response_header",
+                    "add_http_request_header",
+                    "add_http_response_header",
+                    "get_http_call_response",
+                    "get_shared_data",
+                    "set_shared_data",
+                    "send_http_response",
+                    "get_property",
+                    "resume_http_request",
+                    "get_plugin_configuration",
+                    "get_current_time",
+                    "set_tick_period",
+                ] {
+                    assert!(
+                        !line.contains(&format!(".{method}")),
+                        "{at}: the SDK's `{method}` can trap: {line}"
+                    );
+                }
+            }
+            checked += 1;
+        }
+        assert!(checked >= 15, "read only {checked} source files");
+    }
+}
