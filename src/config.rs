@@ -116,6 +116,13 @@ impl Config {
             || matches!(self.auth, Some(AuthConfig::Custom(_)))
     }
 
+    /// Whether a request to this (normalised) path is counted by the
+    /// client's address: with quotas on, anonymous requests are (no `auth`,
+    /// or a public path); authenticated ones are counted by principal.
+    pub fn counts_by_address(&self, path: &str) -> bool {
+        self.quota.is_some() && (self.auth.is_none() || self.public_paths.matches(path))
+    }
+
     /// Parses the plugin configuration bytes (a JSON object; empty means `{}`).
     pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
         let text = std::str::from_utf8(bytes)
@@ -475,6 +482,21 @@ mod tests {
             "endpoint": "http://auth.local/check", "cluster": "auth"}}});
         assert!(Config::from_value(&custom).unwrap().needs_path());
         assert!(!Config::from_value(&json!({})).unwrap().needs_path());
+    }
+
+    #[test]
+    fn anonymous_requests_are_counted_by_address() {
+        let mut v = jwt_example();
+        v["quota"] = json!({"authenticated_max_requests": 5});
+        let c = Config::from_value(&v).unwrap();
+        assert!(c.counts_by_address("/v1/health"));
+        assert!(!c.counts_by_address("/v1/models"));
+        let no_auth = Config::from_value(&json!({"quota": {}})).unwrap();
+        assert!(no_auth.counts_by_address("") && no_auth.counts_by_address("/v1/models"));
+        v["quota"] = Value::Null;
+        assert!(!Config::from_value(&v)
+            .unwrap()
+            .counts_by_address("/v1/health"));
     }
 
     #[test]

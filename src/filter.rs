@@ -50,7 +50,7 @@ struct Vm {
     callout_waiters: HashMap<auth::CacheKey, Vec<(u32, RequestFacts)>>,
     /// Provider callouts to dispatch on the next tick.
     queued: Vec<auth::Callout>,
-    /// Response headers to add, by HTTP context id.
+    /// `RateLimit-*` values for the response, by HTTP context id.
     rate_limits: HashMap<u32, RateLimit>,
     tick_soon: bool,
     /// Where the key set is shared with the other VMs.
@@ -736,7 +736,7 @@ impl HttpContext for Request {
                 // Envoy joins several Authorization headers into one value
                 // (never a valid token).
                 authorization: host::header_map_value(MAP_REQUEST_HEADERS, "authorization"),
-                source_ip: if config.quota.is_some() && config.auth.is_none() {
+                source_ip: if config.counts_by_address("") {
                     self.source_ip()
                 } else {
                     None
@@ -770,9 +770,7 @@ impl HttpContext for Request {
                 .to_string()
         };
         let authorization = pairs.get("authorization").map(<[u8]>::to_vec);
-        // Only anonymous requests are counted by address.
-        let anonymous = config.auth.is_none() || config.public_paths.matches(&path);
-        let source_ip = if config.quota.is_some() && anonymous {
+        let source_ip = if config.counts_by_address(&path) {
             self.source_ip()
         } else {
             None

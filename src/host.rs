@@ -108,7 +108,7 @@ pub fn header_map_value(map_type: u32, key: &str) -> Option<Vec<u8>> {
 }
 
 /// The whole header map, serialized as the ABI has it (see
-/// [`super::HeaderPairs`]): one host call for every header.
+/// [`crate::filter::HeaderPairs`]): one host call for every header.
 pub fn header_map_pairs(map_type: u32) -> Option<Vec<u8>> {
     let mut data: *mut u8 = std::ptr::null_mut();
     let mut size: usize = 0;
