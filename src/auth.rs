@@ -300,7 +300,8 @@ impl Core {
                 (None, Some(ip)) => Client::Anonymous(ip),
                 (None, None) => Client::Anonymous("unknown"),
             };
-            let headers = |limit: u64, remaining: u64, reset: u64| {
+            // Only when the quota sends the `RateLimit-*` headers.
+            let values = |limit: u64, remaining: u64, reset: u64| {
                 q.headers.then_some(RateLimit {
                     limit,
                     remaining,
@@ -312,12 +313,12 @@ impl Core {
                     limit,
                     remaining,
                     reset,
-                } => rate_limit = headers(limit, remaining, reset),
+                } => rate_limit = values(limit, remaining, reset),
                 QuotaDecision::Exceeded { limit, reset } => {
                     log::debug!("quota of {limit} used up by {client:?}");
                     return Step::Deny(Denial::QuotaExceeded {
                         retry_after: reset,
-                        rate_limit: headers(limit, 0, reset),
+                        rate_limit: values(limit, 0, reset),
                     });
                 }
                 QuotaDecision::Contended => return Step::Deny(Denial::QuotaContended),
