@@ -697,12 +697,15 @@ struct Request {
     parked: bool,
 }
 
-impl Request {
-    fn source_ip(&self) -> Option<String> {
-        let raw = host::property(b"source\0address")?;
-        let s = String::from_utf8(raw).ok()?;
-        Some(strip_port(&s).to_string())
+/// The client's address without the port, read only for a request the quota
+/// counts by address (see [`Config::counts_by_address`]).
+fn source_ip(config: &Config, path: &str) -> Option<String> {
+    if !config.counts_by_address(path) {
+        return None;
     }
+    let raw = host::property(b"source\0address")?;
+    let s = String::from_utf8(raw).ok()?;
+    Some(strip_port(&s).to_string())
 }
 
 /// `1.2.3.4:5678` → `1.2.3.4`; `[::1]:5678` → `::1`.
@@ -736,11 +739,7 @@ impl HttpContext for Request {
                 // Envoy joins several Authorization headers into one value
                 // (never a valid token).
                 authorization: host::header_map_value(MAP_REQUEST_HEADERS, "authorization"),
-                source_ip: if config.counts_by_address("") {
-                    self.source_ip()
-                } else {
-                    None
-                },
+                source_ip: source_ip(&config, ""),
                 ..RequestFacts::default()
             };
             return decide(vm, self.id, &mut self.parked, facts);
@@ -770,11 +769,7 @@ impl HttpContext for Request {
                 .to_string()
         };
         let authorization = pairs.get("authorization").map(<[u8]>::to_vec);
-        let source_ip = if config.counts_by_address(&path) {
-            self.source_ip()
-        } else {
-            None
-        };
+        let source_ip = source_ip(&config, &path);
         let (raw_path, headers) = if matches!(config.auth, Some(AuthConfig::Custom(_))) {
             // The endpoint sees the request as the client sent it, less any
             // identity headers the client made up.
