@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from harness import tokens
 from harness.envoy import Envoy, EnvoyStartError
 from harness.idp import IdP
 from harness.upstream import EchoServer
@@ -117,6 +118,18 @@ def idp():
     """A fresh IdP for this test (no keys until the test sets them)."""
     with IdP() as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def rsa() -> tokens.SigningKey:
+    """The RS256 signing key most modules use (a module may define its own)."""
+    return tokens.rsa_key("rs-good", "RS256")
+
+
+@pytest.fixture(scope="module")
+def ec() -> tokens.SigningKey:
+    """The ES256 signing key most modules use."""
+    return tokens.ec_key("ec-good", "ES256")
 
 
 @pytest.fixture(scope="module")

@@ -52,16 +52,6 @@ def wait_for_streak(gw, token: str, streak: int = 5, timeout: float = 15.0):
     pytest.fail(f"no {streak} passing requests in a row within {timeout}s; last: {last!r}")
 
 
-@pytest.fixture(scope="module")
-def rsa() -> tokens.SigningKey:
-    return tokens.rsa_key("rs-good", "RS256")
-
-
-@pytest.fixture(scope="module")
-def ec() -> tokens.SigningKey:
-    return tokens.ec_key("ec-good", "ES256")
-
-
 # -- answers that are not a usable JWKS (cold start: nothing cached) -------------------------
 
 def _padded_jwks(key: tokens.SigningKey, size: int) -> bytes:

@@ -116,16 +116,6 @@ def garbage_token(i: int, known_kid: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def rsa() -> tokens.SigningKey:
-    return tokens.rsa_key("rs-good", "RS256")
-
-
-@pytest.fixture(scope="module")
-def ec() -> tokens.SigningKey:
-    return tokens.ec_key("ec-good", "ES256")
-
-
-@pytest.fixture(scope="module")
 def gw(module_idp, module_envoy, rsa, ec):
     module_idp.set_keys(rsa, ec)
     e = module_envoy(jwt_config(module_idp.port, jwks={"refresh_cooldown_seconds": 10}), concurrency=2)
