@@ -150,13 +150,15 @@ def settings() -> argparse.Namespace:
 # ---------------------------------------------------------------- tools
 
 def ensure_tools() -> dict:
-    """wrk and taskset on PATH (installs wrk with apt-get when root), the Envoy binary."""
+    """wrk and taskset on PATH (installs wrk with apt-get, through sudo unless root), the Envoy binary."""
     if not shutil.which("wrk"):
-        if os.geteuid() == 0 and shutil.which("apt-get"):
+        # As the Makefile installs clang: directly as root, else through sudo.
+        sudo = [] if os.geteuid() == 0 else ["sudo"]
+        if shutil.which("apt-get") and (not sudo or shutil.which("sudo")):
             log("wrk not found: apt-get install -y wrk")
             env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-            subprocess.run(["apt-get", "update", "-qq"], check=False, env=env)
-            subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=False, env=env)
+            subprocess.run([*sudo, "apt-get", "update", "-qq"], check=False, env=env)
+            subprocess.run([*sudo, "apt-get", "install", "-y", "-qq", "wrk"], check=False, env=env)
         if not shutil.which("wrk"):
             raise ToolError("wrk is needed: apt-get install -y wrk")
     if not shutil.which("taskset"):

@@ -76,8 +76,8 @@ impl FetchError {
 /// Extra time a fetch lease lives beyond the fetch timeout (ms).
 pub const LEASE_MARGIN_MS: u64 = 1000;
 
-/// Answers about tokens, keyed by SHA-256 (of the token, or for the custom
-/// provider of token and path), bounded, each with its own expiry (seconds).
+/// Answers about tokens, keyed by a keyed hash ([`TokenHasher`]) of the token
+/// (for the custom provider, of token and path), bounded, each with its own expiry (seconds).
 /// Denials are kept only briefly (see [`NEGATIVE_TTL`]).
 #[derive(Debug, Default)]
 pub struct TokenCache {

@@ -752,6 +752,9 @@ impl HttpContext for Request {
             .map(policy::normalize_path)
         {
             Some(Ok(p)) => p,
+            // Read for debug lines only: nothing matches on it, so a path
+            // that cannot be normalised changes no answer.
+            _ if !config.needs_path() => String::new(),
             _ => {
                 // The raw path (and its query) is not logged: it may carry secrets.
                 refuse_request(vm, "", "", &Denial::BadPath);

@@ -285,13 +285,26 @@ def test_no_paths_missing_or_malformed_authorization(gw_no_paths, upstream):
     assert upstream.received() == []
 
 
-def test_no_paths_the_path_is_not_checked(gw_no_paths, rsa, upstream):
+@pytest.fixture(scope="module")
+def gw_no_paths_debug(module_idp, module_envoy, keys):
+    """`gw_no_paths` logging at debug: every header is read, for the log lines."""
+    module_idp.set_keys(*keys.values())
+    config = jwt_config(module_idp.port, public_paths=[])
+    config["log_level"] = "debug"
+    return module_envoy(config)
+
+
+@pytest.mark.parametrize("gateway", ["gw_no_paths", "gw_no_paths_debug"])
+def test_no_paths_the_path_is_not_checked(request, gateway, rsa, upstream):
     """With nothing matched against the path it is not normalised, so a path
     that route rules would refuse with 400 reaches the upstream (Envoy's own
-    path options govern it)."""
-    r = gw_no_paths.get("/v1/models%2Fx", token=rsa.sign(tokens.claims(sub="alice")))
-    assert forwarded(r)["x-auth-principal"] == "alice"
-    assert [q.route for q in upstream.received()] == ["/v1/models%2Fx"]
+    path options govern it); debug logging, which reads it, changes nothing."""
+    gw = request.getfixturevalue(gateway)
+    for path in ["/v1/models%2Fx", "/v1/%2e%2e/admin", "/v1/a%00b"]:
+        r = gw.get(path, token=rsa.sign(tokens.claims(sub="alice")))
+        assert forwarded(r)["x-auth-principal"] == "alice", path
+    assert [q.route for q in upstream.received()] == [
+        "/v1/models%2Fx", "/v1/%2e%2e/admin", "/v1/a%00b"]
 
 
 def test_strip_authorization(envoy, idp, rsa):
