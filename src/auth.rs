@@ -519,6 +519,9 @@ mod tests {
         assert_ne!(h.key(&[b"ab", b"c"]), h.key(&[b"a", b"bc"]));
         let other = TokenHasher::default();
         assert_ne!(h.key(&[b"abc"]), other.key(&[b"abc"]), "per-VM keys");
+        // Both halves carry a hash (128 bits; 0 has odds of 2^-64).
+        let k = h.key(&[b"abc"]);
+        assert!(k >> 64 != 0 && k & u128::from(u64::MAX) != 0);
     }
 
     /// Anonymous requests of one address against a quota of 2 a day.
@@ -581,6 +584,221 @@ mod tests {
                 })
             ]
         ));
+    }
+
+    fn denial(n: u64) -> Answered {
+        Err(Denial::Provider(ProviderError::AuthFailed(
+            u16::try_from(400 + n % 100).unwrap(),
+        )))
+    }
+
+    #[test]
+    fn token_cache_expiry_generation_and_counts() {
+        let mut c = TokenCache::default();
+        assert!(c.is_empty());
+        c.put(1, denial(1), 100, 50);
+        assert_eq!((c.len(), c.is_empty()), (1, false));
+        // Valid to the second: `until` itself still hits.
+        assert_eq!(c.get(&1, 0, 100), Some(denial(1)));
+        assert_eq!(c.get(&1, 0, 99), Some(denial(1)));
+        assert_eq!((c.hits, c.misses), (2, 0));
+        assert_eq!(c.get(&1, 0, 101), None);
+        assert_eq!((c.hits, c.misses, c.len()), (2, 1, 0), "expired: dropped");
+        assert_eq!(c.get(&2, 0, 50), None);
+        assert_eq!((c.hits, c.misses), (2, 2));
+        // A new key-set generation empties the cache.
+        c.put(3, denial(3), 100, 50);
+        assert_eq!(c.get(&3, 1, 50), None);
+        assert!(c.is_empty());
+        c.put(3, denial(3), 100, 50);
+        assert_eq!(c.get(&3, 1, 50), Some(denial(3)));
+    }
+
+    #[test]
+    fn token_cache_stays_bounded() {
+        let cap = u128::try_from(TOKEN_CACHE_CAPACITY).unwrap();
+        let mut c = TokenCache::default();
+        // Full of entries that expired by now = 20: they make room.
+        for k in 0..cap {
+            c.put(k, denial(0), 10, 5);
+        }
+        assert_eq!(c.len(), TOKEN_CACHE_CAPACITY);
+        c.put(cap, denial(1), 1_000, 20);
+        assert_eq!(c.len(), 1);
+        // Full of live entries: an eighth goes, the new one stays.
+        for k in 0..cap - 1 {
+            c.put(k, denial(0), 1_000, 20);
+        }
+        assert_eq!(c.len(), TOKEN_CACHE_CAPACITY);
+        c.put(cap + 1, denial(2), 1_000, 20);
+        assert_eq!(c.len(), TOKEN_CACHE_CAPACITY - TOKEN_CACHE_CAPACITY / 8 + 1);
+        assert_eq!(c.get(&(cap + 1), 0, 20), Some(denial(2)));
+    }
+
+    /// 2023-11-14T22:13:20Z, in seconds.
+    const NOW: u64 = 1_700_000_000;
+
+    fn core_for(auth: &str) -> Core {
+        let config = Config::parse(format!(r#"{{"auth": {auth}}}"#).as_bytes()).unwrap();
+        Core::new(Rc::new(config))
+    }
+
+    fn request(token: Option<&str>, path: &str) -> RequestFacts {
+        RequestFacts {
+            path: path.into(),
+            raw_path: path.into(),
+            authorization: token.map(|t| format!("Bearer {t}").into_bytes()),
+            ..RequestFacts::default()
+        }
+    }
+
+    /// Decides at `now_s` (plus 999 ms: the cache works in whole seconds).
+    fn decide_at(core: &mut Core, req: &RequestFacts, now_s: u64) -> Step {
+        core.decide(req, now_s * 1000 + 999, &quota::fake::FakeStore::new())
+    }
+
+    fn principal(step: &Step) -> Option<&str> {
+        match step {
+            Step::Allow(a) => a.identity.as_ref().map(|id| id.principal.as_str()),
+            _ => None,
+        }
+    }
+
+    fn callout_key(step: &Step) -> CacheKey {
+        match step {
+            Step::Callout(c) => c.key,
+            other => panic!("expected a callout, got {other:?}"),
+        }
+    }
+
+    fn ok(body: &str) -> Answer<'_> {
+        Answer::Response {
+            status: 200,
+            body: body.as_bytes(),
+        }
+    }
+
+    const INTROSPECTION: &str = r#"{"provider_type": "oauth2_token", "config": {
+        "introspection": {"url": "http://idp/introspect", "client_id": "c",
+                          "client_secret": "s"},
+        "clock_skew_seconds": 0, "cache_ttl": 30}}"#;
+
+    #[test]
+    fn introspection_answers_are_cached_for_cache_ttl() {
+        let mut core = core_for(INTROSPECTION);
+        let req = request(Some("tok-a"), "/v1/models");
+        let key = callout_key(&decide_at(&mut core, &req, NOW));
+        let exp = NOW + 3600;
+        let body = format!(r#"{{"active": true, "sub": "alice", "exp": {exp}}}"#);
+        let id = core.provider_answer(key, ok(&body), NOW * 1000 + 999);
+        assert_eq!(id.unwrap().unwrap().principal, "alice");
+        assert_eq!(
+            principal(&decide_at(&mut core, &req, NOW + 1)),
+            Some("alice")
+        );
+        assert_eq!(
+            principal(&decide_at(&mut core, &req, NOW + 30)),
+            Some("alice")
+        );
+        assert_eq!(core.tokens.hits, 2);
+        assert_eq!(callout_key(&decide_at(&mut core, &req, NOW + 31)), key);
+        // Missing and malformed credentials never reach the provider.
+        assert!(matches!(
+            decide_at(&mut core, &request(None, "/"), NOW),
+            Step::Deny(Denial::MissingCredentials(_))
+        ));
+        let basic = RequestFacts {
+            authorization: Some(b"Basic abc".to_vec()),
+            ..RequestFacts::default()
+        };
+        assert_eq!(
+            decide_at(&mut core, &basic, NOW),
+            Step::Deny(Denial::InvalidHeaderFormat)
+        );
+    }
+
+    #[test]
+    fn introspection_cache_never_outlives_the_token() {
+        let mut core = core_for(INTROSPECTION);
+        let req = request(Some("tok-b"), "/v1/models");
+        let key = callout_key(&decide_at(&mut core, &req, NOW));
+        let body = format!(r#"{{"active": true, "sub": "bob", "exp": {}}}"#, NOW + 10);
+        assert!(core.provider_answer(key, ok(&body), NOW * 1000).is_ok());
+        assert_eq!(
+            principal(&decide_at(&mut core, &req, NOW + 10)),
+            Some("bob")
+        );
+        assert_eq!(callout_key(&decide_at(&mut core, &req, NOW + 11)), key);
+    }
+
+    #[test]
+    fn definite_refusals_are_remembered_briefly_errors_never() {
+        let mut core = core_for(INTROSPECTION);
+        let req = request(Some("tok-c"), "/v1/models");
+        let key = callout_key(&decide_at(&mut core, &req, NOW));
+        let no = core.provider_answer(key, ok(r#"{"active": false}"#), NOW * 1000);
+        let denied = Step::Deny(Denial::Provider(ProviderError::NotActive));
+        assert_eq!(no, Err(Denial::Provider(ProviderError::NotActive)));
+        assert_eq!(decide_at(&mut core, &req, NOW + NEGATIVE_TTL), denied);
+        assert_eq!(
+            callout_key(&decide_at(&mut core, &req, NOW + NEGATIVE_TTL + 1)),
+            key
+        );
+        // A provider error (here a 500) is not remembered at all.
+        let err = Answer::Response {
+            status: 500,
+            body: b"",
+        };
+        assert!(core.provider_answer(key, err, NOW * 1000).is_err());
+        assert_eq!(callout_key(&decide_at(&mut core, &req, NOW + 1)), key);
+    }
+
+    #[test]
+    fn cache_ttl_zero_asks_every_time() {
+        let mut core = core_for(&INTROSPECTION.replace(r#""cache_ttl": 30"#, r#""cache_ttl": 0"#));
+        let req = request(Some("tok-d"), "/v1/models");
+        let key = callout_key(&decide_at(&mut core, &req, NOW));
+        let body = format!(r#"{{"active": true, "sub": "dan", "exp": {}}}"#, NOW + 60);
+        assert!(core.provider_answer(key, ok(&body), NOW * 1000).is_ok());
+        assert_eq!(callout_key(&decide_at(&mut core, &req, NOW)), key);
+        assert!(core.tokens.is_empty());
+    }
+
+    #[test]
+    fn custom_answers_are_cached_per_token_and_path() {
+        let mut core = core_for(
+            r#"{"provider_type": "custom", "config": {
+                "endpoint": "http://authsvc/validate", "cache_ttl": 30}}"#,
+        );
+        let a = request(Some("key-1"), "/v1/a");
+        let key = callout_key(&decide_at(&mut core, &a, NOW));
+        let id = core.provider_answer(key, ok(r#"{"principal": "carol"}"#), NOW * 1000);
+        assert_eq!(id.unwrap().unwrap().principal, "carol");
+        assert_eq!(
+            principal(&decide_at(&mut core, &a, NOW + 30)),
+            Some("carol")
+        );
+        let b = request(Some("key-1"), "/v1/b");
+        let other = callout_key(&decide_at(&mut core, &b, NOW));
+        assert_ne!(other, key, "another path is another question");
+        // The endpoint's 401 is a definite no; its 500 is not.
+        let refused = Answer::Response {
+            status: 401,
+            body: b"",
+        };
+        assert!(core.provider_answer(other, refused, NOW * 1000).is_err());
+        assert!(matches!(
+            decide_at(&mut core, &b, NOW + 1),
+            Step::Deny(Denial::Provider(ProviderError::AuthFailed(401)))
+        ));
+        let c = request(Some("key-2"), "/v1/a");
+        let third = callout_key(&decide_at(&mut core, &c, NOW));
+        let failed = Answer::Response {
+            status: 500,
+            body: b"",
+        };
+        assert!(core.provider_answer(third, failed, NOW * 1000).is_err());
+        assert_eq!(callout_key(&decide_at(&mut core, &c, NOW)), third);
     }
 
     #[test]

@@ -188,6 +188,16 @@ mod tests {
     }
 
     #[test]
+    fn empty_strings_in_lists_are_no_values() {
+        let m = ClaimsMapping::llama_stack_default();
+        let a = m.apply(&claims(json!({
+            "groups": ["", "g1", 7, true, null, {"x": 1}, ""], "team": ["", ""]
+        })));
+        assert_eq!(a["teams"], vec!["g1", "7", "true"]);
+        assert_eq!(a.len(), 1);
+    }
+
+    #[test]
     fn custom_mapping_with_nested_claims() {
         let v = json!({"realm_access.roles": "roles", "scp": "scopes"});
         let m = ClaimsMapping::parse(Obj::new(&v, "m").unwrap()).unwrap();

@@ -271,6 +271,77 @@ fn ps256_token_verifies() {
     assert_alice(&verify(ps256_token()).unwrap());
 }
 
+/// PS384 and PS512 (and RS384/RS512) with the same key, natively only: RSA
+/// signing is slow in an unoptimised wasm build.
+#[cfg(not(target_arch = "wasm32"))]
+#[test]
+fn every_rsa_digest_verifies() {
+    let tokens = [
+        (
+            "RS384",
+            RS384KeyPair::from_pem(RSA_PEM)
+                .unwrap()
+                .with_key_id("rsa-1")
+                .sign(claims()),
+        ),
+        (
+            "RS512",
+            RS512KeyPair::from_pem(RSA_PEM)
+                .unwrap()
+                .with_key_id("rsa-1")
+                .sign(claims()),
+        ),
+        (
+            "PS384",
+            PS384KeyPair::from_pem(RSA_PEM)
+                .unwrap()
+                .with_key_id("rsa-1")
+                .sign(claims()),
+        ),
+        (
+            "PS512",
+            PS512KeyPair::from_pem(RSA_PEM)
+                .unwrap()
+                .with_key_id("rsa-1")
+                .sign(claims()),
+        ),
+    ];
+    for (alg, token) in tokens {
+        let token = token.unwrap();
+        assert_eq!(decode_json(&parts(&token).0)["alg"], alg);
+        assert_alice(&verify(&token).unwrap());
+        assert_eq!(
+            verify(&tamper_signature(&token)).unwrap_err(),
+            TokenError::BadSignature,
+            "{alg}"
+        );
+    }
+}
+
+/// The token with the last signature byte changed.
+fn tamper_signature(token: &str) -> String {
+    let (signed, sig) = token.rsplit_once('.').unwrap();
+    let mut sig = URL_SAFE_NO_PAD.decode(sig).unwrap();
+    *sig.last_mut().unwrap() ^= 1;
+    format!("{signed}.{}", b64(sig))
+}
+
+#[test]
+fn ec_coordinates_must_both_have_the_curves_length() {
+    let point = ec_point();
+    let (x, y) = (&point[1..33], &point[33..65]);
+    let jwk = |x: &[u8], y: &[u8]| json!({"kty": "EC", "crv": "P-256", "kid": "ec-1", "x": b64(x), "y": b64(y)});
+    assert!(KeySet::parse(json!({"keys": [jwk(x, y)]}).to_string().as_bytes()).is_ok());
+    for (x, y) in [(&x[1..], y), (x, &y[1..]), (&x[1..], &y[1..])] {
+        assert!(
+            KeySet::parse(json!({"keys": [jwk(x, y)]}).to_string().as_bytes()).is_err(),
+            "x {} bytes, y {} bytes",
+            x.len(),
+            y.len()
+        );
+    }
+}
+
 #[test]
 fn es256_token_verifies() {
     let token = es256(claims());
@@ -851,4 +922,117 @@ fn prepared_modulus_refuses_what_it_does_not_handle() {
     assert!(crate::rsa::Modulus::new(&weak_n, &weak_e).is_none());
     assert!(crate::rsa::Modulus::new(&[0xff; 513], &e).is_none());
     assert!(crate::rsa::Modulus::new(&[], &e).is_none());
+}
+
+// ---------------------------------------------------------------------------
+// The request decision (`auth::Core`) with real tokens: the verified-token cache.
+
+mod core_cache {
+    use super::*;
+    use crate::auth::{Core, RequestFacts, Step};
+    use crate::config::Config;
+    use crate::quota::fake::FakeStore;
+    use crate::response::Denial;
+    use std::rc::Rc;
+
+    fn core() -> Core {
+        let config = json!({"auth": {"provider_config": {"type": "oauth2_token",
+            "jwks": {"uri": "http://idp/jwks", "cache_ttl": 3600},
+            "audience": AUDIENCE, "issuer": ISSUER, "clock_skew_seconds": SKEW}}});
+        let mut core = Core::new(Rc::new(
+            Config::parse(config.to_string().as_bytes()).unwrap(),
+        ));
+        install(&mut core, standard_jwks(), NOW);
+        core
+    }
+
+    /// The key set `jwks`, as fetched by this VM at `now_s`.
+    fn install(core: &mut Core, jwks: Vec<Value>, now_s: u64) {
+        let body = json!({ "keys": jwks }).to_string().into_bytes();
+        let record = core.jwks.fetched(body, now_s * 1000);
+        core.jwks.apply(record, None);
+    }
+
+    /// Decides at `now_s` (plus 999 ms: the cache works in whole seconds).
+    fn decide(core: &mut Core, token: &str, now_s: u64) -> Step {
+        let req = RequestFacts {
+            path: "/v1/models".into(),
+            authorization: Some(format!("Bearer {token}").into_bytes()),
+            ..RequestFacts::default()
+        };
+        core.decide(&req, now_s * 1000 + 999, &FakeStore::new())
+    }
+
+    fn principal(step: &Step) -> Option<&str> {
+        match step {
+            Step::Allow(a) => a.identity.as_ref().map(|id| id.principal.as_str()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn a_verified_token_is_served_from_the_cache_until_it_expires() {
+        let mut core = core();
+        let token = eddsa(claims());
+        assert_eq!(principal(&decide(&mut core, &token, NOW)), Some("alice"));
+        assert_eq!((core.tokens.hits, core.tokens.misses), (0, 1));
+        assert_eq!(
+            principal(&decide(&mut core, &token, NOW + 1)),
+            Some("alice")
+        );
+        // Cached up to `exp` + clock skew, to the second.
+        assert_eq!(
+            principal(&decide(&mut core, &token, EXP + SKEW)),
+            Some("alice")
+        );
+        assert_eq!((core.tokens.hits, core.tokens.misses), (2, 1));
+        assert_eq!(
+            decide(&mut core, &token, EXP + SKEW + 1),
+            Step::Deny(Denial::InvalidToken(TokenError::Expired))
+        );
+        assert_eq!((core.tokens.hits, core.tokens.misses), (2, 2));
+    }
+
+    #[test]
+    fn a_new_key_set_empties_the_cache() {
+        let mut core = core();
+        let token = eddsa(claims());
+        assert_eq!(principal(&decide(&mut core, &token, NOW)), Some("alice"));
+        // The issuer drops the Ed25519 key: the cached answer goes with it.
+        install(&mut core, vec![rsa_2048_jwk(None)], NOW + 1);
+        let step = decide(&mut core, &token, NOW + 2);
+        assert_eq!(principal(&step), None, "{step:?}");
+        assert_eq!((core.tokens.hits, core.tokens.misses), (0, 2));
+        // And back: verified again, then cached again.
+        install(&mut core, standard_jwks(), NOW + 3);
+        assert_eq!(
+            principal(&decide(&mut core, &token, NOW + 4)),
+            Some("alice")
+        );
+        assert_eq!(
+            principal(&decide(&mut core, &token, NOW + 5)),
+            Some("alice")
+        );
+        assert_eq!((core.tokens.hits, core.tokens.misses), (1, 3));
+    }
+
+    #[test]
+    fn bad_signatures_are_never_cached_as_good() {
+        let mut core = core();
+        let good = eddsa(claims());
+        let (signed, _) = good.rsplit_once('.').unwrap();
+        let (_, other_sig) = eddsa(claims().with_subject("mallory"))
+            .rsplit_once('.')
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .unwrap();
+        let forged = format!("{signed}.{other_sig}");
+        assert_eq!(principal(&decide(&mut core, &good, NOW)), Some("alice"));
+        for _ in 0..2 {
+            assert_eq!(
+                decide(&mut core, &forged, NOW),
+                Step::Deny(Denial::InvalidToken(TokenError::BadSignature))
+            );
+        }
+        assert_eq!((core.tokens.hits, core.tokens.misses), (0, 3));
+    }
 }

@@ -772,3 +772,123 @@ mod share_tests {
         assert!(!s.in_flight(6_600, 2_000), "it ended");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The fetch record and the key-set state machine (the key sets
+    //! themselves, with real keys, are in `crypto_tests`).
+    use super::*;
+
+    const JWKS: &[u8] = br#"{"keys": [{"kty": "OKP", "crv": "Ed25519", "kid": "ed-1",
+        "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}]}"#;
+
+    #[test]
+    fn records_survive_shared_data() {
+        let mut r = FetchRecord::default().start(5).success(JWKS.to_vec(), 7);
+        for error in [
+            None,
+            Some(FetchError::Unavailable),
+            Some(FetchError::Timeout),
+        ] {
+            r.error = error;
+            r.failures = 3;
+            r.retry_at = 9;
+            assert_eq!(FetchRecord::decode(&r.encode()), Some(r.clone()));
+        }
+        for bad in [
+            &b""[..],
+            b"v1 1 2 3 4 5 ok",
+            b"v2 1 2 3 4 5 ok\n",
+            b"v1 1 2 3 4 5 maybe\n",
+            b"v1 1 2 3 4 5 ok extra\n",
+            b"v1 1 2 3 4 ok\n",
+            b"v1 -1 2 3 4 5 ok\n",
+        ] {
+            assert_eq!(
+                FetchRecord::decode(bad),
+                None,
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn a_fetch_starts_succeeds_or_backs_off() {
+        let started = FetchRecord::default().start(1_000);
+        assert_eq!((started.started, started.finished), (1_000, 0));
+        let ok = started.success(JWKS.to_vec(), 1_200);
+        assert_eq!((ok.started, ok.finished, ok.fetched), (1_000, 1_200, 1_200));
+        // Failures keep the last good document, back off 0.5 s doubling to 10 s.
+        let mut r = ok.clone();
+        let mut waits = Vec::new();
+        for i in 0..8 {
+            let now = 2_000 + i * 100;
+            r = r.start(now).failure(FetchError::Timeout, now);
+            waits.push(r.retry_at - now);
+            assert_eq!((r.fetched, &r.body[..]), (1_200, JWKS));
+        }
+        assert_eq!(
+            waits,
+            [500, 1_000, 2_000, 4_000, 8_000, 10_000, 10_000, 10_000]
+        );
+        assert_eq!(r.failures, 8);
+        assert_eq!(r.error, Some(FetchError::Timeout));
+        assert_eq!(r.success(JWKS.to_vec(), 9_000).failures, 0);
+    }
+
+    #[test]
+    fn when_a_fetch_is_due() {
+        let ttl = 60_000;
+        let mut s = JwksState::default();
+        assert!(s.fetch_due(0, ttl), "no keys yet");
+        s.in_flight_since = Some(0);
+        assert!(!s.fetch_due(0, ttl), "one at a time");
+        s.in_flight_since = None;
+        assert!(s.apply(
+            FetchRecord::default()
+                .start(0)
+                .success(JWKS.to_vec(), 1_000),
+            Some(7)
+        ));
+        assert_eq!(s.record_cas(), Some(7));
+        assert!(!s.fetch_due(1_000 + ttl - 1, ttl));
+        assert!(s.fetch_due(1_000 + ttl, ttl), "cache_ttl reached");
+        s.want(1_500);
+        assert!(s.fetch_due(1_500, ttl), "asked for (unknown kid)");
+        // Backoff holds even an asked-for fetch.
+        s.record.retry_at = 2_000;
+        assert!(!s.fetch_due(1_999, ttl));
+        assert!(s.fetch_due(2_000, ttl));
+        // The same document again changes nothing.
+        assert!(!s.apply(
+            FetchRecord::default()
+                .start(0)
+                .success(JWKS.to_vec(), 3_000),
+            None
+        ));
+        assert_eq!(s.record_cas(), None);
+    }
+
+    #[test]
+    fn keys_are_usable_up_to_max_age_in_flight_up_to_the_lease() {
+        let mut s = JwksState::default();
+        assert!(s.usable_keys(0, 1_000).is_none());
+        s.apply(
+            FetchRecord::default()
+                .start(0)
+                .success(JWKS.to_vec(), 5_000),
+            None,
+        );
+        assert!(s.usable_keys(6_000, 1_000).is_some());
+        assert!(s.usable_keys(6_001, 1_000).is_none());
+        // Another VM's fetch counts as under way until its lease ends.
+        s.apply(s.record.start(10_000), None);
+        assert!(s.in_flight(10_000 + 1_999, 2_000));
+        assert!(!s.in_flight(10_000 + 2_000, 2_000));
+        // An unknown kid refreshes once the last fetch is cooldown old.
+        s.apply(s.record.success(JWKS.to_vec(), 11_000), None);
+        assert!(!s.kid_refresh_allowed(11_000 + 9_999, 10_000));
+        assert!(s.kid_refresh_allowed(11_000 + 10_000, 10_000));
+    }
+}

@@ -338,3 +338,187 @@ fn identity(parsed: Parsed, rules: &Rules) -> Result<Verified, TokenError> {
         exp: parsed.exp,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    //! `parse`'s limits, exactly at and past each bound (signatures are not
+    //! checked here: see `crypto_tests`).
+    use super::*;
+    use serde_json::json;
+
+    const NOW: u64 = 1_700_000_000;
+    const SKEW: u64 = 30;
+
+    fn with_rules<T>(f: impl FnOnce(&Rules) -> T) -> T {
+        let audiences = vec!["api".to_string()];
+        let mapping = ClaimsMapping::llama_stack_default();
+        f(&Rules {
+            audiences: &audiences,
+            issuer: Some("https://iss"),
+            clock_skew_seconds: SKEW,
+            claims_mapping: &mapping,
+        })
+    }
+
+    fn b64(v: &Value) -> String {
+        URL_SAFE_NO_PAD.encode(v.to_string())
+    }
+
+    fn claims() -> Value {
+        json!({"sub": "alice", "aud": "api", "iss": "https://iss", "exp": NOW + 60})
+    }
+
+    /// `header.claims.sig`, with `header` merged over `{"alg": "ES256"}`.
+    fn token(header: Value, claims: &Value) -> String {
+        let mut h = json!({"alg": "ES256"});
+        for (k, v) in header.as_object().unwrap() {
+            h[k] = v.clone();
+        }
+        format!("{}.{}.c2ln", b64(&h), b64(claims))
+    }
+
+    fn parse_at(token: &str, now: u64) -> Result<Parsed, TokenError> {
+        with_rules(|r| parse(token, r, now))
+    }
+
+    fn with(claim: &str, v: Value) -> Value {
+        let mut c = claims();
+        c[claim] = v;
+        c
+    }
+
+    #[test]
+    fn length_limit() {
+        let base = token(json!({}), &claims());
+        let at_limit = format!("{base}{}", "A".repeat(MAX_TOKEN_BYTES - base.len()));
+        assert_eq!(at_limit.len(), 16 * 1024);
+        assert!(parse_at(&at_limit, NOW).is_ok());
+        let over = format!("{at_limit}A");
+        assert_eq!(parse_at(&over, NOW).unwrap_err(), TokenError::TooLong);
+    }
+
+    #[test]
+    fn three_non_empty_parts() {
+        let t = token(json!({}), &claims());
+        let (h, rest) = t.split_once('.').unwrap();
+        let (p, _) = rest.split_once('.').unwrap();
+        for bad in [
+            format!(".{p}.c2ln"),
+            format!("{h}..c2ln"),
+            format!("{h}.{p}."),
+            format!("{h}.{p}"),
+            format!("{t}.c2ln"),
+        ] {
+            assert_eq!(
+                parse_at(&bad, NOW).unwrap_err(),
+                TokenError::Malformed,
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn kid_limits() {
+        let kid = |k: Value| parse_at(&token(json!({ "kid": k }), &claims()), NOW);
+        let longest = "k".repeat(MAX_KID_BYTES);
+        assert_eq!(kid(json!(longest)).unwrap().kid.as_deref(), Some(&*longest));
+        assert_eq!(kid(json!("k1")).unwrap().kid.as_deref(), Some("k1"));
+        for bad in [json!(""), json!("k".repeat(MAX_KID_BYTES + 1)), json!(7)] {
+            assert_eq!(kid(bad).unwrap_err(), TokenError::Malformed);
+        }
+    }
+
+    #[test]
+    fn typ_jose_is_passed_on_other_strings_ignored() {
+        let typ = |t: Value| parse_at(&token(json!({ "typ": t }), &claims()), NOW);
+        assert_eq!(
+            typ(json!("JOSE")).unwrap().jose_typ.as_deref(),
+            Some("JOSE")
+        );
+        assert_eq!(
+            typ(json!("jose")).unwrap().jose_typ.as_deref(),
+            Some("jose")
+        );
+        assert_eq!(typ(json!("JWT")).unwrap().jose_typ, None);
+        assert_eq!(typ(json!(1)).unwrap_err(), TokenError::Malformed);
+    }
+
+    #[test]
+    fn audience_lists() {
+        let aud = |a: Value| parse_at(&token(json!({}), &with("aud", a)), NOW);
+        assert!(aud(json!(["other", "api"])).is_ok());
+        assert_eq!(
+            aud(json!(["other"])).unwrap_err(),
+            TokenError::WrongAudience
+        );
+        assert_eq!(aud(json!(["api", 7])).unwrap_err(), TokenError::Malformed);
+        assert_eq!(aud(json!(7)).unwrap_err(), TokenError::Malformed);
+    }
+
+    #[test]
+    fn time_claims_at_their_bounds() {
+        let t = |name: &str, v: u64| token(json!({}), &with(name, json!(v)));
+        // exp: valid through exp + skew.
+        assert!(parse_at(&t("exp", NOW - SKEW), NOW).is_ok());
+        assert_eq!(
+            parse_at(&t("exp", NOW - SKEW - 1), NOW).unwrap_err(),
+            TokenError::Expired
+        );
+        // nbf and iat: up to now + skew.
+        assert!(parse_at(&t("nbf", NOW + SKEW), NOW).is_ok());
+        assert_eq!(
+            parse_at(&t("nbf", NOW + SKEW + 1), NOW).unwrap_err(),
+            TokenError::NotYetValid
+        );
+        assert!(parse_at(&t("iat", NOW + SKEW), NOW).is_ok());
+        assert_eq!(
+            parse_at(&t("iat", NOW + SKEW + 1), NOW).unwrap_err(),
+            TokenError::IssuedInFuture
+        );
+        // Year 3000 is the latest time accepted.
+        assert!(parse_at(&t("exp", MAX_TIME), NOW).is_ok());
+        assert_eq!(
+            parse_at(&t("exp", MAX_TIME + 1), NOW).unwrap_err(),
+            TokenError::Malformed
+        );
+    }
+
+    #[test]
+    fn every_registered_alg_parses() {
+        for (name, alg) in [
+            ("RS256", Alg::RS256),
+            ("RS384", Alg::RS384),
+            ("RS512", Alg::RS512),
+            ("PS256", Alg::PS256),
+            ("PS384", Alg::PS384),
+            ("PS512", Alg::PS512),
+            ("ES256", Alg::ES256),
+            ("ES384", Alg::ES384),
+            ("EdDSA", Alg::EdDSA),
+        ] {
+            assert_eq!(Alg::parse(name), Some(alg));
+            let t = token(json!({ "alg": name }), &claims());
+            assert_eq!(parse_at(&t, NOW).unwrap().alg, alg);
+        }
+        for refused in ["none", "HS256", "rs256", "ES512", ""] {
+            assert_eq!(Alg::parse(refused), None);
+        }
+    }
+
+    #[test]
+    fn reason_labels() {
+        use TokenError::*;
+        for (e, label) in [
+            (Malformed, "malformed"),
+            (TooLong, "malformed"),
+            (UnsupportedHeader, "malformed"),
+            (Expired, "expired"),
+            (WrongAudience, "wrong_audience"),
+            (UnknownKid, "unknown_kid"),
+            (BadSignature, "invalid_token"),
+            (WrongIssuer, "invalid_token"),
+        ] {
+            assert_eq!(e.reason(), label, "{e}");
+        }
+    }
+}
