@@ -144,6 +144,70 @@ impl Denial {
 mod tests {
     use super::*;
 
+    fn challenge(d: &Denial) -> Option<String> {
+        d.response()
+            .headers
+            .into_iter()
+            .find(|(k, _)| k == "www-authenticate")
+            .map(|(_, v)| v)
+    }
+
+    #[test]
+    fn provider_denials_challenge_only_on_401() {
+        use crate::introspection::ProviderError;
+        let invalid = Some("Bearer error=\"invalid_token\"".to_string());
+        assert_eq!(
+            challenge(&Denial::Provider(ProviderError::NotActive)),
+            invalid
+        );
+        assert_eq!(
+            challenge(&Denial::Provider(ProviderError::AuthFailed(401))),
+            invalid
+        );
+        // Any refusal by the endpoint is a 401 (as in Llama Stack); only
+        // an unreachable or slow provider is not.
+        assert_eq!(
+            challenge(&Denial::Provider(ProviderError::AuthFailed(403))),
+            invalid
+        );
+        assert_eq!(
+            challenge(&Denial::Provider(ProviderError::Unavailable)),
+            None
+        );
+        assert_eq!(challenge(&Denial::Provider(ProviderError::Timeout)), None);
+        assert_eq!(challenge(&Denial::QuotaUnavailable), None);
+    }
+
+    #[test]
+    fn contended_quota_asks_to_retry_in_a_second() {
+        let r = Denial::QuotaContended.response();
+        assert_eq!(r.status, 429);
+        assert!(r.headers.contains(&("retry-after".into(), "1".into())));
+        assert!(!Denial::QuotaUnavailable
+            .response()
+            .headers
+            .iter()
+            .any(|(k, _)| k == "retry-after"));
+    }
+
+    #[test]
+    fn reason_labels() {
+        for (d, label) in [
+            (Denial::MissingCredentials(String::new()), "missing"),
+            (Denial::InvalidHeaderFormat, "malformed"),
+            (Denial::InvalidToken(TokenError::Expired), "expired"),
+            (Denial::AuthUnavailable, "auth_unavailable"),
+            (Denial::AuthTimeout, "auth_timeout"),
+            (Denial::Forbidden(AccessDenied::Scope("s".into())), "scope"),
+            (Denial::Forbidden(AccessDenied::Attributes), "attributes"),
+            (Denial::QuotaContended, "quota"),
+            (Denial::QuotaUnavailable, "quota"),
+            (Denial::BadPath, "bad_path"),
+        ] {
+            assert_eq!(d.reason(), label, "{d:?}");
+        }
+    }
+
     #[test]
     fn bodies_and_headers_are_exact() {
         let r = Denial::InvalidToken(TokenError::Expired).response();
