@@ -454,6 +454,74 @@ mod tests {
     }
 
     #[test]
+    fn every_log_level_name() {
+        use log::LevelFilter::*;
+        for (name, level) in [
+            ("trace", Trace),
+            ("debug", Debug),
+            ("info", Info),
+            ("warn", Warn),
+            ("warning", Warn),
+            ("error", Error),
+            ("critical", Error),
+            ("off", Off),
+        ] {
+            let mut v = jwt_example();
+            v["log_level"] = json!(name);
+            assert_eq!(Config::from_value(&v).unwrap().log_level, level, "{name}");
+        }
+    }
+
+    #[test]
+    fn durations_are_capped_at_ten_years() {
+        let ten_years = 10 * 365 * 86400;
+        let mut v = jwt_example();
+        v["auth"]["config"]["jwks"]["cache_ttl"] = json!(ten_years);
+        assert!(Config::from_value(&v).is_ok());
+        v["auth"]["config"]["jwks"]["cache_ttl"] = json!(ten_years + 1);
+        assert_eq!(err(v).key, "auth.config.jwks.cache_ttl");
+        let custom = |ttl: u64| {
+            json!({"auth": {"provider_type": "custom", "config": {
+                "endpoint": "http://authsvc/validate", "cache_ttl": ttl}}})
+        };
+        assert!(Config::from_value(&custom(ten_years)).is_ok());
+        assert_eq!(err(custom(ten_years + 1)).key, "auth.config.cache_ttl");
+    }
+
+    #[test]
+    fn provider_config_excludes_both_other_forms() {
+        for other in ["provider_type", "config"] {
+            let mut v = json!({"auth": {"provider_config": {"type": "custom",
+                "endpoint": "http://authsvc/validate"}}});
+            v["auth"][other] = json!("x");
+            assert_eq!(err(v).key, "auth.provider_config", "{other}");
+        }
+    }
+
+    #[test]
+    fn urls_need_a_valid_host_and_a_printable_path() {
+        let with_uri = |uri: &str| {
+            let mut v = jwt_example();
+            v["auth"]["config"]["jwks"]["uri"] = json!(uri);
+            Config::from_value(&v)
+        };
+        assert!(with_uri("https://idp.example:8443/jwks?x=1").is_ok());
+        for bad in [
+            "https:///jwks",
+            "https://idp example/jwks",
+            "https://idp.example/a b",
+            "https://idp.example/jwks#frag",
+            "https://idp.example/\u{e9}",
+        ] {
+            assert_eq!(
+                with_uri(bad).unwrap_err().key,
+                "auth.config.jwks.uri",
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
     fn parses_the_documented_example() {
         let c = Config::from_value(&jwt_example()).unwrap();
         let Some(AuthConfig::Jwt(j)) = c.auth else {
