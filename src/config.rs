@@ -489,6 +489,23 @@ mod tests {
     }
 
     #[test]
+    fn oauth2_needs_exactly_one_of_jwks_and_introspection() {
+        let mut v = jwt_example();
+        v["auth"]["config"].as_object_mut().unwrap().remove("jwks");
+        let e = err(v);
+        assert_eq!(e.key, "auth.config");
+        assert!(
+            e.to_string()
+                .contains("exactly one of `jwks` and `introspection`"),
+            "{e}"
+        );
+        let mut v = jwt_example();
+        v["auth"]["config"]["introspection"] = json!({"url": "http://idp/introspect",
+            "client_id": "c", "client_secret": "s"});
+        assert_eq!(err(v).key, "auth.config");
+    }
+
+    #[test]
     fn provider_config_excludes_both_other_forms() {
         for other in ["provider_type", "config"] {
             let mut v = json!({"auth": {"provider_config": {"type": "custom",

@@ -353,6 +353,26 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    #[test]
+    fn debug_output_hides_credentials_and_body() {
+        let r = CalloutRequest {
+            headers: vec![
+                ("Authorization".into(), "Basic c2VjcmV0".into()),
+                (
+                    "content-type".into(),
+                    "application/x-www-form-urlencoded".into(),
+                ),
+            ],
+            body: b"token=the.caller.token".to_vec(),
+        };
+        let shown = format!("{r:?}");
+        assert_eq!(
+            shown,
+            "CalloutRequest { headers: [(\"Authorization\", \"<redacted>\"), \
+             (\"content-type\", \"application/x-www-form-urlencoded\")], body: <22 bytes> }"
+        );
+    }
+
     fn parse(v: Value) -> Result<Introspection, ConfigError> {
         Introspection::parse(Obj::new(&v, "auth.config.introspection").unwrap())
     }

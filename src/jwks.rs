@@ -783,6 +783,17 @@ mod tests {
         "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}]}"#;
 
     #[test]
+    fn refused_documents_say_why() {
+        let why = |body: &[u8]| KeySet::parse(body).unwrap_err().to_string();
+        assert_eq!(why(b"[1]"), "the JWKS is not a JSON object");
+        assert_eq!(why(br#"{"keys": {}}"#), "the JWKS has no `keys` list");
+        assert_eq!(
+            why(br#"{"keys": [{"kty": "oct"}]}"#),
+            "the JWKS has no usable signing key"
+        );
+    }
+
+    #[test]
     fn records_survive_shared_data() {
         let mut r = FetchRecord::default().start(5).success(JWKS.to_vec(), 7);
         for error in [
