@@ -52,6 +52,17 @@ pub enum Step {
     Callout(Box<Callout>),
 }
 
+#[cfg(test)]
+impl Step {
+    /// The principal of an allowed, identified request (for tests).
+    pub fn principal(&self) -> Option<&str> {
+        match self {
+            Step::Allow(a) => a.identity.as_ref().map(|id| id.principal.as_str()),
+            _ => None,
+        }
+    }
+}
+
 /// A provider callout to make (introspection or custom endpoint).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Callout {
@@ -657,13 +668,6 @@ mod tests {
         core.decide(req, now_s * 1000 + 999, &quota::fake::FakeStore::new())
     }
 
-    fn principal(step: &Step) -> Option<&str> {
-        match step {
-            Step::Allow(a) => a.identity.as_ref().map(|id| id.principal.as_str()),
-            _ => None,
-        }
-    }
-
     fn callout_key(step: &Step) -> CacheKey {
         match step {
             Step::Callout(c) => c.key,
@@ -693,11 +697,11 @@ mod tests {
         let id = core.provider_answer(key, ok(&body), NOW * 1000 + 999);
         assert_eq!(id.unwrap().unwrap().principal, "alice");
         assert_eq!(
-            principal(&decide_at(&mut core, &req, NOW + 1)),
+            decide_at(&mut core, &req, NOW + 1).principal(),
             Some("alice")
         );
         assert_eq!(
-            principal(&decide_at(&mut core, &req, NOW + 30)),
+            decide_at(&mut core, &req, NOW + 30).principal(),
             Some("alice")
         );
         assert_eq!(core.tokens.hits, 2);
@@ -725,7 +729,7 @@ mod tests {
         let body = format!(r#"{{"active": true, "sub": "bob", "exp": {}}}"#, NOW + 10);
         assert!(core.provider_answer(key, ok(&body), NOW * 1000).is_ok());
         assert_eq!(
-            principal(&decide_at(&mut core, &req, NOW + 10)),
+            decide_at(&mut core, &req, NOW + 10).principal(),
             Some("bob")
         );
         assert_eq!(callout_key(&decide_at(&mut core, &req, NOW + 11)), key);
@@ -775,7 +779,7 @@ mod tests {
         let id = core.provider_answer(key, ok(r#"{"principal": "carol"}"#), NOW * 1000);
         assert_eq!(id.unwrap().unwrap().principal, "carol");
         assert_eq!(
-            principal(&decide_at(&mut core, &a, NOW + 30)),
+            decide_at(&mut core, &a, NOW + 30).principal(),
             Some("carol")
         );
         let b = request(Some("key-1"), "/v1/b");

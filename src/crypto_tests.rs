@@ -963,26 +963,19 @@ mod core_cache {
         core.decide(&req, now_s * 1000 + 999, &FakeStore::new())
     }
 
-    fn principal(step: &Step) -> Option<&str> {
-        match step {
-            Step::Allow(a) => a.identity.as_ref().map(|id| id.principal.as_str()),
-            _ => None,
-        }
-    }
-
     #[test]
     fn a_verified_token_is_served_from_the_cache_until_it_expires() {
         let mut core = core();
         let token = eddsa(claims());
-        assert_eq!(principal(&decide(&mut core, &token, NOW)), Some("alice"));
+        assert_eq!(decide(&mut core, &token, NOW).principal(), Some("alice"));
         assert_eq!((core.tokens.hits, core.tokens.misses), (0, 1));
         assert_eq!(
-            principal(&decide(&mut core, &token, NOW + 1)),
+            decide(&mut core, &token, NOW + 1).principal(),
             Some("alice")
         );
         // Cached up to `exp` + clock skew, to the second.
         assert_eq!(
-            principal(&decide(&mut core, &token, EXP + SKEW)),
+            decide(&mut core, &token, EXP + SKEW).principal(),
             Some("alice")
         );
         assert_eq!((core.tokens.hits, core.tokens.misses), (2, 1));
@@ -997,20 +990,20 @@ mod core_cache {
     fn a_new_key_set_empties_the_cache() {
         let mut core = core();
         let token = eddsa(claims());
-        assert_eq!(principal(&decide(&mut core, &token, NOW)), Some("alice"));
+        assert_eq!(decide(&mut core, &token, NOW).principal(), Some("alice"));
         // The issuer drops the Ed25519 key: the cached answer goes with it.
         install(&mut core, vec![rsa_2048_jwk(None)], NOW + 1);
         let step = decide(&mut core, &token, NOW + 2);
-        assert_eq!(principal(&step), None, "{step:?}");
+        assert_eq!(step.principal(), None, "{step:?}");
         assert_eq!((core.tokens.hits, core.tokens.misses), (0, 2));
         // And back: verified again, then cached again.
         install(&mut core, standard_jwks(), NOW + 3);
         assert_eq!(
-            principal(&decide(&mut core, &token, NOW + 4)),
+            decide(&mut core, &token, NOW + 4).principal(),
             Some("alice")
         );
         assert_eq!(
-            principal(&decide(&mut core, &token, NOW + 5)),
+            decide(&mut core, &token, NOW + 5).principal(),
             Some("alice")
         );
         assert_eq!((core.tokens.hits, core.tokens.misses), (1, 3));
@@ -1026,7 +1019,7 @@ mod core_cache {
             .map(|(a, b)| (a.to_string(), b.to_string()))
             .unwrap();
         let forged = format!("{signed}.{other_sig}");
-        assert_eq!(principal(&decide(&mut core, &good, NOW)), Some("alice"));
+        assert_eq!(decide(&mut core, &good, NOW).principal(), Some("alice"));
         for _ in 0..2 {
             assert_eq!(
                 decide(&mut core, &forged, NOW),
