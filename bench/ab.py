@@ -14,7 +14,8 @@ change afterwards) or, with the `noop` flag, any do-nothing-style filter.
 Flags: cold (a new RS256 token per request), quota (tollgate with a quota),
 quota-no-headers (the quota without RateLimit-* headers), noop (WASM is loaded
 as the bench's do-nothing filter; `x:noop` uses bench/noop's own build; with
-`forward` and/or `count` it also does the work of `make bench`'s b2 / b3),
+`forward`, `count`, `clock` and/or `ratelimit` it also does the work of
+`make bench`'s b2 / b3 / b4 / b5),
 native (Envoy's jwt_authn, no cache; WASM ignored).
 
     build/venv/bin/python bench/ab.py 10 noop=x:noop \\
@@ -68,8 +69,10 @@ def main() -> int:
                 src = b.NOOP_WASM if wasm == "x" else Path(wasm)
                 dst = work / f"{name}.wasm"
                 shutil.copy(src, dst)
-                extra = (b.FORWARDED_HEADERS if "forward" in flags else "") + \
-                    (b.COUNTER if "count" in flags else "")
+                extra = (b.CLOCK if "clock" in flags else "") + \
+                    (b.FORWARDED_HEADERS if "forward" in flags else "") + \
+                    (b.COUNTER if "count" in flags else "") + \
+                    (b.RATELIMIT_HEADERS if "ratelimit" in flags else "")
                 doc = b.bootstrap([b.wasm_filter("noop", dst, extra or None)])
             else:
                 dst = work / f"{name}.wasm"

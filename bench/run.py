@@ -661,9 +661,11 @@ def measured_wrk(envoy: "Envoy", *, seconds: int, cpu: str | None, connections: 
 
 class Config:
     def __init__(self, key, title, kind, *, alg=None, cold=False, bad=False, quota=False,
-                 cache=False, expect=200, forward=False, count=False):
+                 cache=False, expect=200, forward=False, count=False, clock=False,
+                 ratelimit=False):
         self.key, self.title, self.kind = key, title, kind
-        self.forward, self.count = forward, count
+        self.forward, self.count, self.clock = forward, count, clock
+        self.ratelimit = ratelimit
         self.alg, self.cold, self.bad, self.quota, self.cache = alg, cold, bad, quota, cache
         self.expect = expect
 
@@ -676,6 +678,16 @@ FORWARDED_HEADERS = ("x-auth-principal: user0\n"
 # Configuration b3 counts in shared data as tollgate's quota does: one read,
 # one write with the CAS the read returned, per request.
 COUNTER = "count tollgate.bench.counter\n"
+# b4 and b5 read the clock as well (a cache honouring expiry to the second
+# must): b4 is the least any filter does on a warm request that it answers
+# from a cache and forwards the identity of; b5 adds what the quota issue asks
+# for on every counted request (an exact count: one read, one CAS write; the
+# three RateLimit-* headers, on by default). b4/b bounds e/b and b5/b4 bounds
+# h/e from above, whatever the filter's code.
+CLOCK = "clock\n"
+RATELIMIT_HEADERS = ("response ratelimit-limit: 1000000000\n"
+                     "response ratelimit-remaining: 999999999\n"
+                     "response ratelimit-reset: 12345\n")
 
 
 # Run order: each ratio's two sides run close together.
@@ -684,6 +696,10 @@ CONFIGS = [
     Config("b", "do-nothing wasm filter (wasm floor)", "noop"),
     Config("b2", "do-nothing filter + the 2 identity headers set", "noop", forward=True),
     Config("b3", "do-nothing + shared-data read and CAS write", "noop", count=True),
+    Config("b4", "do-nothing + clock + the 2 identity headers (least warm work)", "noop",
+           forward=True, clock=True),
+    Config("b5", "b4 + read, CAS write, 3 RateLimit headers (least with quota)", "noop",
+           forward=True, clock=True, count=True, ratelimit=True),
     Config("e", "tollgate warm (one RS256 token)", "tollgate", alg="RS256"),
     Config("h", "tollgate warm, quota on", "tollgate", alg="RS256", quota=True),
     Config("d", "native jwt_authn RS256, jwt_cache_config", "native", alg="RS256", cache=True),
@@ -702,6 +718,12 @@ RATIOS = [  # (name, numerator, denominator, target or None, meaning)
     ("e/b2", "e", "b2", None, "warm tollgate vs the floor that also sets the 2 identity headers"),
     ("b2/b", "b2", "b", None, "setting 2 request headers from wasm vs not"),
     ("b3/b", "b3", "b", None, "a shared-data read + CAS write from wasm vs not (compare h/e)"),
+    ("b4/b", "b4", "b", None, "the least warm work (clock + 2 identity headers) vs the floor: "
+     "the most e/b can be"),
+    ("b5/b4", "b5", "b4", None, "the least warm work with the quota (exact count, RateLimit "
+     "headers) vs without: the most h/e can be"),
+    ("e/b4", "e", "b4", None, "warm tollgate vs the least warm work"),
+    ("h/b5", "h", "b5", None, "warm tollgate with quota vs the least warm work with quota"),
     ("e/d", "e", "d", None, "warm tollgate vs native jwt_authn with cache"),
     ("f/c", "f", "c", 0.25, "cold RS256 vs native jwt_authn RS256 without cache"),
     ("h/e", "h", "e", 0.95, "quota on vs off (warm)"),
@@ -738,7 +760,9 @@ class Bench:
         if cfg.kind == "plain":
             doc = bootstrap([])
         elif cfg.kind == "noop":
-            work = (FORWARDED_HEADERS if cfg.forward else "") + (COUNTER if cfg.count else "")
+            work = ((CLOCK if cfg.clock else "") + (FORWARDED_HEADERS if cfg.forward else "")
+                    + (COUNTER if cfg.count else "")
+                    + (RATELIMIT_HEADERS if cfg.ratelimit else ""))
             doc = bootstrap([wasm_filter("noop", NOOP_WASM, work or None)])
         elif cfg.kind == "native":
             doc = native_bootstrap(self.jwks, cfg.cache)

@@ -92,7 +92,7 @@ pub const LEASE_MARGIN_MS: u64 = 1000;
 /// Denials are kept only briefly (see [`NEGATIVE_TTL`]).
 #[derive(Debug, Default)]
 pub struct TokenCache {
-    map: HashMap<CacheKey, (Answered, u64)>,
+    map: HashMap<CacheKey, (Answered, u64), KeyedHash>,
     generation: u64,
     pub hits: u64,
     pub misses: u64,
@@ -101,29 +101,74 @@ pub struct TokenCache {
 /// The cache key of a token: a keyed 128-bit hash (see [`TokenHasher`]).
 pub type CacheKey = u128;
 
-/// Hashes tokens for the caches: two SipHash-1-3 with random per-VM keys, so a
-/// lookup costs a microsecond on the hot path (SHA-256 cost several), and
-/// without the keys nobody can aim a collision at a cached token.
-#[derive(Debug, Default)]
+/// Hashes tokens for the caches: SipHash-1-3 with 128-bit output and a random
+/// per-VM key, one pass over the token (the hot path's largest piece of wasm
+/// work; SHA-256 cost several times more), and without the key nobody can aim
+/// a collision at a cached token.
+#[derive(Debug)]
 pub struct TokenHasher {
-    a: std::collections::hash_map::RandomState,
-    b: std::collections::hash_map::RandomState,
+    k0: u64,
+    k1: u64,
+}
+
+impl Default for TokenHasher {
+    /// A fresh random key: two outputs of std's randomly keyed SipHash (its
+    /// keys come from the host's random source, WASI `random_get`).
+    fn default() -> Self {
+        use std::hash::BuildHasher;
+        let random = std::collections::hash_map::RandomState::new();
+        TokenHasher {
+            k0: random.hash_one(0u8),
+            k1: random.hash_one(1u8),
+        }
+    }
 }
 
 impl TokenHasher {
     /// The key of `parts` (a token, and for the custom provider the path).
     pub fn key(&self, parts: &[&[u8]]) -> CacheKey {
-        use std::hash::{BuildHasher, Hasher};
-        let mut a = self.a.build_hasher();
-        let mut b = self.b.build_hasher();
+        use siphasher::sip128::{Hasher128, SipHasher13};
+        use std::hash::Hasher;
+        let mut h = SipHasher13::new_with_keys(self.k0, self.k1);
         for p in parts {
-            a.write(p);
-            b.write(p);
+            h.write(p);
             // Length-delimited, so ("ab", "c") and ("a", "bc") differ.
-            a.write_usize(p.len());
-            b.write_usize(p.len());
+            h.write_usize(p.len());
         }
-        (u128::from(a.finish()) << 64) | u128::from(b.finish())
+        h.finish128().as_u128()
+    }
+}
+
+/// The caches' map hasher: a [`CacheKey`] is already a keyed hash, uniform to
+/// anyone without the VM's key, so its low 64 bits place it in the table (no
+/// second SipHash per lookup).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct KeyedHash;
+
+impl std::hash::BuildHasher for KeyedHash {
+    type Hasher = KeyedHasher;
+    fn build_hasher(&self) -> KeyedHasher {
+        KeyedHasher(0)
+    }
+}
+
+/// See [`KeyedHash`].
+#[derive(Debug, Default)]
+pub struct KeyedHasher(u64);
+
+impl std::hash::Hasher for KeyedHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write_u128(&mut self, key: u128) {
+        // Truncation intended: the low half of a keyed 128-bit hash.
+        self.0 ^= key as u64;
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Not used for `CacheKey`s (they go through `write_u128`); kept total.
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
     }
 }
 

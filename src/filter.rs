@@ -16,7 +16,7 @@ use crate::introspection::Answer;
 use crate::jwks::{self, FetchError, SharedKeys};
 use crate::metrics::Metrics;
 use crate::policy;
-use crate::quota::{RateLimit, SharedStore, StoreError};
+use crate::quota::{self, RateLimit, SharedStore, StoreError};
 use crate::response::Denial;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -50,7 +50,8 @@ struct Vm {
     callout_waiters: HashMap<auth::CacheKey, Vec<(u32, RequestFacts)>>,
     /// Provider callouts to dispatch on the next tick.
     queued: Vec<auth::Callout>,
-    /// `RateLimit-*` values for the response, by HTTP context id.
+    /// `RateLimit-*` values for the response of requests resumed after
+    /// parking, by HTTP context id (a request decided at once keeps its own).
     rate_limits: HashMap<u32, RateLimit>,
     tick_soon: bool,
     /// Where the key set is shared with the other VMs.
@@ -79,8 +80,9 @@ enum Pending {
 /// What became of a request handed to [`handle`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Outcome {
-    /// Allowed: it goes on to the upstream.
-    Continue,
+    /// Allowed: it goes on to the upstream, with these `RateLimit-*` values
+    /// for its response.
+    Continue(Option<RateLimit>),
     /// Answered locally.
     Answered,
     /// Parked until a callout ends.
@@ -312,9 +314,8 @@ fn resume_waiters(vm: &mut Vm, now: u64) {
             continue;
         }
         let step = vm.core.decide(&facts, now, &HostStore);
-        if handle(vm, id, facts, step) == Outcome::Continue {
-            host::continue_request();
-        }
+        let outcome = handle(vm, id, facts, step);
+        resume(vm, id, outcome);
     }
 }
 
@@ -336,9 +337,18 @@ fn complete_callout(vm: &mut Vm, key: auth::CacheKey, answer: Answer, now: u64) 
             continue;
         }
         let step = vm.core.finish(&facts, result.clone(), now, &HostStore);
-        if handle(vm, id, facts, step) == Outcome::Continue {
-            host::continue_request();
+        let outcome = handle(vm, id, facts, step);
+        resume(vm, id, outcome);
+    }
+}
+
+/// Lets a parked request that was allowed go on.
+fn resume(vm: &mut Vm, id: u32, outcome: Outcome) {
+    if let Outcome::Continue(rate_limit) = outcome {
+        if let Some(rate_limit) = rate_limit {
+            vm.rate_limits.insert(id, rate_limit);
         }
+        host::continue_request();
     }
 }
 
@@ -368,21 +378,27 @@ fn handle(vm: &mut Vm, id: u32, facts: RequestFacts, step: Step) -> Outcome {
             tick_soon(vm);
             Outcome::Parked
         }
-        step => {
-            if apply(vm, id, step, &facts) {
-                Outcome::Continue
-            } else {
-                Outcome::Answered
-            }
-        }
+        step => match apply(vm, step, &facts) {
+            Some(rate_limit) => Outcome::Continue(rate_limit),
+            None => Outcome::Answered,
+        },
     }
 }
 
 /// Decides a request just read and carries the decision out.
-fn decide(vm: &mut Vm, id: u32, parked: &mut bool, facts: RequestFacts) -> Action {
+fn decide(
+    vm: &mut Vm,
+    id: u32,
+    parked: &mut bool,
+    rate_limit: &mut Option<RateLimit>,
+    facts: RequestFacts,
+) -> Action {
     let step = vm.core.decide(&facts, now_ms(), &HostStore);
     match handle(vm, id, facts, step) {
-        Outcome::Continue => Action::Continue,
+        Outcome::Continue(values) => {
+            *rate_limit = values;
+            Action::Continue
+        }
         Outcome::Answered => Action::Pause,
         Outcome::Parked => {
             *parked = true;
@@ -415,9 +431,9 @@ fn tick_soon(vm: &mut Vm) {
     }
 }
 
-/// Carries out an allow or a deny on the effective context; true when the
-/// request should continue to the upstream.
-fn apply(vm: &mut Vm, context_id: u32, step: Step, facts: &RequestFacts) -> bool {
+/// Carries out an allow or a deny on the effective context: for a request
+/// that should continue to the upstream, its `RateLimit-*` values.
+fn apply(vm: &mut Vm, step: Step, facts: &RequestFacts) -> Option<Option<RateLimit>> {
     match step {
         Step::Allow(allowed) => {
             vm.allowed = vm.allowed.saturating_add(1);
@@ -441,16 +457,13 @@ fn apply(vm: &mut Vm, context_id: u32, step: Step, facts: &RequestFacts) -> bool
             if allowed.identity.is_some() && forward.strip_authorization {
                 host::set_header(map, "authorization", None);
             }
-            if let Some(rate_limit) = allowed.rate_limit {
-                vm.rate_limits.insert(context_id, rate_limit);
-            }
-            true
+            Some(allowed.rate_limit)
         }
         Step::Deny(denial) => {
             refuse(vm, facts, &denial);
-            false
+            None
         }
-        Step::WaitForKeys | Step::Callout(_) => false,
+        Step::WaitForKeys | Step::Callout(_) => None,
     }
 }
 
@@ -682,6 +695,7 @@ impl RootContext for Root {
             id: context_id,
             vm: self.vm.clone(),
             parked: false,
+            rate_limit: None,
         }))
     }
 
@@ -695,6 +709,9 @@ struct Request {
     id: u32,
     vm: Shared,
     parked: bool,
+    /// `RateLimit-*` values for the response (decided at once; a request
+    /// resumed after parking has them in [`Vm::rate_limits`]).
+    rate_limit: Option<RateLimit>,
 }
 
 /// The client's address without the port, read only for a request the quota
@@ -742,7 +759,7 @@ impl HttpContext for Request {
                 source_ip: source_ip(&config, ""),
                 ..RequestFacts::default()
             };
-            return decide(vm, self.id, &mut self.parked, facts);
+            return decide(vm, self.id, &mut self.parked, &mut self.rate_limit, facts);
         }
         let map = host::header_map_pairs(MAP_REQUEST_HEADERS).unwrap_or_default();
         let pairs = HeaderPairs::new(&map);
@@ -797,24 +814,32 @@ impl HttpContext for Request {
             raw_path,
             headers,
         };
-        decide(vm, self.id, &mut self.parked, facts)
+        decide(vm, self.id, &mut self.parked, &mut self.rate_limit, facts)
     }
 
     fn on_http_response_headers(&mut self, _n: usize, _eos: bool) -> Action {
-        let rate_limit = self
-            .vm
-            .borrow_mut()
-            .as_mut()
-            .and_then(|vm| vm.rate_limits.remove(&self.id));
-        for (k, v) in rate_limit.iter().flat_map(RateLimit::headers) {
-            host::set_header(MAP_RESPONSE_HEADERS, k, Some(v.as_bytes()));
+        let rate_limit = self.rate_limit.take().or_else(|| {
+            self.vm
+                .borrow_mut()
+                .as_mut()
+                .filter(|vm| !vm.rate_limits.is_empty())
+                .and_then(|vm| vm.rate_limits.remove(&self.id))
+        });
+        if let Some(rate_limit) = rate_limit {
+            let mut digits = [0; 20];
+            for (name, value) in rate_limit.values() {
+                let value = quota::decimal(value, &mut digits);
+                host::set_header(MAP_RESPONSE_HEADERS, name, Some(value));
+            }
         }
         Action::Continue
     }
 
     fn on_log(&mut self) {
         if let Some(vm) = self.vm.borrow_mut().as_mut() {
-            vm.rate_limits.remove(&self.id);
+            if self.parked && !vm.rate_limits.is_empty() {
+                vm.rate_limits.remove(&self.id);
+            }
             if self.parked {
                 vm.waiters.retain(|(id, _)| *id != self.id);
                 for list in vm.callout_waiters.values_mut() {

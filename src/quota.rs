@@ -231,14 +231,35 @@ pub struct RateLimit {
 }
 
 impl RateLimit {
-    /// The three headers, names lower-case.
-    pub fn headers(&self) -> [(&'static str, String); 3] {
+    /// The three headers' names (lower-case) and values.
+    pub fn values(&self) -> [(&'static str, u64); 3] {
         [
-            ("ratelimit-limit", self.limit.to_string()),
-            ("ratelimit-remaining", self.remaining.to_string()),
-            ("ratelimit-reset", self.reset.to_string()),
+            ("ratelimit-limit", self.limit),
+            ("ratelimit-remaining", self.remaining),
+            ("ratelimit-reset", self.reset),
         ]
     }
+
+    /// The three headers, names lower-case.
+    pub fn headers(&self) -> [(&'static str, String); 3] {
+        self.values().map(|(name, value)| (name, value.to_string()))
+    }
+}
+
+/// `n` in decimal ASCII, written into `buf` (a `u64` has at most 20 digits):
+/// a header value without allocating.
+pub fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut start = buf.len();
+    for slot in buf.iter_mut().rev() {
+        // n % 10 < 10: the cast keeps every bit.
+        *slot = b'0' + (n % 10) as u8;
+        n /= 10;
+        start -= 1;
+        if n == 0 {
+            break;
+        }
+    }
+    buf.get(start..).unwrap_or_default()
 }
 
 /// The answer for one request.
@@ -573,6 +594,24 @@ pub mod fake {
 mod tests {
     use super::fake::FakeStore;
     use super::*;
+
+    #[test]
+    fn decimal_writes_every_u64_as_to_string_does() {
+        let mut buf = [0; 20];
+        let cases = [0, 1, 9, 10, 99, 100, 12345, 999_999_999, u64::MAX - 1];
+        for n in cases.into_iter().chain([u64::MAX]) {
+            assert_eq!(decimal(n, &mut buf), n.to_string().as_bytes());
+        }
+        let r = RateLimit {
+            limit: 1000,
+            remaining: 0,
+            reset: 86400,
+        };
+        for ((name, value), (hname, hvalue)) in r.values().into_iter().zip(r.headers()) {
+            assert_eq!(name, hname);
+            assert_eq!(decimal(value, &mut buf), hvalue.as_bytes());
+        }
+    }
     use serde_json::json;
     use std::sync::{Arc, Mutex};
 

@@ -7,7 +7,13 @@
 //! each: `name: value` sets a request header (with tollgate's two identity
 //! headers: the floor of a filter that forwards an identity, `b2`), and
 //! `count key` reads a counter in shared data and writes it back with its CAS
-//! (the floor of exact counting across workers, `b3`).
+//! (the floor of exact counting across workers, `b3`), `clock` reads the
+//! host's clock (a cache that honours expiry to the second must), and
+//! `response name: value` sets a response header. `clock` plus the two
+//! identity headers is the least a filter that authenticates from a cache and
+//! forwards the identity does on a warm request (`b4`); with `count` and the
+//! three `RateLimit-*` response headers as well, the least with tollgate's
+//! quota as configured by default (`b5`).
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -22,6 +28,8 @@ proxy_wasm::main! {{
 enum Work {
     SetHeader(String, String),
     Count(String),
+    Clock,
+    SetResponseHeader(String, String),
 }
 
 #[derive(Default)]
@@ -36,11 +44,24 @@ impl RootContext for Root {
         let config = self.get_plugin_configuration().unwrap_or_default();
         let work = String::from_utf8_lossy(&config)
             .lines()
-            .filter_map(|l| match l.strip_prefix("count ") {
-                Some(key) => Some(Work::Count(key.trim().to_string())),
-                None => l
-                    .split_once(':')
-                    .map(|(k, v)| Work::SetHeader(k.trim().to_string(), v.trim().to_string())),
+            .filter_map(|l| {
+                if let Some(key) = l.strip_prefix("count ") {
+                    return Some(Work::Count(key.trim().to_string()));
+                }
+                if l.trim() == "clock" {
+                    return Some(Work::Clock);
+                }
+                let (header, response) = match l.strip_prefix("response ") {
+                    Some(h) => (h, true),
+                    None => (l, false),
+                };
+                let (k, v) = header.split_once(':')?;
+                let (k, v) = (k.trim().to_string(), v.trim().to_string());
+                Some(if response {
+                    Work::SetResponseHeader(k, v)
+                } else {
+                    Work::SetHeader(k, v)
+                })
             })
             .collect();
         self.work = Rc::new(work);
@@ -72,6 +93,9 @@ impl HttpContext for Noop {
         for w in self.work.iter() {
             match w {
                 Work::SetHeader(name, value) => self.set_http_request_header(name, Some(value)),
+                Work::Clock => {
+                    let _ = std::hint::black_box(hostcalls::get_current_time());
+                }
                 Work::Count(key) => {
                     // A counter as tollgate stores one: "<window>:<count>".
                     if let Ok((value, cas)) = hostcalls::get_shared_data(key) {
@@ -83,6 +107,16 @@ impl HttpContext for Noop {
                         let _ = hostcalls::set_shared_data(key, Some(next.as_bytes()), cas);
                     }
                 }
+                Work::SetResponseHeader(..) => {}
+            }
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        for w in self.work.iter() {
+            if let Work::SetResponseHeader(name, value) = w {
+                self.set_http_response_header(name, Some(value));
             }
         }
         Action::Continue
