@@ -48,7 +48,7 @@ fn per(label: &str, tokens: &[String], f: &mut dyn FnMut(&str)) {
         tokens.iter().for_each(|t| f(t));
     }
     let us = t0.elapsed().as_secs_f64() * 1e6 / (ROUNDS * tokens.len()) as f64;
-    println!("{label:40} {us:8.1} us");
+    println!("{label:40} {us:8.2} us");
 }
 
 fn main() {

@@ -246,7 +246,15 @@ pub struct Core {
 enum Credentials<'a> {
     Missing,
     BadFormat,
-    Bearer(&'a str),
+    /// The token's bytes: not yet checked to be UTF-8 (see [`as_token`]), so a
+    /// cached token is found without reading it twice.
+    Bearer(&'a [u8]),
+}
+
+/// A token as text; a non-UTF-8 token is no token (the verifier refuses it,
+/// the providers are asked about U+FFFD).
+fn as_token(bytes: &[u8]) -> &str {
+    std::str::from_utf8(bytes).unwrap_or("\u{fffd}")
 }
 
 fn credentials(value: Option<&[u8]>) -> Credentials<'_> {
@@ -266,9 +274,7 @@ fn credentials(value: Option<&[u8]>) -> Credentials<'_> {
         Some((&b' ', token)) => token,
         Some(_) => return Credentials::BadFormat,
     };
-    let token = token.trim_ascii();
-    // A non-UTF-8 token is no token: the verifier refuses it.
-    Credentials::Bearer(std::str::from_utf8(token).unwrap_or("\u{fffd}"))
+    Credentials::Bearer(token.trim_ascii())
 }
 
 /// The 401 message for a request without a token (OAuth2 providers).
@@ -388,7 +394,7 @@ impl Core {
     }
 
     /// The bearer token, or the denial for a missing or malformed header.
-    fn bearer<'a>(&self, authorization: Option<&'a [u8]>) -> Result<&'a str, Step> {
+    fn bearer<'a>(&self, authorization: Option<&'a [u8]>) -> Result<&'a [u8], Step> {
         match credentials(authorization) {
             Credentials::Missing => Err(Step::Deny(Denial::MissingCredentials(
                 self.missing_message.clone(),
@@ -404,7 +410,7 @@ impl Core {
         req: &RequestFacts,
         now_ms: u64,
     ) -> Result<Rc<Identity>, Step> {
-        let token = self.bearer(req.authorization.as_deref())?;
+        let token = as_token(self.bearer(req.authorization.as_deref())?);
         if token.is_empty() {
             // Nothing to ask the provider about.
             return Err(Step::Deny(Denial::InvalidHeaderFormat));
@@ -504,7 +510,7 @@ impl Core {
         authorization: Option<&[u8]>,
         now_ms: u64,
     ) -> Result<Rc<Identity>, Step> {
-        let token = self.bearer(authorization)?;
+        let raw = self.bearer(authorization)?;
         let now_s = now_ms / 1000;
         let rules = Rules {
             audiences: &j.audiences,
@@ -519,7 +525,7 @@ impl Core {
         // use is not served from the cache either.
         let Some(keys) = self.jwks.usable_keys(now_ms, max_age) else {
             // No keys yet: refuse what is refused without keys, else wait.
-            if let Err(e) = jwt::parse(token, &rules, now_s) {
+            if let Err(e) = jwt::parse(as_token(raw), &rules, now_s) {
                 return Err(Step::Deny(Denial::InvalidToken(e)));
             }
             if self.jwks.in_flight(now_ms, lease_ms) {
@@ -532,13 +538,14 @@ impl Core {
             let why = self.jwks.record.error.unwrap_or(FetchError::Unavailable);
             return Err(Step::Deny(why.denial()));
         };
-        let key = self.hasher.key(&[token.as_bytes()]);
+        // Only verified tokens are cached, so a hit is a token that is UTF-8.
+        let key = self.hasher.key(&[raw]);
         match self.tokens.get(&key, self.jwks.generation, now_s) {
             Some(Ok(id)) => return Ok(id),
             Some(Err(denial)) => return Err(Step::Deny(denial)),
             None => {}
         }
-        match jwt::verify(token, &keys, &rules, now_s) {
+        match jwt::verify(as_token(raw), &keys, &rules, now_s) {
             Ok(v) => {
                 let id = Rc::new(v.identity);
                 let until = v.exp.saturating_add(j.clock_skew_seconds);
@@ -854,17 +861,22 @@ mod tests {
     fn credentials_parsing() {
         assert_eq!(credentials(None), Credentials::Missing);
         assert_eq!(credentials(Some(b"Basic abc")), Credentials::BadFormat);
-        assert_eq!(credentials(Some(b"Bearer")), Credentials::Bearer(""));
+        assert_eq!(credentials(Some(b"Bearer")), Credentials::Bearer(b""));
         assert_eq!(credentials(Some(b"Bearerabc")), Credentials::BadFormat);
-        assert_eq!(credentials(Some(b"Bearer abc")), Credentials::Bearer("abc"));
+        assert_eq!(
+            credentials(Some(b"Bearer abc")),
+            Credentials::Bearer(b"abc")
+        );
         assert_eq!(
             credentials(Some(b"bearer  abc ")),
-            Credentials::Bearer("abc")
+            Credentials::Bearer(b"abc")
         );
-        assert_eq!(credentials(Some(b"Bearer ")), Credentials::Bearer(""));
+        assert_eq!(credentials(Some(b"Bearer ")), Credentials::Bearer(b""));
         assert_eq!(
             credentials(Some(b"Bearer \xff\xfe")),
-            Credentials::Bearer("\u{fffd}")
+            Credentials::Bearer(b"\xff\xfe")
         );
+        assert_eq!(as_token(b"abc"), "abc");
+        assert_eq!(as_token(b"\xff\xfe"), "\u{fffd}");
     }
 }

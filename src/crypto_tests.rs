@@ -1028,4 +1028,33 @@ mod core_cache {
         }
         assert_eq!((core.tokens.hits, core.tokens.misses), (0, 3));
     }
+
+    /// The cache is looked up by the token's raw bytes: a cached token with a
+    /// non-UTF-8 byte added (or in place of one of its own) is another token,
+    /// and refused.
+    #[test]
+    fn a_cached_token_with_a_non_utf8_byte_is_refused() {
+        let mut core = core();
+        let good = eddsa(claims());
+        assert_eq!(decide(&mut core, &good, NOW).principal(), Some("alice"));
+        let mut appended = format!("Bearer {good}").into_bytes();
+        appended.push(0xff);
+        let mut replaced = format!("Bearer {good}").into_bytes();
+        if let Some(last) = replaced.last_mut() {
+            *last = 0xff;
+        }
+        for authorization in [appended, replaced] {
+            let req = RequestFacts {
+                path: "/v1/models".into(),
+                authorization: Some(authorization),
+                ..RequestFacts::default()
+            };
+            assert_eq!(
+                core.decide(&req, NOW * 1000, &FakeStore::new()),
+                Step::Deny(Denial::InvalidToken(TokenError::Malformed))
+            );
+        }
+        assert_eq!(decide(&mut core, &good, NOW).principal(), Some("alice"));
+        assert_eq!((core.tokens.hits, core.tokens.misses), (1, 3));
+    }
 }
