@@ -11,7 +11,8 @@ ratio above 1 means cheaper than the first variant.
 
 VARIANT is name=WASM[:flag...]: WASM a tollgate build (copied, so the file may
 change afterwards) or, with the `noop` flag, any do-nothing-style filter.
-Flags: cold (a new RS256 token per request), quota (tollgate with a quota),
+Flags: cold (a new RS256 token per request; with es256 or eddsa, a new token
+of that algorithm), quota (tollgate with a quota),
 quota-no-headers (the quota without RateLimit-* headers), noop (WASM is loaded
 as the bench's do-nothing filter; `x:noop` uses bench/noop's own build; with
 `forward`, `count`, `clock` and/or `ratelimit` it also does the work of
@@ -54,11 +55,11 @@ def main() -> int:
     jwks = b.jwks_doc(keys)
     now = int(time.time())
     warm = b._mint_chunk("RS256", keys["RS256"], 10**9, 1, now - 60, now + 86400)[0]
-    cold_tokens = b.token_file("RS256", keys["RS256"], 100_000)
+    cold_tokens: dict[str, Path] = {}
     work = b.WORK / "ab"
     work.mkdir(parents=True, exist_ok=True)
     idp = b.Idp(jwks)
-    variants: list[tuple[str, b.Envoy, bool]] = []
+    variants: list[tuple[str, b.Envoy, str | None]] = []
     try:
         for arg in sys.argv[2:]:
             name, _, rest = arg.partition("=")
@@ -85,12 +86,15 @@ def main() -> int:
                                                  failure_policy="FAIL_RELOAD")],
                                   clusters={"idp": idp.port})
             envoy = b.Envoy("ab-" + name, doc, tools["envoy"], ENVOY_CPU).start()
-            variants.append((name, envoy, "cold" in flags))
+            alg = next((a for a in b.ALGS if a.lower() in flags), "RS256")
+            if "cold" in flags and alg not in cold_tokens:
+                cold_tokens[alg] = b.token_file(alg, keys[alg], 100_000)
+            variants.append((name, envoy, alg if "cold" in flags else None))
         offsets = {name: 0 for name, _, _ in variants}
 
-        def one(name: str, envoy: b.Envoy, cold: bool, seconds: int) -> tuple[float, float]:
+        def one(name: str, envoy: b.Envoy, cold: str | None, seconds: int) -> tuple[float, float]:
             if cold:
-                load = dict(tokens=cold_tokens, max_tokens=100_000, offset=offsets[name])
+                load = dict(tokens=cold_tokens[cold], max_tokens=100_000, offset=offsets[name])
             else:
                 load = dict(header=f"Authorization: Bearer {warm}")
             r, _, _ = b.measured_wrk(envoy, seconds=seconds, cpu=LOAD_CPU,

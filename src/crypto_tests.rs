@@ -350,6 +350,33 @@ fn es256_token_verifies() {
 }
 
 #[test]
+fn es384_token_verifies_and_its_tampered_twin_does_not() {
+    let kp = ES384KeyPair::generate().with_key_id("ec384-1");
+    let point = kp.public_key().public_key().to_bytes_uncompressed();
+    assert_eq!((point.len(), point[0]), (97, 4));
+    let jwk = json!({"kty": "EC", "crv": "P-384", "kid": "ec384-1",
+                     "x": b64(&point[1..49]), "y": b64(&point[49..97])});
+    let set = key_set(vec![jwk]);
+    let token = kp.sign(claims()).unwrap();
+    assert_alice(&jwt::verify(&token, &set, &rules(), NOW).unwrap());
+    let check = |t: &str| jwt::verify(t, &set, &rules(), NOW).map(|_| ());
+    assert_eq!(
+        check(&tamper_signature(&token)),
+        Err(TokenError::BadSignature)
+    );
+    // A P-256 signature under a P-384 key's kid: the wrong length.
+    let (signed, _) = token.rsplit_once('.').unwrap();
+    let (_, p256_sig) = es256(claims())
+        .rsplit_once('.')
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .unwrap();
+    assert_eq!(
+        check(&format!("{signed}.{p256_sig}")),
+        Err(TokenError::BadSignature)
+    );
+}
+
+#[test]
 fn eddsa_token_verifies() {
     let token = eddsa(claims());
     assert_eq!(decode_json(&parts(&token).0)["alg"], "EdDSA");
@@ -366,6 +393,23 @@ fn access_token_typ_is_accepted() {
     let token = keys().es256.sign_with_options(claims(), &options).unwrap();
     assert_eq!(decode_json(&parts(&token).0)["typ"], "at+jwt");
     assert_alice(&verify(&token).unwrap());
+}
+
+#[test]
+fn typ_is_informational_for_every_algorithm() {
+    // As for RSA (and in jwt_authn and PyJWT): any string `typ` verifies;
+    // jwt-simple, which checked EC and EdDSA tokens before ring did, refused
+    // anything but `JWT`, `*+jwt` and `JOSE`.
+    for typ in ["JWT", "at+jwt", "JOSE", "application/custom", ""] {
+        let header = format!(r#"{{"alg":"EdDSA","kid":"ed-1","typ":"{typ}"}}"#);
+        let v = verify(&eddsa_raw(&header, &good_payload_json())).unwrap();
+        assert_eq!(v.identity.principal, "alice", "{typ}");
+    }
+    let header = r#"{"alg":"EdDSA","kid":"ed-1","typ":7}"#;
+    assert_eq!(
+        verify(&eddsa_raw(header, &good_payload_json())).unwrap_err(),
+        TokenError::Malformed
+    );
 }
 
 #[test]

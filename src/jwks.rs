@@ -15,9 +15,12 @@ use std::sync::Arc;
 
 /// A verification key, built for one algorithm.
 ///
-/// RSA signatures are checked with `ring` (about 4× faster inside wasm than
-/// jwt-simple's pure-Rust RSA, whose 64-bit big-number digits wasm32 has to
-/// emulate); EC and EdDSA signatures with jwt-simple.
+/// Keys are vetted with jwt-simple when the key set is parsed (RSA size and
+/// exponent, EC points on their curve, Ed25519 keys); signatures are checked
+/// with `crate::rsa` (RS*) and `ring` (PS*, ES*, EdDSA), the fastest inside
+/// wasm: jwt-simple's pure-Rust RSA uses 64-bit big-number digits that wasm32
+/// has to emulate, and ring's Ed25519 is ~2.6× faster than jwt-simple's.
+/// The token's structure and claims are `jwt::parse`'s.
 pub enum PublicKey {
     /// RS256/384/512 or PS256/384/512: modulus and exponent, big-endian,
     /// without leading zeros; 2048–4096 bits and e = 65537 (checked on parse).
@@ -29,9 +32,10 @@ pub enum PublicKey {
         /// of one JWK); PS* and any key it refuses go to ring.
         modulus: Option<Arc<crate::rsa::Modulus>>,
     },
-    Es256(ES256PublicKey),
-    Es384(ES384PublicKey),
-    EdDsa(Ed25519PublicKey),
+    /// ES256 or ES384: the uncompressed SEC1 point (`04 ‖ x ‖ y`).
+    Ec { alg: Alg, point: Vec<u8> },
+    /// EdDSA (Ed25519): the 32-byte public key.
+    EdDsa { x: Vec<u8> },
 }
 
 impl fmt::Debug for PublicKey {
@@ -44,31 +48,44 @@ impl PublicKey {
     pub fn alg(&self) -> Alg {
         match self {
             PublicKey::Rsa { alg, .. } => *alg,
-            PublicKey::Es256(_) => Alg::ES256,
-            PublicKey::Es384(_) => Alg::ES384,
-            PublicKey::EdDsa(_) => Alg::EdDSA,
+            PublicKey::Ec { alg, .. } => *alg,
+            PublicKey::EdDsa { .. } => Alg::EdDSA,
         }
     }
 
     /// Verifies the signature of a compact JWS whose structure and claims
-    /// `jwt::parse` already checked (jwt-simple re-checks the claims too).
-    /// `options` (jwt-simple's) is called for EC and EdDSA keys only.
-    pub fn verify(&self, token: &str, options: impl FnOnce() -> VerificationOptions) -> bool {
-        match self {
+    /// `jwt::parse` already checked.
+    pub fn verify(&self, token: &str) -> bool {
+        use ring::signature as sig;
+        let Some((signed, signature)) = signed_part_and_signature(token) else {
+            return false;
+        };
+        let (algorithm, key): (&'static dyn sig::VerificationAlgorithm, &[u8]) = match self {
             PublicKey::Rsa { alg, n, e, modulus } => {
-                verify_rsa(*alg, n, e, modulus.as_deref(), token)
+                return verify_rsa(*alg, n, e, modulus.as_deref(), signed, &signature)
             }
-            PublicKey::Es256(k) => k
-                .verify_token::<NoCustomClaims>(token, Some(options()))
-                .is_ok(),
-            PublicKey::Es384(k) => k
-                .verify_token::<NoCustomClaims>(token, Some(options()))
-                .is_ok(),
-            PublicKey::EdDsa(k) => k
-                .verify_token::<NoCustomClaims>(token, Some(options()))
-                .is_ok(),
-        }
+            PublicKey::Ec {
+                alg: Alg::ES256,
+                point,
+            } => (&sig::ECDSA_P256_SHA256_FIXED, point),
+            PublicKey::Ec {
+                alg: Alg::ES384,
+                point,
+            } => (&sig::ECDSA_P384_SHA384_FIXED, point),
+            PublicKey::Ec { .. } => return false,
+            PublicKey::EdDsa { x } => (&sig::ED25519, x),
+        };
+        sig::UnparsedPublicKey::new(algorithm, key)
+            .verify(signed, &signature)
+            .is_ok()
     }
+}
+
+/// A compact JWS's signed part (`header.payload`) and its decoded signature.
+fn signed_part_and_signature(token: &str) -> Option<(&[u8], Vec<u8>)> {
+    let (signed, signature) = token.rsplit_once('.')?;
+    let signature = URL_SAFE_NO_PAD.decode(signature).ok()?;
+    Some((signed.as_bytes(), signature))
 }
 
 fn verify_rsa(
@@ -76,7 +93,8 @@ fn verify_rsa(
     n: &[u8],
     e: &[u8],
     modulus: Option<&crate::rsa::Modulus>,
-    token: &str,
+    signed: &[u8],
+    signature: &[u8],
 ) -> bool {
     use crate::rsa::Hash;
     use ring::signature as sig;
@@ -91,17 +109,11 @@ fn verify_rsa(
         Alg::PS512 => (None, &sig::RSA_PSS_2048_8192_SHA512),
         _ => return false,
     };
-    let Some((signed, signature)) = token.rsplit_once('.') else {
-        return false;
-    };
-    let Ok(signature) = URL_SAFE_NO_PAD.decode(signature) else {
-        return false;
-    };
     if let (Some(hash), Some(m)) = (pkcs1, modulus) {
-        return m.verify(hash, signed.as_bytes(), &signature);
+        return m.verify(hash, signed, signature);
     }
     sig::RsaPublicKeyComponents { n, e }
-        .verify(params, signed.as_bytes(), &signature)
+        .verify(params, signed, signature)
         .is_ok()
 }
 
@@ -284,10 +296,16 @@ fn parse_jwk(jwk: &Value) -> Result<Vec<Key>, String> {
             point.push(0x04);
             point.extend_from_slice(&x);
             point.extend_from_slice(&y);
-            let bad = |_| "not a valid point on the curve".to_string();
-            push(match alg_for_curve {
-                Alg::ES256 => PublicKey::Es256(ES256PublicKey::from_bytes(&point).map_err(bad)?),
-                _ => PublicKey::Es384(ES384PublicKey::from_bytes(&point).map_err(bad)?),
+            let on_curve = match alg_for_curve {
+                Alg::ES256 => ES256PublicKey::from_bytes(&point).is_ok(),
+                _ => ES384PublicKey::from_bytes(&point).is_ok(),
+            };
+            if !on_curve {
+                return Err("not a valid point on the curve".into());
+            }
+            push(PublicKey::Ec {
+                alg: alg_for_curve,
+                point,
             });
         }
         "OKP" => {
@@ -302,9 +320,8 @@ fn parse_jwk(jwk: &Value) -> Result<Vec<Key>, String> {
             if x.len() != 32 {
                 return Err("`x` of the wrong length".into());
             }
-            push(PublicKey::EdDsa(
-                Ed25519PublicKey::from_bytes(&x).map_err(|_| "not a valid Ed25519 key")?,
-            ));
+            Ed25519PublicKey::from_bytes(&x).map_err(|_| "not a valid Ed25519 key")?;
+            push(PublicKey::EdDsa { x });
         }
         other => return Err(format!("unsupported kty {other:?}")),
     }
