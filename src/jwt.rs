@@ -1,6 +1,6 @@
-//! JWT verification: strict structural checks first (cheap, before any
-//! signature work), then signature and standard claims through jwt-simple,
-//! then the identity from the claims.
+//! JWT verification: strict structural and claim checks first (cheap, before
+//! any signature work), then the signature (`jwks::PublicKey::verify`), then
+//! the identity from the claims.
 //!
 //! Following RFC 8725 and Envoy's `jwt_authn`: only the compact
 //! serialisation; `alg` from an allow-list (never `none`, never HS*); the key
@@ -212,7 +212,8 @@ pub fn parse(token: &str, rules: &Rules, now: u64) -> Result<Parsed, TokenError>
         Some(_) => return Err(TokenError::Malformed),
     };
     let claims = decode_json_object(p)?;
-    // Registered claims jwt-simple reads must have their registered types.
+    // Registered claims must have their registered types (as jwt-simple,
+    // which the verifier once was, insisted).
     for name in ["iss", "sub", "jti", "nonce"] {
         if claims.get(name).is_some_and(|v| !v.is_string()) {
             return Err(TokenError::Malformed);
