@@ -267,6 +267,56 @@ pub fn token(data: &[u8]) {
         }
     }
     rsa_agrees_with_ring(&token, &with_kids);
+    ec_and_eddsa_agree_with_rustcrypto(&token, &with_kids);
+}
+
+/// Every ES256/ES384 and EdDSA key's verdict (`PublicKey::verify`: ring) is
+/// the one of the crates jwt-simple checks with (p256/p384, ed25519-compact)
+/// on the token's signing input and signature, whatever the header.
+fn ec_and_eddsa_agree_with_rustcrypto(token: &str, keys: &KeySet) {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+    use p256::ecdsa::signature::Verifier;
+    use tollgate::jwks::PublicKey;
+    let Some((signed, signature)) = token.rsplit_once('.') else {
+        return;
+    };
+    let Ok(signature) = URL_SAFE_NO_PAD.decode(signature) else {
+        return;
+    };
+    let msg = signed.as_bytes();
+    for key in &keys.keys {
+        let theirs = match &key.key {
+            PublicKey::Ec {
+                alg: jwt::Alg::ES256,
+                point,
+            } => {
+                let vk = p256::ecdsa::VerifyingKey::from_sec1_bytes(point).unwrap();
+                p256::ecdsa::Signature::from_slice(&signature)
+                    .is_ok_and(|s| vk.verify(msg, &s).is_ok())
+            }
+            PublicKey::Ec {
+                alg: jwt::Alg::ES384,
+                point,
+            } => {
+                let vk = p384::ecdsa::VerifyingKey::from_sec1_bytes(point).unwrap();
+                p384::ecdsa::Signature::from_slice(&signature)
+                    .is_ok_and(|s| vk.verify(msg, &s).is_ok())
+            }
+            PublicKey::EdDsa { x } => {
+                let pk = ed25519_compact::PublicKey::from_slice(x).unwrap();
+                ed25519_compact::Signature::from_slice(&signature)
+                    .is_ok_and(|s| pk.verify(msg, &s).is_ok())
+            }
+            _ => continue,
+        };
+        let alg = key.key.alg();
+        assert_eq!(
+            key.key.verify(token),
+            theirs,
+            "{alg:?}: ring and RustCrypto/ed25519-compact disagree"
+        );
+    }
 }
 
 /// Every RS256/384/512 key's prepared modulus (`tollgate::rsa`) gives ring's
