@@ -102,6 +102,18 @@ def test_valid_token_passes_with_forwarded_identity(gw, keys, alg, upstream):
     assert upstream.count(API) == 1
 
 
+@pytest.mark.parametrize("alg", ALGS)
+@pytest.mark.parametrize("typ", ["at+jwt", "JOSE", "application/custom"])
+def test_typ_is_informational_for_every_algorithm(gw, keys, alg, typ):
+    """Any string `typ` passes, whatever the algorithm (as in jwt_authn and
+    PyJWT); a non-string one is a malformed token."""
+    token = keys[alg].sign(tokens.claims(), headers={"typ": typ})
+    assert forwarded(gw.get(API, token=token))["x-auth-principal"] == "alice"
+    if typ == "JOSE":
+        bad = keys[alg].sign(tokens.claims(), headers={"typ": 7})
+        assert_denied(gw.get(API, token=bad), 401, MSG_INVALID, token_presented=True)
+
+
 def test_audience_list_intersecting_passes(gw, rsa):
     token = rsa.sign(tokens.claims(aud=["other", "llama-stack"]))
     assert forwarded(gw.get(API, token=token))["x-auth-principal"] == "alice"
