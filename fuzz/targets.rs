@@ -274,14 +274,9 @@ pub fn token(data: &[u8]) {
 /// the one of the crates jwt-simple checks with (p256/p384, ed25519-compact)
 /// on the token's signing input and signature, whatever the header.
 fn ec_and_eddsa_agree_with_rustcrypto(token: &str, keys: &KeySet) {
-    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-    use base64::Engine;
     use p256::ecdsa::signature::Verifier;
     use tollgate::jwks::PublicKey;
-    let Some((signed, signature)) = token.rsplit_once('.') else {
-        return;
-    };
-    let Ok(signature) = URL_SAFE_NO_PAD.decode(signature) else {
+    let Some((signed, signature)) = signing_input_and_signature(token) else {
         return;
     };
     let msg = signed.as_bytes();
@@ -319,18 +314,22 @@ fn ec_and_eddsa_agree_with_rustcrypto(token: &str, keys: &KeySet) {
     }
 }
 
+/// A compact JWS's signing input and decoded signature, split here (not by
+/// tollgate) for the cross-checks below.
+fn signing_input_and_signature(token: &str) -> Option<(&str, Vec<u8>)> {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+    let (signed, signature) = token.rsplit_once('.')?;
+    Some((signed, URL_SAFE_NO_PAD.decode(signature).ok()?))
+}
+
 /// Every RS256/384/512 key's prepared modulus (`tollgate::rsa`) gives ring's
 /// verdict on the token's signing input and signature, whatever the header.
 fn rsa_agrees_with_ring(token: &str, keys: &KeySet) {
-    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-    use base64::Engine;
     use ring::signature as sig;
     use tollgate::jwks::PublicKey;
     use tollgate::rsa::Hash;
-    let Some((signed, signature)) = token.rsplit_once('.') else {
-        return;
-    };
-    let Ok(signature) = URL_SAFE_NO_PAD.decode(signature) else {
+    let Some((signed, signature)) = signing_input_and_signature(token) else {
         return;
     };
     for key in &keys.keys {
