@@ -362,13 +362,14 @@ fn rsa_agrees_with_ring(token: &str, keys: &KeySet) {
 /// Bytes as a JWKS document (`KeySet::parse`) and as a shared fetch record
 /// (`FetchRecord::decode`).
 ///
-/// Properties: a parsed set is never empty; a decoded record encodes back to
-/// itself, also through the shared store (`write_record`/`read_record`).
+/// Properties: every key of a parsed set (which may be empty: a `keys` list
+/// without usable keys) is found by its algorithm and kid; a decoded record
+/// encodes back to itself, also through the shared store
+/// (`write_record`/`read_record`).
 pub fn jwks(data: &[u8]) {
     let config = config_of(0);
     let rules = rules(jwt_config(&config));
     if let Ok(set) = KeySet::parse(data) {
-        assert!(!set.keys.is_empty(), "a parsed key set without keys");
         for token in [TOKEN_RS256, TOKEN_ES256, TOKEN_EDDSA] {
             if let Ok(v) = jwt::verify(token, &set, &rules, NOW_S) {
                 assert_eq!(v.identity.principal, "alice");
@@ -524,7 +525,8 @@ pub fn provider_answers(data: &[u8]) {
         Ok(id) => check_identity(&id),
         Err(e) => check_denial(&Denial::Provider(e)),
     }
-    let request = c.request(&token, &raw_path, &headers);
+    let path = tollgate::custom::endpoint_path(&raw_path);
+    let request = c.request(&token, &path, &raw_path, &headers);
     assert!(
         tollgate::json::parse_strict(&request.body).is_ok(),
         "custom request body is not strict JSON"
@@ -542,7 +544,7 @@ pub fn provider_answers(data: &[u8]) {
 /// per field.
 ///
 /// Properties of a normalised path (module docs of `policy`): absolute, no
-/// empty, `.` or `..` segment, printable ASCII (space included) without
+/// empty, `.` or `..` segment (nor one once its `;` parameters are removed), printable ASCII (space included) without
 /// `\`, `?`, `#`; escapes
 /// upper-case and never of an unreserved character or a separator;
 /// normalising is idempotent and ignores the query.
@@ -594,6 +596,11 @@ fn check_normal_form(p: &str) {
         assert!(
             !seg.is_empty() && seg != "." && seg != "..",
             "segment {seg:?} in {p:?}"
+        );
+        let base = seg.split(';').next().unwrap_or_default();
+        assert!(
+            !base.is_empty() && base != "." && base != "..",
+            "segment {seg:?} without its parameters in {p:?}"
         );
     }
     let mut i = 0;

@@ -405,6 +405,11 @@ impl Core {
     }
 
     /// Introspection and custom providers: a cached answer, or a callout.
+    /// The custom endpoint is sent the normalised path (percent-decoded, see
+    /// `custom::endpoint_path`) and its answer is keyed by the token and
+    /// exactly that path. With its `cache_ttl` 0 the key is unique to the
+    /// request: the endpoint also sees the query and headers, so no callout
+    /// is shared and no answer found again.
     fn authenticate_by_callout(
         &mut self,
         req: &RequestFacts,
@@ -422,11 +427,19 @@ impl Core {
                 &i.introspection.endpoint,
                 i.introspection.request(token),
             ),
-            Some(AuthConfig::Custom(c)) => (
-                self.hasher.key(&[token.as_bytes(), req.path.as_bytes()]),
-                &c.endpoint,
-                c.request(token, &req.raw_path, &req.headers),
-            ),
+            Some(AuthConfig::Custom(c)) => {
+                let path = crate::custom::endpoint_path(&req.path);
+                let key = if c.cache_ttl == 0 {
+                    use std::sync::atomic::{AtomicU64, Ordering};
+                    static UNSHARED: AtomicU64 = AtomicU64::new(0);
+                    let n = UNSHARED.fetch_add(1, Ordering::Relaxed).to_le_bytes();
+                    self.hasher.key(&[token.as_bytes(), path.as_bytes(), &n])
+                } else {
+                    self.hasher.key(&[token.as_bytes(), path.as_bytes()])
+                };
+                let request = c.request(token, &path, &req.raw_path, &req.headers);
+                (key, &c.endpoint, request)
+            }
             _ => return Err(Step::Deny(Denial::AuthUnavailable)),
         };
         match self.tokens.get(&key, 0, now_ms / 1000) {
@@ -484,14 +497,18 @@ impl Core {
             }
             Err(e) => {
                 let denial = Denial::Provider(e.clone());
-                // Definite "no"s are remembered briefly; errors never.
+                // Definite "no"s are remembered briefly; errors never; a
+                // custom endpoint's with `cache_ttl` 0 never (see
+                // `authenticate_by_callout`).
                 let definite = matches!(
                     e,
                     ProviderError::NotActive
                         | ProviderError::Expired
                         | ProviderError::AuthFailed(401 | 403)
                 );
-                if definite {
+                let uncached =
+                    matches!(&config.auth, Some(AuthConfig::Custom(c)) if c.cache_ttl == 0);
+                if definite && !uncached {
                     self.tokens.put(
                         key,
                         Err(denial.clone()),
@@ -878,5 +895,92 @@ mod tests {
         );
         assert_eq!(as_token(b"abc"), "abc");
         assert_eq!(as_token(b"\xff\xfe"), "\u{fffd}");
+    }
+
+    const CUSTOM: &str = r#"{"provider_type": "custom", "config": {
+        "endpoint": "http://authsvc/validate", "cache_ttl": 30}}"#;
+
+    /// A request as the filter builds it: `raw` is the `:path`.
+    fn raw_request(token: &str, raw: &str) -> RequestFacts {
+        RequestFacts {
+            path: crate::policy::normalize_path(raw).unwrap(),
+            raw_path: raw.into(),
+            authorization: Some(format!("Bearer {token}").into_bytes()),
+            ..RequestFacts::default()
+        }
+    }
+
+    /// The callout of `step` and the JSON body it sends.
+    fn callout_body(step: &Step) -> (CacheKey, serde_json::Value) {
+        match step {
+            Step::Callout(c) => (c.key, serde_json::from_slice(&c.request.body).unwrap()),
+            other => panic!("expected a callout, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn custom_endpoint_is_asked_about_the_path_its_answer_is_cached_under() {
+        let mut core = core_for(CUSTOM);
+        let odd = raw_request("key-1", "/v1//admin/x?p=1");
+        let (key, body) = callout_body(&decide_at(&mut core, &odd, NOW));
+        assert_eq!(body["request"]["path"], "/v1/admin/x");
+        assert_eq!(body["request"]["params"], serde_json::json!({"p": ["1"]}));
+        let plain = raw_request("key-1", "/v1/admin/x");
+        assert_eq!(callout_key(&decide_at(&mut core, &plain, NOW)), key);
+        let id = core.provider_answer(key, ok(r#"{"principal": "carol"}"#), NOW * 1000);
+        assert!(id.is_ok());
+        // The answer given for `/v1/admin/x` serves every spelling of it.
+        for raw in ["/v1/admin/x", "/v1//admin/x", "/v1/x/../%61dmin/x?q"] {
+            let req = raw_request("key-1", raw);
+            assert_eq!(decide_at(&mut core, &req, NOW).principal(), Some("carol"));
+        }
+        // Parameters are part of the path the endpoint sees.
+        let (other, body) = callout_body(&decide_at(
+            &mut core,
+            &raw_request("key-1", "/v1/admin/x;v=2"),
+            NOW,
+        ));
+        assert_ne!(other, key);
+        assert_eq!(body["request"]["path"], "/v1/admin/x;v=2");
+    }
+
+    #[test]
+    fn custom_cache_ttl_zero_shares_no_callout_and_remembers_nothing() {
+        let mut core = core_for(&CUSTOM.replace(r#""cache_ttl": 30"#, r#""cache_ttl": 0"#));
+        let mine = raw_request("key-1", "/v1/models?project=mine");
+        let victim = raw_request("key-1", "/v1/models?project=victim");
+        let k1 = callout_key(&decide_at(&mut core, &mine, NOW));
+        let k2 = callout_key(&decide_at(&mut core, &victim, NOW));
+        let k3 = callout_key(&decide_at(&mut core, &mine, NOW));
+        assert!(k1 != k2 && k1 != k3 && k2 != k3, "one callout per request");
+        // Neither a refusal nor an allowance is remembered.
+        let refused = Answer::Response {
+            status: 401,
+            body: b"",
+        };
+        assert!(core.provider_answer(k2, refused, NOW * 1000).is_err());
+        assert!(core
+            .provider_answer(k1, ok(r#"{"principal": "carol"}"#), NOW * 1000)
+            .is_ok());
+        assert!(core.tokens.is_empty());
+        assert!(matches!(
+            decide_at(&mut core, &victim, NOW),
+            Step::Callout(_)
+        ));
+        assert!(matches!(decide_at(&mut core, &mine, NOW), Step::Callout(_)));
+    }
+
+    #[test]
+    fn custom_callouts_are_shared_only_as_far_as_the_cache_reuses() {
+        let mut core = core_for(CUSTOM);
+        let key = |core: &mut Core, token: &str, raw: &str| {
+            callout_key(&decide_at(core, &raw_request(token, raw), NOW))
+        };
+        let k = key(&mut core, "key-1", "/v1/models?project=mine");
+        // Within `cache_ttl` the answer depends on token and path only.
+        assert_eq!(key(&mut core, "key-1", "/v1/models?project=victim"), k);
+        assert_eq!(key(&mut core, "key-1", "/v1//models"), k);
+        assert_ne!(key(&mut core, "key-2", "/v1/models"), k);
+        assert_ne!(key(&mut core, "key-1", "/v1/models/"), k);
     }
 }

@@ -10,6 +10,8 @@ use serde_json::{Map, Value};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClaimsMapping {
     entries: Vec<(Vec<String>, String)>,
+    /// Llama Stack's default (no `claims_mapping` in the configuration).
+    default: bool,
 }
 
 impl ClaimsMapping {
@@ -30,7 +32,13 @@ impl ClaimsMapping {
                 .iter()
                 .map(|(c, a)| (vec![c.to_string()], a.to_string()))
                 .collect(),
+            default: true,
         }
+    }
+
+    /// Whether this is the default mapping, not one from the configuration.
+    pub fn is_default(&self) -> bool {
+        self.default
     }
 
     /// Parses `{"claim": "category", ...}`.
@@ -50,7 +58,10 @@ impl ClaimsMapping {
             ));
         }
         o.finish()?;
-        Ok(ClaimsMapping { entries })
+        Ok(ClaimsMapping {
+            entries,
+            default: false,
+        })
     }
 
     /// Maps claims to attributes: a string claim is split on whitespace, a

@@ -167,6 +167,9 @@ impl Config {
                 "route rules need an `auth` provider to identify callers",
             ));
         }
+        for warning in rule_warnings(auth.as_ref(), top.get("route_scopes")) {
+            log::warn!("{warning}");
+        }
         let quota = match top.get("quota") {
             None => None,
             Some(v) => Some(QuotaConfig::parse(v, "quota")?),
@@ -181,6 +184,40 @@ impl Config {
             log_level,
         })
     }
+}
+
+/// Configure-time warnings about the route rules (`route_scopes`, already
+/// parsed): a rule requiring `roles` while the default `claims_mapping`,
+/// which maps the caller's own name into `roles`, is in force.
+fn rule_warnings(auth: Option<&AuthConfig>, route_scopes: Option<&Value>) -> Vec<String> {
+    let mapping = match auth {
+        Some(AuthConfig::Jwt(j)) => &j.claims_mapping,
+        Some(AuthConfig::Introspection(i)) => &i.claims_mapping,
+        _ => return Vec::new(),
+    };
+    if !mapping.is_default() {
+        return Vec::new();
+    }
+    let rules = route_scopes.and_then(Value::as_array);
+    rules
+        .into_iter()
+        .flatten()
+        .enumerate()
+        .filter(|(_, rule)| {
+            rule.get("required_attributes")
+                .and_then(Value::as_object)
+                .is_some_and(|a| a.contains_key("roles"))
+        })
+        .map(|(i, _)| {
+            format!(
+                "route_scopes[{i}].required_attributes.roles: the default claims_mapping puts the \
+                 caller's `sub` and `username` into `roles`, so a user named e.g. `admin` \
+                 satisfies `\"roles\": [\"admin\"]`; set `claims_mapping` to take \
+                 roles from a claim the identity provider controls (e.g. \
+                 {{\"realm_access.roles\": \"roles\"}})"
+            )
+        })
+        .collect()
 }
 
 fn parse_log_level(s: &str) -> Option<log::LevelFilter> {
@@ -297,10 +334,9 @@ fn parse_oauth2(mut o: Obj) -> Result<AuthConfig, ConfigError> {
             "exactly one of `jwks` and `introspection` must be set",
         ));
     }
-    let audiences = o
-        .str_or_list("audience")?
-        .unwrap_or_else(|| vec![DEFAULT_AUDIENCE.to_string()]);
-    if audiences.is_empty() {
+    // Set explicitly, it is checked by both sources; the default only by JWT.
+    let audience = o.str_or_list("audience")?;
+    if audience.as_ref().is_some_and(Vec::is_empty) {
         return Err(ConfigError::new(o.path("audience"), "must not be empty"));
     }
     let issuer = o.nonempty_str("issuer")?.map(str::to_string);
@@ -326,13 +362,11 @@ fn parse_oauth2(mut o: Obj) -> Result<AuthConfig, ConfigError> {
         let Some(i) = o.obj("introspection")? else {
             return Err(ConfigError::new(o.path("introspection"), "missing"));
         };
-        let introspection = Introspection::parse(i)?;
+        let mut introspection = Introspection::parse(i)?;
+        introspection.audiences = audience;
         let cache_ttl = o
             .u64_max("cache_ttl", MAX_SECONDS)?
             .unwrap_or(DEFAULT_DECISION_CACHE_TTL);
-        if o.has("audience") {
-            log::warn!("auth.config.audience is not checked with introspection: the identity provider decides whether a token is active");
-        }
         o.finish()?;
         return Ok(AuthConfig::Introspection(IntrospectionConfig {
             introspection,
@@ -356,7 +390,7 @@ fn parse_oauth2(mut o: Obj) -> Result<AuthConfig, ConfigError> {
     if timeout_ms == 0 {
         return Err(ConfigError::new(j.path("timeout_ms"), "must be at least 1"));
     }
-    let jwks = upstream(uri, &uri_path, cluster, timeout_ms)?;
+    let jwks = upstream_with(uri, &uri_path, cluster, timeout_ms, CREDENTIALS_JWKS)?;
     let ttl = j.u64_max("cache_ttl", MAX_SECONDS)?;
     let recheck = j.u64_max("key_recheck_period", MAX_SECONDS)?;
     if ttl.is_some() && recheck.is_some() {
@@ -383,7 +417,7 @@ fn parse_oauth2(mut o: Obj) -> Result<AuthConfig, ConfigError> {
     j.finish()?;
     o.finish()?;
     Ok(AuthConfig::Jwt(JwtConfig {
-        audiences,
+        audiences: audience.unwrap_or_else(|| vec![DEFAULT_AUDIENCE.to_string()]),
         issuer,
         claims_mapping,
         clock_skew_seconds,
@@ -395,12 +429,36 @@ fn parse_oauth2(mut o: Obj) -> Result<AuthConfig, ConfigError> {
     }))
 }
 
-/// Splits an `http(s)://authority/path` URL; `cluster` defaults to the authority.
+/// Where the credentials of a URL's userinfo go instead, for the refusal:
+/// the custom endpoint gets none from tollgate.
+pub const CREDENTIALS_NONE: &str = "tollgate sends this endpoint no credentials of its own; TLS and authentication to it are set on the Envoy cluster";
+/// See [`CREDENTIALS_NONE`]: the JWKS endpoint's bearer token.
+pub const CREDENTIALS_JWKS: &str =
+    "send a bearer token to the JWKS endpoint with `jwks.token`; TLS is set on the Envoy cluster";
+/// See [`CREDENTIALS_NONE`]: the introspection client's credentials.
+pub const CREDENTIALS_INTROSPECTION: &str = "set the client's credentials with `introspection.client_id` and `client_secret`; TLS is set on the Envoy cluster";
+
+/// Splits an `http(s)://host[:port]/path` URL that gets no credentials from
+/// tollgate (the custom endpoint); `cluster` defaults to the authority.
 pub fn upstream(
     url: &str,
     key: &str,
     cluster: Option<String>,
     timeout_ms: u64,
+) -> Result<Upstream, ConfigError> {
+    upstream_with(url, key, cluster, timeout_ms, CREDENTIALS_NONE)
+}
+
+/// [`upstream`] for a URL whose credentials have their own keys, named by
+/// `credentials_go` when the URL carries userinfo (`user:password@`), which is
+/// refused: the authority is shown in 401 messages and logs. The refusal never
+/// repeats the URL.
+pub fn upstream_with(
+    url: &str,
+    key: &str,
+    cluster: Option<String>,
+    timeout_ms: u64,
+    credentials_go: &str,
 ) -> Result<Upstream, ConfigError> {
     let rest = url
         .strip_prefix("https://")
@@ -410,11 +468,13 @@ pub fn upstream(
         Some(i) => rest.split_at(i),
         None => (rest, "/"),
     };
-    if authority.is_empty()
-        || !authority
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-._:[]@".contains(&b))
-    {
+    if authority.contains('@') {
+        return Err(ConfigError::new(
+            key,
+            format!("the URL must not carry credentials (`user:password@` before the host): {credentials_go}"),
+        ));
+    }
+    if !valid_authority(authority) {
         return Err(ConfigError::new(key, "the URL has no valid host"));
     }
     if !path.bytes().all(|b| (0x21..0x7f).contains(&b)) || path.contains('#') {
@@ -430,6 +490,38 @@ pub fn upstream(
         path: path.to_string(),
         timeout_ms,
     })
+}
+
+/// `host[:port]`: a name or IPv4 address (letters, digits, `-._`) or a
+/// bracketed IPv6 address; the port 1 to 5 digits.
+fn valid_authority(authority: &str) -> bool {
+    let (host_ok, port) = match authority.strip_prefix('[') {
+        Some(inner) => match inner.split_once(']') {
+            Some((ip, port)) => (
+                !ip.is_empty()
+                    && ip
+                        .bytes()
+                        .all(|b| b.is_ascii_hexdigit() || b":.".contains(&b)),
+                port,
+            ),
+            None => return false,
+        },
+        None => {
+            let (host, port) = authority.split_at(authority.find(':').unwrap_or(authority.len()));
+            (
+                !host.is_empty()
+                    && host
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b)),
+                port,
+            )
+        }
+    };
+    let port_ok = port.is_empty()
+        || port
+            .strip_prefix(':')
+            .is_some_and(|p| (1..=5).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()));
+    host_ok && port_ok
 }
 
 #[cfg(test)]
@@ -536,6 +628,148 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn urls_with_credentials_are_refused_without_repeating_them() {
+        let jwks = |uri: &str| {
+            let mut v = jwt_example();
+            v["auth"]["config"]["jwks"]["uri"] = json!(uri);
+            v
+        };
+        let introspection = |url: &str| {
+            json!({"auth": {"provider_config": {"type": "oauth2_token",
+                "introspection": {"url": url}}}})
+        };
+        let custom =
+            |url: &str| json!({"auth": {"provider_type": "custom", "config": {"endpoint": url}}});
+        type Build = fn(&str) -> Value;
+        let cases: [(Build, &str, &str); 3] = [
+            (jwks, "auth.config.jwks.uri", "`jwks.token`"),
+            (
+                introspection,
+                "auth.provider_config.introspection.url",
+                "`introspection.client_id` and `client_secret`",
+            ),
+            (custom, "auth.config.endpoint", "no credentials of its own"),
+        ];
+        for (build, key, instead) in cases {
+            for url in [
+                "https://alice:pa55word@idp.example/x",
+                "https://alice:pa55word@idp.example",
+                "http://alice@idp.example:8080/x",
+                "https://@idp.example/x",
+                "https://alice:pa55word@[::1]:8443/x",
+                "https://alice:pa%40ss@idp.example/x",
+            ] {
+                let e = err(build(url));
+                assert_eq!(e.key, key, "{url}");
+                let shown = e.to_string();
+                assert!(shown.contains("must not carry credentials"), "{shown}");
+                assert!(shown.contains(instead), "{shown}");
+                assert!(
+                    !shown.contains("pa55") && !shown.contains("alice"),
+                    "{shown}"
+                );
+            }
+            // `@` in the path or query is no userinfo.
+            assert!(Config::from_value(&build("https://idp.example/x@y?u=a@b")).is_ok());
+        }
+    }
+
+    #[test]
+    fn url_authorities_are_host_and_port() {
+        let with_uri = |uri: &str| {
+            let mut v = jwt_example();
+            v["auth"]["config"]["jwks"]["uri"] = json!(uri);
+            Config::from_value(&v)
+        };
+        for good in [
+            "http://idp/jwks",
+            "http://idp_1.local:8080/jwks",
+            "http://127.0.0.1:65535/jwks",
+            "http://[::1]/jwks",
+            "http://[2001:db8::1]:8443/jwks",
+        ] {
+            assert!(with_uri(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "http://idp:/jwks",
+            "http://idp:port/jwks",
+            "http://idp:123456/jwks",
+            "http://idp:80:80/jwks",
+            "http://:80/jwks",
+            "http://[::1/jwks",
+            "http://[]/jwks",
+            "http://[::1]x/jwks",
+            "http://[fe80::1%eth0]/jwks",
+            "http://user:pa/ss@idp/jwks",
+            "http://idp?x=1",
+        ] {
+            let e = with_uri(bad).unwrap_err();
+            assert_eq!(e.key, "auth.config.jwks.uri", "{bad}");
+            assert_eq!(e.reason, "the URL has no valid host", "{bad}");
+        }
+    }
+
+    #[test]
+    fn an_explicit_audience_is_checked_by_introspection() {
+        let with = |audience: Value| {
+            let v = json!({"auth": {"provider_config": {"type": "oauth2_token",
+                "introspection": {"url": "http://idp/i"}, "audience": audience}}});
+            match Config::from_value(&v).unwrap().auth {
+                Some(AuthConfig::Introspection(i)) => i.introspection.audiences,
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(with(Value::Null), None, "unset: not checked");
+        assert_eq!(with(json!("llama-stack")), Some(vec!["llama-stack".into()]));
+        assert_eq!(
+            with(json!(["a", "b"])),
+            Some(vec!["a".to_string(), "b".to_string()])
+        );
+        let v = json!({"auth": {"provider_config": {"type": "oauth2_token",
+            "introspection": {"url": "http://idp/i"}, "audience": []}}});
+        assert_eq!(err(v).key, "auth.provider_config.audience");
+    }
+
+    #[test]
+    fn roles_rules_under_the_default_mapping_are_warned_about() {
+        let warnings = |v: &Value| {
+            let c = Config::from_value(v).unwrap();
+            rule_warnings(c.auth.as_ref(), v.get("route_scopes"))
+        };
+        let rules = json!([
+            {"path_prefix": "/v1/admin/", "required_scope": "admin"},
+            {"path": "/v1/models", "required_attributes": {"roles": ["admin"]}},
+            {"path": "/v1/teams", "required_attributes": {"teams": ["ml"]}},
+            {"path": "/v1/x", "required_attributes": {"teams": ["ml"], "roles": ["ops"]}}
+        ]);
+        let mut v = jwt_example();
+        v["route_scopes"] = rules.clone();
+        assert!(warnings(&v).is_empty(), "claims_mapping is set");
+        v["auth"]["config"]["claims_mapping"] = Value::Null;
+        let w = warnings(&v);
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[0].starts_with("route_scopes[1].required_attributes.roles: "));
+        assert!(w[1].starts_with("route_scopes[3].required_attributes.roles: "));
+        assert!(w[0].contains("the default claims_mapping puts"), "{}", w[0]);
+        assert!(
+            w[0].contains("`sub` and `username` into `roles`"),
+            "{}",
+            w[0]
+        );
+        assert!(w[0].contains("set `claims_mapping`"), "{}", w[0]);
+        let intro = json!({"auth": {"provider_config": {"type": "oauth2_token",
+            "introspection": {"url": "http://idp/i"}}}, "route_scopes": rules});
+        assert_eq!(warnings(&intro).len(), 2);
+        let mut no_roles = jwt_example();
+        no_roles["auth"]["config"]["claims_mapping"] = Value::Null;
+        no_roles["route_scopes"] = json!([{"path": "/a", "required_attributes": {"teams": ["t"]}}]);
+        assert!(warnings(&no_roles).is_empty());
+        let custom = json!({"auth": {"provider_type": "custom",
+            "config": {"endpoint": "http://a/v"}}, "route_scopes": rules});
+        assert!(warnings(&custom).is_empty(), "no claims_mapping there");
     }
 
     #[test]

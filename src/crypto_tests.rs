@@ -331,10 +331,13 @@ fn ec_coordinates_must_both_have_the_curves_length() {
     let point = ec_point();
     let (x, y) = (&point[1..33], &point[33..65]);
     let jwk = |x: &[u8], y: &[u8]| json!({"kty": "EC", "crv": "P-256", "kid": "ec-1", "x": b64(x), "y": b64(y)});
-    assert!(KeySet::parse(json!({"keys": [jwk(x, y)]}).to_string().as_bytes()).is_ok());
+    let parse = |x: &[u8], y: &[u8]| {
+        KeySet::parse(json!({"keys": [jwk(x, y)]}).to_string().as_bytes()).unwrap()
+    };
+    assert_eq!(parse(x, y).keys.len(), 1);
     for (x, y) in [(&x[1..], y), (x, &y[1..]), (&x[1..], &y[1..])] {
         assert!(
-            KeySet::parse(json!({"keys": [jwk(x, y)]}).to_string().as_bytes()).is_err(),
+            parse(x, y).keys.is_empty(),
             "x {} bytes, y {} bytes",
             x.len(),
             y.len()
@@ -524,7 +527,7 @@ fn weak_rsa_key_is_skipped_and_good_key_still_works() {
 }
 
 #[test]
-fn jwks_with_only_unusable_keys_is_refused() {
+fn jwks_with_only_unusable_keys_is_an_empty_set() {
     let point = ec_point();
     let mut off_curve = point.clone();
     off_curve[64] ^= 1;
@@ -546,14 +549,13 @@ fn jwks_with_only_unusable_keys_is_refused() {
         json!("not an object"),
     ];
     let doc = json!({ "keys": unusable }).to_string();
+    let set = KeySet::parse(doc.as_bytes()).unwrap();
+    assert!(set.keys.is_empty());
     assert_eq!(
-        KeySet::parse(doc.as_bytes()).unwrap_err(),
-        JwksError::NoUsableKey
+        jwt::verify(&eddsa(claims()), &set, &rules(), NOW),
+        Err(TokenError::UnknownKid)
     );
-    assert_eq!(
-        KeySet::parse(br#"{"keys": []}"#).unwrap_err(),
-        JwksError::NoUsableKey
-    );
+    assert!(KeySet::parse(br#"{"keys": []}"#).unwrap().keys.is_empty());
     assert_eq!(
         KeySet::parse(br#"{"kty": "RSA"}"#).unwrap_err(),
         JwksError::NoKeysArray
@@ -1049,6 +1051,100 @@ mod core_cache {
             Some("alice")
         );
         assert_eq!((core.tokens.hits, core.tokens.misses), (1, 3));
+    }
+
+    /// The document `body`, answered 200 to this VM's fetch at `now_s`.
+    fn fetched(core: &mut Core, body: &[u8], now_s: u64) {
+        let started = core.jwks.record.start(now_s * 1000);
+        core.jwks.apply(started, None);
+        let record = core.jwks.fetched(body.to_vec(), now_s * 1000);
+        core.jwks.apply(record, None);
+    }
+
+    fn unknown_kid() -> Step {
+        Step::Deny(Denial::InvalidToken(TokenError::UnknownKid))
+    }
+
+    #[test]
+    fn a_removed_key_is_revoked_at_once_the_others_keep_working() {
+        let mut core = core();
+        let (ed, es) = (eddsa(claims()), es256(claims()));
+        for now in [NOW, NOW + 1] {
+            assert_eq!(decide(&mut core, &ed, now).principal(), Some("alice"));
+            assert_eq!(decide(&mut core, &es, now).principal(), Some("alice"));
+        }
+        assert_eq!(core.tokens.hits, 2, "both tokens cached");
+        // The issuer removes the Ed25519 key (the refresh cooldown runs).
+        install(
+            &mut core,
+            vec![rsa_2048_jwk(None), ec_jwk("ec-1", &ec_point())],
+            NOW + 2,
+        );
+        for now in [NOW + 2, NOW + 3] {
+            assert_eq!(decide(&mut core, &ed, now), unknown_kid());
+            assert_eq!(decide(&mut core, &es, now).principal(), Some("alice"));
+        }
+    }
+
+    #[test]
+    fn a_set_without_usable_keys_revokes_every_key() {
+        let no_kid = eddsa_raw(r#"{"alg":"EdDSA"}"#, &good_payload_json());
+        for empty in [
+            json!({"keys": []}),
+            json!({"keys": [{"kty": "oct", "kid": "ed-1", "k": b64(b"secret")}]}),
+        ] {
+            let mut core = core();
+            let ed = eddsa(claims());
+            assert_eq!(decide(&mut core, &ed, NOW).principal(), Some("alice"));
+            assert_eq!(decide(&mut core, &no_kid, NOW).principal(), Some("alice"));
+            fetched(&mut core, empty.to_string().as_bytes(), NOW + 1);
+            assert_eq!(decide(&mut core, &ed, NOW + 1), unknown_kid());
+            assert_eq!(
+                decide(&mut core, &no_kid, NOW + 1),
+                Step::Deny(Denial::InvalidToken(TokenError::NoKey))
+            );
+            // Once the cooldown has run, an unknown kid asks for one refresh...
+            assert_eq!(decide(&mut core, &ed, NOW + 10), unknown_kid());
+            assert_eq!(decide(&mut core, &ed, NOW + 11), Step::WaitForKeys);
+            // ...which still has no key: 401, not another wait.
+            fetched(&mut core, empty.to_string().as_bytes(), NOW + 12);
+            assert_eq!(decide(&mut core, &ed, NOW + 12), unknown_kid());
+            // Garbage afterwards keeps the empty set; a good set brings keys back.
+            fetched(&mut core, b"garbage", NOW + 13);
+            assert_eq!(decide(&mut core, &ed, NOW + 13), unknown_kid());
+            install(&mut core, standard_jwks(), NOW + 14);
+            assert_eq!(decide(&mut core, &ed, NOW + 14).principal(), Some("alice"));
+        }
+    }
+
+    #[test]
+    fn a_first_set_without_keys_answers_401_not_503() {
+        let config = json!({"auth": {"provider_config": {"type": "oauth2_token",
+            "jwks": {"uri": "http://idp/jwks"}, "audience": AUDIENCE, "issuer": ISSUER}}});
+        let mut core = Core::new(Rc::new(
+            Config::parse(config.to_string().as_bytes()).unwrap(),
+        ));
+        let ed = eddsa(claims());
+        assert_eq!(decide(&mut core, &ed, NOW), Step::WaitForKeys);
+        fetched(&mut core, br#"{"keys": []}"#, NOW);
+        assert_eq!(decide(&mut core, &ed, NOW), unknown_kid());
+    }
+
+    #[test]
+    fn a_set_that_is_no_jwks_keeps_the_old_keys() {
+        let mut core = core();
+        let ed = eddsa(claims());
+        assert_eq!(decide(&mut core, &ed, NOW).principal(), Some("alice"));
+        for garbage in [
+            &b"not json"[..],
+            b"[]",
+            br#"{"keys": {}}"#,
+            br#"{"kid": "x"}"#,
+        ] {
+            fetched(&mut core, garbage, NOW + 1);
+            assert_eq!(decide(&mut core, &ed, NOW + 1).principal(), Some("alice"));
+        }
+        assert_eq!(core.tokens.misses, 1, "still cached: nothing changed");
     }
 
     #[test]

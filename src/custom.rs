@@ -10,9 +10,12 @@
 //!              "params": {"limit": ["10"], ...}}}
 //! ```
 //!
-//! - `path` is the request path without the query, percent-decoded like the
-//!   ASGI `scope["path"]` Llama Stack reads (`+` stays `+`; bytes that do
-//!   not form UTF-8 become U+FFFD).
+//! - `path` is the request's normalised path (`policy::normalize_path`: no
+//!   query, dot segments resolved, slashes merged, `;` parameters kept),
+//!   percent-decoded like the ASGI `scope["path"]` Llama Stack reads (`+`
+//!   stays `+`; bytes that do not form UTF-8 become U+FFFD): see
+//!   [`endpoint_path`]. The decision cache keys an answer by exactly this
+//!   string, so a cached answer is only reused for the path it was given for.
 //! - `headers` holds every request header except `authorization` and the
 //!   pseudo-headers, names lower-cased. Values that are not UTF-8 are passed
 //!   lossily (U+FFFD for each bad sequence). A repeated header (Llama Stack
@@ -76,22 +79,21 @@ impl Custom {
         )
     }
 
-    /// The endpoint request: `raw_path` is the request's `:path` (query
-    /// included), `headers` the request headers as the host gives them.
+    /// The endpoint request: `path` is what [`endpoint_path`] gives for the
+    /// request, `raw_path` the request's `:path` (read for its query only),
+    /// `headers` the request headers as the host gives them.
     pub fn request(
         &self,
         token: &str,
+        path: &str,
         raw_path: &str,
         headers: &[(String, Vec<u8>)],
     ) -> CalloutRequest {
-        let (path, query) = match raw_path.split_once('?') {
-            Some((p, q)) => (p, q),
-            None => (raw_path, ""),
-        };
+        let query = raw_path.split_once('?').map_or("", |(_, q)| q);
         let body = json!({
             "api_key": token,
             "request": {
-                "path": percent_decode(path, false),
+                "path": path,
                 "headers": Value::Object(forwarded_headers(headers)),
                 "params": Value::Object(query_params(query)),
             }
@@ -141,6 +143,13 @@ impl Custom {
         Identity::new(principal, attributes)
             .map_err(|_| ProviderError::UnsafeIdentity(ProviderKind::Custom))
     }
+}
+
+/// The `path` the endpoint is sent for a request whose normalised path (see
+/// `policy::normalize_path`) is `normalized_path`: that path percent-decoded,
+/// as ASGI's `scope["path"]`.
+pub fn endpoint_path(normalized_path: &str) -> String {
+    percent_decode(normalized_path, false)
 }
 
 /// `{"category": ["v", ...] | "v", ...}` as attributes.
@@ -354,6 +363,7 @@ mod tests {
         ]);
         let r = example().request(
             "the-token",
+            "/v1/models",
             "/v1/models?limit=10&tag=a+b&tag=c%2Fd&empty=&flag&=x&q=%E2%82%AC%zz",
             &headers,
         );
@@ -396,27 +406,45 @@ mod tests {
 
     #[test]
     fn request_without_query_or_headers() {
-        let r = example().request("t", "/v1/health", &[]);
+        let r = example().request("t", "/v1/health", "/v1/health", &[]);
         assert_eq!(
             String::from_utf8(r.body).unwrap(),
             r#"{"api_key":"t","request":{"headers":{},"params":{},"path":"/v1/health"}}"#
         );
-        let r = example().request("t", "/x?", &[]);
+        let r = example().request("t", "/x", "/x?", &[]);
         assert_eq!(body(&r)["request"]["params"], json!({}));
         assert_eq!(body(&r)["request"]["path"], "/x");
     }
 
     #[test]
     fn path_is_percent_decoded_without_plus() {
-        let r = example().request("t", "/v1/files/a%2Fb+c%20d%zz?x=1%2B1", &[]);
-        let b = body(&r);
-        assert_eq!(b["request"]["path"], "/v1/files/a/b+c d%zz");
+        let raw = "/v1/files/a%3Bb+c%20d%C3%A9;v=1?x=1%2B1";
+        let path = endpoint_path(&crate::policy::normalize_path(raw).unwrap());
+        assert_eq!(path, "/v1/files/a;b+c d\u{e9};v=1");
+        let b = body(&example().request("t", &path, raw, &[]));
+        assert_eq!(b["request"]["path"], "/v1/files/a;b+c d\u{e9};v=1");
         assert_eq!(b["request"]["params"], json!({"x": ["1+1"]}));
+        assert_eq!(endpoint_path("/a/%FF"), "/a/\u{fffd}");
+    }
+
+    #[test]
+    fn the_endpoint_gets_the_normalised_path_not_the_raw_one() {
+        for raw in [
+            "/v1//admin/x?p=1",
+            "/v1/x/../admin/x?p=1",
+            "/v1/%61dmin/./x?p=1",
+        ] {
+            let path = endpoint_path(&crate::policy::normalize_path(raw).unwrap());
+            assert_eq!(path, "/v1/admin/x", "{raw}");
+            let b = body(&example().request("t", &path, raw, &[]));
+            assert_eq!(b["request"]["path"], "/v1/admin/x", "{raw}");
+            assert_eq!(b["request"]["params"], json!({"p": ["1"]}), "{raw}");
+        }
     }
 
     #[test]
     fn token_with_json_specials_is_escaped() {
-        let r = example().request("a\"b\\c", "/", &[]);
+        let r = example().request("a\"b\\c", "/", "/", &[]);
         assert_eq!(body(&r)["api_key"], "a\"b\\c");
     }
 

@@ -5,9 +5,15 @@
 //! fetch never dies with the request that asked for it: a request that needs
 //! keys parks itself, asks for a tick in 1 ms, and is resumed (by context id)
 //! when the fetch ends.
+//!
+//! Nothing reaches the upstream undecided: until its decision allows it, a
+//! request's body and trailers are held (`Pause`), whether Envoy calls the
+//! body callbacks while headers are paused (`allow_on_headers_stop_iteration`)
+//! or not.
 
 use crate::auth::{self, Core, RequestFacts, Step, LEASE_MARGIN_MS};
-use crate::config::{AuthConfig, Config, JwtConfig};
+use crate::claims::Identity;
+use crate::config::{AuthConfig, Config, Forward, JwtConfig};
 use crate::host::{
     self, BUFFER_CALLOUT_RESPONSE_BODY, BUFFER_PLUGIN_CONFIGURATION, MAP_CALLOUT_RESPONSE_HEADERS,
     MAP_REQUEST_HEADERS, MAP_RESPONSE_HEADERS,
@@ -21,8 +27,8 @@ use crate::response::Denial;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
-use std::cell::RefCell;
-use std::collections::HashMap;
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -30,9 +36,18 @@ use std::time::Duration;
 pub const MAX_CALLOUT_BODY: usize = 1024 * 1024;
 /// Most requests parked per VM while keys are fetched; more get 503.
 pub const MAX_WAITERS: usize = 4096;
+/// Most requests parked per VM on provider callouts (all callouts together);
+/// more get 503.
+pub const MAX_CALLOUT_WAITERS: usize = 4096;
 /// Most distinct provider callouts (introspection, custom) queued or under way
 /// per VM; requests needing another one get 503 until one ends.
 pub const MAX_PROVIDER_CALLOUTS: usize = 256;
+/// Most parked requests answered or resumed in one host callback; the rest
+/// wait for the next tick. Envoy 1.40 runs a local answer's response
+/// callbacks inside the call that sends it, and V8 ran out of stack
+/// ("Maximum call stack size exceeded", a trap) after ~300 local answers
+/// sent from one `on_http_call_response`.
+const RESUME_BATCH: usize = 64;
 /// Tick periods, milliseconds.
 const IDLE_TICK_MS: u32 = 1000;
 const SOON_TICK_MS: u32 = 1;
@@ -42,17 +57,20 @@ const POLL_TICK_MS: u32 = 20;
 /// State shared by a VM's root context and its HTTP contexts.
 struct Vm {
     core: Core,
-    /// Parked requests: context id → what to decide again.
-    waiters: Vec<(u32, RequestFacts)>,
+    /// Requests parked for keys, to decide again.
+    waiters: Vec<Parked>,
     /// Callout token → what it was for.
     callouts: HashMap<u32, Pending>,
     /// Requests parked on a provider callout, by decision cache key.
-    callout_waiters: HashMap<auth::CacheKey, Vec<(u32, RequestFacts)>>,
+    callout_waiters: HashMap<auth::CacheKey, Vec<Parked>>,
+    /// How many requests wait on provider callouts in all (in
+    /// `callout_waiters`, or in `ready` with a provider's answer).
+    callout_waiting: usize,
+    /// Parked requests whose wait ended, to be carried on a batch at a time
+    /// (see [`RESUME_BATCH`]).
+    ready: VecDeque<(Parked, Resume)>,
     /// Provider callouts to dispatch on the next tick.
     queued: Vec<auth::Callout>,
-    /// `RateLimit-*` values for the response of requests resumed after
-    /// parking, by HTTP context id (a request decided at once keeps its own).
-    rate_limits: HashMap<u32, RateLimit>,
     tick_soon: bool,
     /// Where the key set is shared with the other VMs.
     shared_keys: Option<SharedKeys>,
@@ -62,6 +80,37 @@ struct Vm {
     /// Cache counters already reported as metrics.
     reported_hits: u64,
     reported_misses: u64,
+}
+
+/// Where a request stands. Shared between its HTTP context and, while it is
+/// parked, the root context that resumes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Its headers have not been decided yet (or are being decided).
+    Undecided,
+    /// Parked until a callout ends.
+    Waiting,
+    /// Allowed: with these `RateLimit-*` values for its response.
+    Allowed(Option<RateLimit>),
+    /// Answered locally.
+    Answered,
+}
+
+/// How a parked request goes on once its wait ended.
+enum Resume {
+    /// Keys arrived: decide it again.
+    Decide,
+    /// Its provider callout answered.
+    Finish(auth::AuthResult),
+}
+
+/// A request parked until a callout ends.
+struct Parked {
+    id: u32,
+    facts: RequestFacts,
+    phase: Rc<Cell<Phase>>,
+    /// Client headers that spell an identity header another way.
+    spoofed: Vec<String>,
 }
 
 /// What a dispatched callout was for.
@@ -91,8 +140,10 @@ enum Outcome {
 
 type Shared = Rc<RefCell<Option<Vm>>>;
 
-fn now_ms() -> u64 {
-    host::now_ns().map_or(0, |ns| ns / 1_000_000)
+/// The host's clock in milliseconds; `None` when the host call fails (never
+/// read as 0, which would accept expired tokens).
+fn now_ms() -> Option<u64> {
+    host::RequestHost::now_ms(&host::Live)
 }
 
 /// Shared data through the host.
@@ -122,12 +173,21 @@ impl Default for Root {
 
 impl Context for Root {
     fn on_http_call_response(&mut self, token: u32, headers: usize, body_size: usize, _t: usize) {
-        let now = now_ms();
+        let clock = now_ms();
         let mut guard = self.vm.borrow_mut();
         let Some(vm) = guard.as_mut() else {
             return;
         };
         let Some(pending) = vm.callouts.remove(&token) else {
+            return;
+        };
+        let Some(now) = clock else {
+            log::error!("the host clock failed: callout answer dropped");
+            if let Pending::Provider { key, .. } = pending {
+                // Never cached (an error), so the time does not matter.
+                complete_callout(vm, key, Answer::NoAnswer, 0);
+            }
+            // A key set fetch is retried once its lease runs out.
             return;
         };
         match pending {
@@ -306,20 +366,15 @@ impl<'a> HeaderPairs<'a> {
     }
 }
 
-/// Decides every request parked for keys again and answers or resumes it.
+/// Queues every request parked for keys to be decided again.
 fn resume_waiters(vm: &mut Vm, now: u64) {
     let waiters = std::mem::take(&mut vm.waiters);
-    for (id, facts) in waiters {
-        if !host::set_effective_context(id) {
-            continue;
-        }
-        let step = vm.core.decide(&facts, now, &HostStore);
-        let outcome = handle(vm, id, facts, step);
-        resume(vm, id, outcome);
-    }
+    vm.ready
+        .extend(waiters.into_iter().map(|p| (p, Resume::Decide)));
+    drain_ready(vm, now);
 }
 
-/// A provider callout ended: finish every request that waited on it.
+/// A provider callout ended: queues every request that waited on it.
 fn complete_callout(vm: &mut Vm, key: auth::CacheKey, answer: Answer, now: u64) {
     let result = vm.core.provider_answer(key, answer, now);
     let provider = match vm.core.config.auth {
@@ -332,78 +387,117 @@ fn complete_callout(vm: &mut Vm, key: auth::CacheKey, answer: Answer, now: u64) 
         Err(_) => "error",
     };
     vm.metrics.callout(provider, outcome);
-    for (id, facts) in vm.callout_waiters.remove(&key).unwrap_or_default() {
-        if !host::set_effective_context(id) {
+    let waiting = vm.callout_waiters.remove(&key).unwrap_or_default();
+    vm.ready.extend(
+        waiting
+            .into_iter()
+            .map(|p| (p, Resume::Finish(result.clone()))),
+    );
+    drain_ready(vm, now);
+}
+
+/// Answers or resumes up to [`RESUME_BATCH`] requests whose wait ended; asks
+/// for a tick for the rest.
+fn drain_ready(vm: &mut Vm, now: u64) {
+    for _ in 0..RESUME_BATCH {
+        let Some((parked, how)) = vm.ready.pop_front() else {
+            return;
+        };
+        if matches!(how, Resume::Finish(_)) {
+            vm.callout_waiting = vm.callout_waiting.saturating_sub(1);
+        }
+        if !host::set_effective_context(parked.id) {
             continue;
         }
-        let step = vm.core.finish(&facts, result.clone(), now, &HostStore);
-        let outcome = handle(vm, id, facts, step);
-        resume(vm, id, outcome);
+        let step = match how {
+            Resume::Decide => vm.core.decide(&parked.facts, now, &HostStore),
+            Resume::Finish(result) => vm.core.finish(&parked.facts, result, now, &HostStore),
+        };
+        let outcome = handle(vm, parked, step);
+        resume(outcome);
+    }
+    if !vm.ready.is_empty() {
+        tick_soon(vm);
     }
 }
 
-/// Lets a parked request that was allowed go on.
-fn resume(vm: &mut Vm, id: u32, outcome: Outcome) {
-    if let Outcome::Continue(rate_limit) = outcome {
-        if let Some(rate_limit) = rate_limit {
-            vm.rate_limits.insert(id, rate_limit);
-        }
+/// Lets a parked request that was allowed go on (its body, if held, with it).
+fn resume(outcome: Outcome) {
+    if let Outcome::Continue(_) = outcome {
         host::continue_request();
     }
 }
 
 /// Carries out a decision on the effective context: allow, deny, or park.
-fn handle(vm: &mut Vm, id: u32, facts: RequestFacts, step: Step) -> Outcome {
-    match step {
+/// Records the request's new phase.
+fn handle(vm: &mut Vm, parked: Parked, step: Step) -> Outcome {
+    let phase = parked.phase.clone();
+    let outcome = match step {
         Step::WaitForKeys => {
-            if vm.waiters.len() >= MAX_WAITERS {
-                refuse(vm, &facts, &Denial::AuthUnavailable);
-                return Outcome::Answered;
+            if vm.waiters.len().saturating_add(vm.ready.len()) >= MAX_WAITERS {
+                refuse(vm, &parked.facts, &Denial::AuthUnavailable);
+                Outcome::Answered
+            } else {
+                vm.waiters.push(parked);
+                tick_soon(vm);
+                Outcome::Parked
             }
-            vm.waiters.push((id, facts));
-            tick_soon(vm);
-            Outcome::Parked
         }
         Step::Callout(c) => {
-            if let Some(list) = vm.callout_waiters.get_mut(&c.key) {
-                list.push((id, facts));
-                return Outcome::Parked;
+            if vm.callout_waiting >= MAX_CALLOUT_WAITERS {
+                refuse(vm, &parked.facts, &Denial::AuthUnavailable);
+                Outcome::Answered
+            } else if let Some(list) = vm.callout_waiters.get_mut(&c.key) {
+                list.push(parked);
+                vm.callout_waiting = vm.callout_waiting.saturating_add(1);
+                Outcome::Parked
+            } else if vm.callout_waiters.len() >= MAX_PROVIDER_CALLOUTS {
+                refuse(vm, &parked.facts, &Denial::AuthUnavailable);
+                Outcome::Answered
+            } else {
+                vm.callout_waiters.insert(c.key, vec![parked]);
+                vm.callout_waiting = vm.callout_waiting.saturating_add(1);
+                vm.queued.push(*c);
+                tick_soon(vm);
+                Outcome::Parked
             }
-            if vm.callout_waiters.len() >= MAX_PROVIDER_CALLOUTS {
-                refuse(vm, &facts, &Denial::AuthUnavailable);
-                return Outcome::Answered;
-            }
-            vm.callout_waiters.insert(c.key, vec![(id, facts)]);
-            vm.queued.push(*c);
-            tick_soon(vm);
-            Outcome::Parked
         }
-        step => match apply(vm, step, &facts) {
+        step => match apply(vm, step, &parked.facts, &parked.spoofed, &mut host::Live) {
             Some(rate_limit) => Outcome::Continue(rate_limit),
             None => Outcome::Answered,
         },
-    }
+    };
+    phase.set(match outcome {
+        Outcome::Continue(rate_limit) => Phase::Allowed(rate_limit),
+        Outcome::Answered => Phase::Answered,
+        Outcome::Parked => Phase::Waiting,
+    });
+    outcome
+}
+
+/// The time a request is decided at; a failed clock refuses the request
+/// (read as 0 it would accept expired tokens).
+fn decision_time(h: &impl host::RequestHost) -> Result<u64, Denial> {
+    h.now_ms().ok_or(Denial::Internal)
 }
 
 /// Decides a request just read and carries the decision out.
-fn decide(
-    vm: &mut Vm,
-    id: u32,
-    parked: &mut bool,
-    rate_limit: &mut Option<RateLimit>,
-    facts: RequestFacts,
-) -> Action {
-    let step = vm.core.decide(&facts, now_ms(), &HostStore);
-    match handle(vm, id, facts, step) {
-        Outcome::Continue(values) => {
-            *rate_limit = values;
-            Action::Continue
+fn decide(vm: &mut Vm, parked: Parked) -> Action {
+    let outcome = match decision_time(&host::Live) {
+        Ok(now) => {
+            let step = vm.core.decide(&parked.facts, now, &HostStore);
+            handle(vm, parked, step)
         }
-        Outcome::Answered => Action::Pause,
-        Outcome::Parked => {
-            *parked = true;
-            Action::Pause
+        Err(denial) => {
+            log::error!("the host clock failed: request refused");
+            refuse(vm, &parked.facts, &denial);
+            parked.phase.set(Phase::Answered);
+            Outcome::Answered
         }
+    };
+    match outcome {
+        Outcome::Continue(_) => Action::Continue,
+        Outcome::Answered | Outcome::Parked => Action::Pause,
     }
 }
 
@@ -420,7 +514,7 @@ fn refuse_request(vm: &Vm, method: &str, path: &str, denial: &Denial) {
         denial.status(),
         denial.reason()
     );
-    deny(denial);
+    deny(&mut host::Live, denial);
 }
 
 /// Asks the root context for a tick in 1 ms (to fetch, or to dispatch).
@@ -433,30 +527,22 @@ fn tick_soon(vm: &mut Vm) {
 
 /// Carries out an allow or a deny on the effective context: for a request
 /// that should continue to the upstream, its `RateLimit-*` values.
-fn apply(vm: &mut Vm, step: Step, facts: &RequestFacts) -> Option<Option<RateLimit>> {
+fn apply(
+    vm: &mut Vm,
+    step: Step,
+    facts: &RequestFacts,
+    spoofed: &[String],
+    h: &mut impl host::RequestHost,
+) -> Option<Option<RateLimit>> {
     match step {
         Step::Allow(allowed) => {
-            vm.allowed = vm.allowed.saturating_add(1);
-            // Identity headers come only from tollgate: replaced for callers
-            // it identified, removed for anonymous ones.
             let forward = &vm.core.config.forward;
-            let (principal, attributes) = match &allowed.identity {
-                Some(id) => (
-                    Some(id.principal.as_str()),
-                    Some(id.attributes_header.as_str()),
-                ),
-                None => (None, None),
-            };
-            let map = MAP_REQUEST_HEADERS;
-            host::set_header(map, &forward.principal_header, principal.map(str::as_bytes));
-            host::set_header(
-                map,
-                &forward.attributes_header,
-                attributes.map(str::as_bytes),
-            );
-            if allowed.identity.is_some() && forward.strip_authorization {
-                host::set_header(map, "authorization", None);
+            if !forward_identity(h, forward, allowed.identity.as_deref(), spoofed) {
+                log::error!("an identity header could not be set: request refused");
+                refuse(vm, facts, &Denial::Internal);
+                return None;
             }
+            vm.allowed = vm.allowed.saturating_add(1);
             Some(allowed.rate_limit)
         }
         Step::Deny(denial) => {
@@ -467,10 +553,56 @@ fn apply(vm: &mut Vm, step: Step, facts: &RequestFacts) -> Option<Option<RateLim
     }
 }
 
-fn deny(denial: &Denial) {
+/// Puts the identity on the request for the upstream. Identity headers come
+/// only from tollgate: replaced for callers it identified, removed for
+/// anonymous ones, and every other spelling a client sent (`spoofed`)
+/// removed. False when any of these host calls failed: the request must then
+/// not go on.
+fn forward_identity(
+    h: &mut impl host::RequestHost,
+    forward: &Forward,
+    identity: Option<&Identity>,
+    spoofed: &[String],
+) -> bool {
+    let (principal, attributes) = match identity {
+        Some(id) => (
+            Some(id.principal.as_bytes()),
+            Some(id.attributes_header.as_bytes()),
+        ),
+        None => (None, None),
+    };
+    let mut ok = h.set_request_header(&forward.principal_header, principal);
+    ok &= h.set_request_header(&forward.attributes_header, attributes);
+    for name in spoofed {
+        ok &= h.set_request_header(name, None);
+    }
+    if identity.is_some() && forward.strip_authorization {
+        ok &= h.set_request_header("authorization", None);
+    }
+    ok
+}
+
+/// Whether a client header `name` is another spelling of the identity header
+/// `identity`: equal once lower-cased with `_` read as `-` (as WSGI/CGI,
+/// Rails, PHP and others read header names), but not the same bytes.
+fn spells_header(name: &[u8], identity: &str) -> bool {
+    let norm = |b: u8| match b {
+        b'_' => b'-',
+        b => b.to_ascii_lowercase(),
+    };
+    name.len() == identity.len()
+        && name != identity.as_bytes()
+        && name
+            .iter()
+            .zip(identity.bytes())
+            .all(|(&a, b)| norm(a) == norm(b))
+}
+
+/// Answers the current request locally with a denial.
+fn deny(h: &mut impl host::RequestHost, denial: &Denial) {
     let r = denial.response();
     let headers = serialize_pairs(r.headers.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes())));
-    if !host::send_local_response(r.status, &headers, r.body.as_bytes()) {
+    if !h.send_local_response(r.status, &headers, r.body.as_bytes()) {
         log::warn!("Envoy refused the {} answer", r.status);
     }
 }
@@ -646,8 +778,9 @@ impl RootContext for Root {
                     waiters: Vec::new(),
                     callouts: HashMap::new(),
                     callout_waiters: HashMap::new(),
+                    callout_waiting: 0,
+                    ready: VecDeque::new(),
                     queued: Vec::new(),
-                    rate_limits: HashMap::new(),
                     tick_soon: false,
                     shared_keys,
                     metrics,
@@ -667,13 +800,17 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
-        let now = now_ms();
+        let Some(now) = now_ms() else {
+            log::error!("the host clock failed: tick skipped");
+            return;
+        };
         let mut guard = self.vm.borrow_mut();
         let Some(vm) = guard.as_mut() else {
             return;
         };
         vm.tick_soon = false;
         report(vm, now);
+        drain_ready(vm, now);
         dispatch_queued(vm, now);
         if let Some(j) = vm.core.jwt_config().cloned() {
             if tick_jwks(vm, &j, now) {
@@ -694,8 +831,7 @@ impl RootContext for Root {
         Some(Box::new(Request {
             id: context_id,
             vm: self.vm.clone(),
-            parked: false,
-            rate_limit: None,
+            phase: Rc::new(Cell::new(Phase::Undecided)),
         }))
     }
 
@@ -708,10 +844,18 @@ impl RootContext for Root {
 struct Request {
     id: u32,
     vm: Shared,
-    parked: bool,
-    /// `RateLimit-*` values for the response (decided at once; a request
-    /// resumed after parking has them in [`Vm::rate_limits`]).
-    rate_limit: Option<RateLimit>,
+    phase: Rc<Cell<Phase>>,
+}
+
+impl Request {
+    /// Body and trailers go on only once the request is allowed; until then
+    /// (and after a local answer) they are held.
+    fn hold_until_allowed(&self) -> Action {
+        match self.phase.get() {
+            Phase::Allowed(_) => Action::Continue,
+            Phase::Undecided | Phase::Waiting | Phase::Answered => Action::Pause,
+        }
+    }
 }
 
 /// The client's address without the port, read only for a request the quota
@@ -742,27 +886,37 @@ impl HttpContext for Request {
     fn on_http_request_headers(&mut self, _n: usize, _eos: bool) -> Action {
         let mut guard = self.vm.borrow_mut();
         let Some(vm) = guard.as_mut() else {
-            deny(&Denial::AuthUnavailable);
+            self.phase.set(Phase::Answered);
+            deny(&mut host::Live, &Denial::AuthUnavailable);
             return Action::Pause;
         };
         let config = vm.core.config.clone();
+        let forward = &config.forward;
 
-        // Without public paths, route rules or the custom provider nothing
-        // reads the path: one read of `authorization`, as any authenticating
-        // filter must do. Otherwise every header in one host call (measured
-        // cheaper than one call per header), read in place.
+        // Every header in one host call (measured cheaper than one call per
+        // header), read in place: the identity headers' other spellings must
+        // be found whatever the configuration.
+        let map = host::header_map_pairs(MAP_REQUEST_HEADERS).unwrap_or_default();
+        let pairs = HeaderPairs::new(&map);
+        let spoofed: Vec<String> = pairs
+            .iter()
+            .filter(|(name, _)| {
+                spells_header(name, &forward.principal_header)
+                    || spells_header(name, &forward.attributes_header)
+            })
+            .filter_map(|(name, _)| std::str::from_utf8(name).ok().map(str::to_string))
+            .collect();
+        // Envoy joins several Authorization headers into one value (never a
+        // valid token).
+        let authorization = pairs.get("authorization").map(<[u8]>::to_vec);
         if !config.needs_path() && !log::log_enabled!(log::Level::Debug) {
             let facts = RequestFacts {
-                // Envoy joins several Authorization headers into one value
-                // (never a valid token).
-                authorization: host::header_map_value(MAP_REQUEST_HEADERS, "authorization"),
+                authorization,
                 source_ip: source_ip(&config, ""),
                 ..RequestFacts::default()
             };
-            return decide(vm, self.id, &mut self.parked, &mut self.rate_limit, facts);
+            return decide(vm, self.parked(facts, spoofed));
         }
-        let map = host::header_map_pairs(MAP_REQUEST_HEADERS).unwrap_or_default();
-        let pairs = HeaderPairs::new(&map);
         let raw_path = pairs.get(":path").unwrap_or_default();
         let path = match std::str::from_utf8(raw_path)
             .ok()
@@ -774,6 +928,7 @@ impl HttpContext for Request {
             _ if !config.needs_path() => String::new(),
             _ => {
                 // The raw path (and its query) is not logged: it may carry secrets.
+                self.phase.set(Phase::Answered);
                 refuse_request(vm, "", "", &Denial::BadPath);
                 return Action::Pause;
             }
@@ -788,17 +943,17 @@ impl HttpContext for Request {
                 .unwrap_or_default()
                 .to_string()
         };
-        let authorization = pairs.get("authorization").map(<[u8]>::to_vec);
         let source_ip = source_ip(&config, &path);
         let (raw_path, headers) = if matches!(config.auth, Some(AuthConfig::Custom(_))) {
             // The endpoint sees the request as the client sent it, less any
-            // identity headers the client made up.
-            let forward = &config.forward;
+            // identity headers the client made up (in any spelling).
             let headers = pairs
                 .iter()
                 .filter(|(name, _)| {
                     !name.eq_ignore_ascii_case(forward.principal_header.as_bytes())
                         && !name.eq_ignore_ascii_case(forward.attributes_header.as_bytes())
+                        && !spells_header(name, &forward.principal_header)
+                        && !spells_header(name, &forward.attributes_header)
                 })
                 .map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), v.to_vec()))
                 .collect();
@@ -814,18 +969,19 @@ impl HttpContext for Request {
             raw_path,
             headers,
         };
-        decide(vm, self.id, &mut self.parked, &mut self.rate_limit, facts)
+        decide(vm, self.parked(facts, spoofed))
+    }
+
+    fn on_http_request_body(&mut self, _size: usize, _eos: bool) -> Action {
+        self.hold_until_allowed()
+    }
+
+    fn on_http_request_trailers(&mut self, _n: usize) -> Action {
+        self.hold_until_allowed()
     }
 
     fn on_http_response_headers(&mut self, _n: usize, _eos: bool) -> Action {
-        let rate_limit = self.rate_limit.take().or_else(|| {
-            self.vm
-                .borrow_mut()
-                .as_mut()
-                .filter(|vm| !vm.rate_limits.is_empty())
-                .and_then(|vm| vm.rate_limits.remove(&self.id))
-        });
-        if let Some(rate_limit) = rate_limit {
+        if let Phase::Allowed(Some(rate_limit)) = self.phase.get() {
             let mut digits = [0; 20];
             for (name, value) in rate_limit.values() {
                 let value = quota::decimal(value, &mut digits);
@@ -836,16 +992,41 @@ impl HttpContext for Request {
     }
 
     fn on_log(&mut self) {
+        if self.phase.get() != Phase::Waiting {
+            return;
+        }
         if let Some(vm) = self.vm.borrow_mut().as_mut() {
-            if self.parked && !vm.rate_limits.is_empty() {
-                vm.rate_limits.remove(&self.id);
+            vm.waiters.retain(|p| p.id != self.id);
+            let mut removed = 0;
+            for list in vm.callout_waiters.values_mut() {
+                let before = list.len();
+                list.retain(|p| p.id != self.id);
+                removed += before.saturating_sub(list.len());
             }
-            if self.parked {
-                vm.waiters.retain(|(id, _)| *id != self.id);
-                for list in vm.callout_waiters.values_mut() {
-                    list.retain(|(id, _)| *id != self.id);
+            let before = vm.ready.len();
+            vm.ready.retain(|(p, how)| {
+                let gone = p.id == self.id;
+                if gone && matches!(how, Resume::Finish(_)) {
+                    removed += 1;
                 }
+                !gone
+            });
+            if before != vm.ready.len() {
+                log::debug!("a request ended while queued to resume");
             }
+            vm.callout_waiting = vm.callout_waiting.saturating_sub(removed);
+        }
+    }
+}
+
+impl Request {
+    /// This request as the decision takes it (and parks it, if it must wait).
+    fn parked(&self, facts: RequestFacts, spoofed: Vec<String>) -> Parked {
+        Parked {
+            id: self.id,
+            facts,
+            phase: self.phase.clone(),
+            spoofed,
         }
     }
 }
@@ -853,6 +1034,168 @@ impl HttpContext for Request {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::host::RequestHost;
+
+    /// A host whose calls can be made to fail; it records what it was asked.
+    #[derive(Default)]
+    struct FakeHost {
+        clock: Option<u64>,
+        /// Header names whose writes fail.
+        failing: Vec<&'static str>,
+        headers: Vec<(String, Option<Vec<u8>>)>,
+        answers: Vec<u32>,
+    }
+
+    impl RequestHost for FakeHost {
+        fn now_ms(&self) -> Option<u64> {
+            self.clock
+        }
+        fn set_request_header(&mut self, name: &str, value: Option<&[u8]>) -> bool {
+            self.headers
+                .push((name.to_string(), value.map(<[u8]>::to_vec)));
+            !self.failing.contains(&name)
+        }
+        fn send_local_response(&mut self, status: u32, _h: &[u8], _b: &[u8]) -> bool {
+            self.answers.push(status);
+            true
+        }
+    }
+
+    fn alice() -> Identity {
+        Identity {
+            principal: "alice".into(),
+            attributes: Default::default(),
+            attributes_header: r#"{"roles":["alice"]}"#.into(),
+        }
+    }
+
+    #[test]
+    fn identity_headers_are_set_and_other_spellings_removed() {
+        let forward = Forward {
+            strip_authorization: true,
+            ..Forward::default()
+        };
+        let mut h = FakeHost::default();
+        let spoofed = vec![
+            "x_auth_principal".to_string(),
+            "x-auth_attributes".to_string(),
+        ];
+        assert!(forward_identity(&mut h, &forward, Some(&alice()), &spoofed));
+        let set: Vec<(&str, Option<&[u8]>)> = h
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_deref()))
+            .collect();
+        assert_eq!(
+            set,
+            vec![
+                ("x-auth-principal", Some(&b"alice"[..])),
+                ("x-auth-attributes", Some(&br#"{"roles":["alice"]}"#[..])),
+                ("x_auth_principal", None),
+                ("x-auth_attributes", None),
+                ("authorization", None),
+            ]
+        );
+        // Anonymous: removed, the Authorization header kept.
+        let mut h = FakeHost::default();
+        assert!(forward_identity(&mut h, &forward, None, &spoofed));
+        assert!(h
+            .headers
+            .iter()
+            .all(|(k, v)| v.is_none() && k != "authorization"));
+        assert_eq!(h.headers.len(), 4);
+    }
+
+    #[test]
+    fn a_failed_identity_header_write_refuses_the_request() {
+        let forward = Forward::default();
+        for failing in ["x-auth-principal", "x-auth-attributes", "x_auth_principal"] {
+            for identity in [Some(alice()), None] {
+                let mut h = FakeHost {
+                    failing: vec![failing],
+                    ..FakeHost::default()
+                };
+                let spoofed = vec!["x_auth_principal".to_string()];
+                assert!(
+                    !forward_identity(&mut h, &forward, identity.as_ref(), &spoofed),
+                    "{failing} {identity:?}"
+                );
+            }
+        }
+        let mut h = FakeHost {
+            failing: vec!["authorization"],
+            ..FakeHost::default()
+        };
+        let strip = Forward {
+            strip_authorization: true,
+            ..Forward::default()
+        };
+        assert!(!forward_identity(&mut h, &strip, Some(&alice()), &[]));
+    }
+
+    #[test]
+    fn a_failed_clock_refuses_instead_of_reading_zero() {
+        let h = FakeHost::default();
+        assert_eq!(decision_time(&h), Err(Denial::Internal));
+        assert_eq!(Denial::Internal.status(), 500);
+        let h = FakeHost {
+            clock: Some(1_700_000_000_123),
+            ..FakeHost::default()
+        };
+        assert_eq!(decision_time(&h), Ok(1_700_000_000_123));
+    }
+
+    #[test]
+    fn a_denial_is_sent_as_a_local_answer() {
+        let mut h = FakeHost::default();
+        deny(&mut h, &Denial::Internal);
+        assert_eq!(h.answers, vec![500]);
+    }
+
+    #[test]
+    fn identity_header_spellings() {
+        for name in [
+            "x_auth_principal",
+            "x-auth_principal",
+            "X_Auth_Principal",
+            "X-AUTH-PRINCIPAL",
+        ] {
+            assert!(spells_header(name.as_bytes(), "x-auth-principal"), "{name}");
+        }
+        for name in [
+            "x-auth-principal",
+            "x-auth-principals",
+            "x.auth.principal",
+            "xauthprincipal",
+            "",
+        ] {
+            assert!(
+                !spells_header(name.as_bytes(), "x-auth-principal"),
+                "{name}"
+            );
+        }
+        // A configured name with underscores: dashes spell it too.
+        assert!(spells_header(b"x-user-id", "x_user_id"));
+    }
+
+    #[test]
+    fn body_and_trailers_wait_for_the_decision() {
+        let phase = Rc::new(Cell::new(Phase::Undecided));
+        let r = Request {
+            id: 1,
+            vm: Rc::new(RefCell::new(None)),
+            phase: phase.clone(),
+        };
+        for (p, expected) in [
+            (Phase::Undecided, Action::Pause),
+            (Phase::Waiting, Action::Pause),
+            (Phase::Answered, Action::Pause),
+            (Phase::Allowed(None), Action::Continue),
+        ] {
+            phase.set(p);
+            assert_eq!(r.hold_until_allowed(), expected, "{p:?}");
+        }
+    }
 
     /// [`serialize_pairs`] of string names (its layout is pinned below).
     fn serialize(pairs: &[(&str, &[u8])]) -> Vec<u8> {

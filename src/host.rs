@@ -216,6 +216,33 @@ pub fn set_header(map_type: u32, key: &str, value: Option<&[u8]>) -> bool {
     status == OK
 }
 
+/// The host calls that carry out a decision on the current request, as a
+/// trait so that the glue's handling of their failures is unit-tested.
+pub trait RequestHost {
+    /// The clock in milliseconds since the Unix epoch; `None` when it failed.
+    fn now_ms(&self) -> Option<u64>;
+    /// Sets a request header (replacing every value), or removes it with
+    /// `None`; false when the host refused.
+    fn set_request_header(&mut self, name: &str, value: Option<&[u8]>) -> bool;
+    /// Answers the request locally; false when the host refused.
+    fn send_local_response(&mut self, status: u32, headers: &[u8], body: &[u8]) -> bool;
+}
+
+/// The real host.
+pub struct Live;
+
+impl RequestHost for Live {
+    fn now_ms(&self) -> Option<u64> {
+        now_ns().map(|ns| ns / 1_000_000)
+    }
+    fn set_request_header(&mut self, name: &str, value: Option<&[u8]>) -> bool {
+        set_header(MAP_REQUEST_HEADERS, name, value)
+    }
+    fn send_local_response(&mut self, status: u32, headers: &[u8], body: &[u8]) -> bool {
+        send_local_response(status, headers, body)
+    }
+}
+
 /// The host's clock, in nanoseconds since the Unix epoch.
 pub fn now_ns() -> Option<u64> {
     let mut t: u64 = 0;

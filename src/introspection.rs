@@ -11,7 +11,7 @@
 //! The client secret is never logged and never shown by `Debug`.
 
 use crate::claims::{ClaimsMapping, Identity};
-use crate::config::{upstream, Upstream};
+use crate::config::{upstream_with, Upstream, CREDENTIALS_INTROSPECTION};
 use crate::json::{ConfigError, Obj};
 use crate::jwt::Verified;
 use base64::engine::general_purpose::STANDARD;
@@ -83,8 +83,11 @@ pub enum ProviderError {
     /// 401 "Token not active": the answer's `exp` (plus skew) is past.
     Expired,
     /// 401 "Token introspection error": a 200 that is not a JSON object, or
-    /// has no principal, or a malformed `exp`.
+    /// has no principal, or a malformed `exp` (or `aud`, when checked).
     IntrospectionError,
+    /// 401 "Token audience not accepted": `audience` is configured and the
+    /// active answer's `aud` names none of its values.
+    WrongAudience,
     /// 401 "Token introspection failed: <status>": a non-200, non-5xx answer.
     IntrospectionFailed(u16),
     /// 401 "Authentication failed: <status>" (custom endpoint).
@@ -113,6 +116,7 @@ impl ProviderError {
     pub fn reason(&self) -> &'static str {
         match self {
             ProviderError::Expired => "expired",
+            ProviderError::WrongAudience => "wrong_audience",
             ProviderError::Unavailable => "auth_unavailable",
             ProviderError::Timeout => "auth_timeout",
             _ => "invalid_token",
@@ -128,6 +132,7 @@ impl fmt::Display for ProviderError {
             | ProviderError::UnsafeIdentity(ProviderKind::Introspection) => {
                 f.write_str("Token introspection error")
             }
+            ProviderError::WrongAudience => f.write_str("Token audience not accepted"),
             ProviderError::IntrospectionFailed(s) => write!(f, "Token introspection failed: {s}"),
             ProviderError::AuthFailed(s) => write!(f, "Authentication failed: {s}"),
             ProviderError::InvalidResponse
@@ -200,6 +205,9 @@ pub struct Introspection {
     /// Credentials as `client_id`/`client_secret` form fields instead of
     /// HTTP Basic.
     pub send_secret_in_body: bool,
+    /// `auth.config.audience` when set: an active answer's `aud` must name
+    /// one of them (RFC 7662 §4). None: `aud` is not read.
+    pub audiences: Option<Vec<String>>,
 }
 
 /// Shows everything but the client secret.
@@ -214,6 +222,7 @@ impl fmt::Debug for Introspection {
             .field("client_id", &id)
             .field("client_secret", &secret)
             .field("send_secret_in_body", &self.send_secret_in_body)
+            .field("audiences", &self.audiences)
             .finish()
     }
 }
@@ -230,7 +239,7 @@ impl Introspection {
         let url_path = o.path("url");
         let cluster = o.nonempty_str("cluster")?.map(str::to_string);
         let timeout = timeout_ms(&mut o)?;
-        let endpoint = upstream(url, &url_path, cluster, timeout)?;
+        let endpoint = upstream_with(url, &url_path, cluster, timeout, CREDENTIALS_INTROSPECTION)?;
         let client_id = o.nonempty_str("client_id")?;
         let client_secret = o.nonempty_str("client_secret")?;
         let credentials = match (client_id, client_secret) {
@@ -264,6 +273,7 @@ impl Introspection {
             endpoint,
             credentials,
             send_secret_in_body,
+            audiences: None,
         })
     }
 
@@ -328,6 +338,11 @@ impl Introspection {
         if exp.is_some_and(|exp| now_s > exp.saturating_add(skew)) {
             return Err(ProviderError::Expired);
         }
+        if let Some(accepted) = &self.audiences {
+            if !audience_accepted(fields.get("aud"), accepted)? {
+                return Err(ProviderError::WrongAudience);
+            }
+        }
         let principal = nonempty_str(&fields, "sub")
             .or_else(|| nonempty_str(&fields, "username"))
             .ok_or(ProviderError::IntrospectionError)?;
@@ -338,6 +353,25 @@ impl Introspection {
             identity,
             exp: exp.unwrap_or(u64::MAX),
         })
+    }
+}
+
+/// Whether an answer's `aud` (a string or a list of strings; absent names
+/// nothing) names one of the `accepted` audiences.
+fn audience_accepted(aud: Option<&Value>, accepted: &[String]) -> Result<bool, ProviderError> {
+    let named = |s: &str| accepted.iter().any(|a| a == s);
+    match aud {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::String(s)) => Ok(named(s)),
+        Some(Value::Array(items)) => {
+            let mut found = false;
+            for item in items {
+                let s = item.as_str().ok_or(ProviderError::IntrospectionError)?;
+                found = found || named(s);
+            }
+            Ok(found)
+        }
+        Some(_) => Err(ProviderError::IntrospectionError),
     }
 }
 
@@ -647,6 +681,75 @@ mod tests {
     }
 
     #[test]
+    fn an_explicit_audience_must_be_in_aud() {
+        let check = |audiences: Option<Vec<&str>>, aud: &str| {
+            let mut i = example();
+            i.audiences = audiences.map(|a| a.into_iter().map(str::to_string).collect());
+            let body = format!(r#"{{"active": true, "sub": "a"{aud}}}"#);
+            i.interpret(
+                Answer::Response {
+                    status: 200,
+                    body: body.as_bytes(),
+                },
+                &ClaimsMapping::llama_stack_default(),
+                0,
+                0,
+            )
+            .map(|v| v.identity.principal)
+        };
+        let both = || Some(vec!["llama-stack", "api"]);
+        for aud in [r#", "aud": "api""#, r#", "aud": ["other", "llama-stack"]"#] {
+            assert_eq!(check(both(), aud), Ok("a".into()), "{aud}");
+        }
+        for aud in [
+            "",
+            r#", "aud": null"#,
+            r#", "aud": "other""#,
+            r#", "aud": ["other"]"#,
+            r#", "aud": []"#,
+            r#", "aud": "llama-stack api""#,
+            r#", "aud": "LLAMA-STACK""#,
+        ] {
+            let e = check(both(), aud).unwrap_err();
+            assert_eq!(e, ProviderError::WrongAudience, "{aud}");
+            assert_eq!(e.to_string(), "Token audience not accepted");
+            assert_eq!((e.status(), e.reason()), (401, "wrong_audience"));
+        }
+        for aud in [r#", "aud": 5"#, r#", "aud": ["api", 5]"#, r#", "aud": {}"#] {
+            assert_eq!(
+                check(both(), aud),
+                Err(ProviderError::IntrospectionError),
+                "{aud}"
+            );
+        }
+        // Unset: `aud` is not read at all (Llama Stack's behaviour).
+        for aud in ["", r#", "aud": ["other"]"#, r#", "aud": 5"#] {
+            assert_eq!(check(None, aud), Ok("a".into()), "{aud}");
+        }
+        // An inactive or expired answer says so first.
+        let mut i = example();
+        i.audiences = Some(vec!["api".into()]);
+        let m = ClaimsMapping::llama_stack_default();
+        let answer = |body: &'static str| Answer::Response {
+            status: 200,
+            body: body.as_bytes(),
+        };
+        assert_eq!(
+            i.interpret(answer(r#"{"active": false}"#), &m, 0, 10),
+            Err(ProviderError::NotActive)
+        );
+        assert_eq!(
+            i.interpret(
+                answer(r#"{"active": true, "sub": "a", "exp": 5}"#),
+                &m,
+                0,
+                10
+            ),
+            Err(ProviderError::Expired)
+        );
+    }
+
+    #[test]
     fn unparseable_answers_are_introspection_errors() {
         for body in [
             "",
@@ -775,6 +878,11 @@ mod tests {
                 ProviderError::UnsafeIdentity(ProviderKind::Custom),
                 401,
                 "Invalid authentication response format",
+            ),
+            (
+                ProviderError::WrongAudience,
+                401,
+                "Token audience not accepted",
             ),
         ];
         for (e, status, message) in cases {

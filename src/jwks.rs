@@ -3,7 +3,9 @@
 //!
 //! Keys that cannot be used are skipped (and logged), never fatal: a key set
 //! that mixes unknown key types, weak RSA keys or encryption keys with good
-//! signing keys keeps working with the good ones.
+//! signing keys keeps working with the good ones. A document with a `keys`
+//! list is the identity provider's current truth even when none of its keys
+//! is usable: it replaces the old set, and every token is refused.
 
 use crate::jwt::Alg;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -136,12 +138,11 @@ pub struct KeySet {
     pub keys: Vec<Key>,
 }
 
-/// Why a whole JWKS document is refused.
+/// Why a whole JWKS document is refused (a failed fetch: the old keys stay).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JwksError {
     NotJson,
     NoKeysArray,
-    NoUsableKey,
 }
 
 impl fmt::Display for JwksError {
@@ -149,7 +150,6 @@ impl fmt::Display for JwksError {
         f.write_str(match self {
             JwksError::NotJson => "the JWKS is not a JSON object",
             JwksError::NoKeysArray => "the JWKS has no `keys` list",
-            JwksError::NoUsableKey => "the JWKS has no usable signing key",
         })
     }
 }
@@ -158,7 +158,9 @@ impl fmt::Display for JwksError {
 pub const MAX_KEYS: usize = 64;
 
 impl KeySet {
-    /// Parses a JWKS document. Unusable keys are skipped with a warning.
+    /// Parses a JWKS document. Unusable keys are skipped with a warning; a
+    /// set without usable keys (`{"keys": []}`, or only unusable ones) is a
+    /// set, empty, that refuses every token.
     pub fn parse(body: &[u8]) -> Result<KeySet, JwksError> {
         let doc: Value = serde_json::from_slice(body).map_err(|_| JwksError::NotJson)?;
         let list = doc
@@ -181,7 +183,7 @@ impl KeySet {
             );
         }
         if keys.is_empty() {
-            return Err(JwksError::NoUsableKey);
+            log::warn!("JWKS has no usable keys: every token is refused until the identity provider serves one");
         }
         Ok(KeySet { keys })
     }
@@ -561,7 +563,9 @@ pub struct JwksState {
     pub in_flight_since: Option<u64>,
     /// A request asked for a fetch (no keys, or an unknown `kid`) at this time.
     pub wanted_since: Option<u64>,
-    /// Bumped whenever the usable keys change.
+    /// Bumped whenever a new key set document is installed; the verified-token
+    /// cache empties itself then (`auth::TokenCache`), so tokens of a removed
+    /// key are verified again, and refused, on their next request.
     pub generation: u64,
 }
 
@@ -620,8 +624,10 @@ impl JwksState {
         }
     }
 
-    /// The record after this VM fetched `body`: a usable document becomes the
-    /// keys at once (parsed once), anything else counts as a failed fetch.
+    /// The record after this VM fetched `body` (a 200): a JWKS document
+    /// becomes the keys at once (parsed once), even with no usable key (a key
+    /// removed from the set is revoked); anything else (not JSON, no `keys`
+    /// list) counts as a failed fetch and the old keys stay.
     pub fn fetched(&mut self, body: Vec<u8>, now: u64) -> FetchRecord {
         match self.install(&body) {
             Ok(_) => self.record.success(body, now),
@@ -804,11 +810,69 @@ mod tests {
     fn refused_documents_say_why() {
         let why = |body: &[u8]| KeySet::parse(body).unwrap_err().to_string();
         assert_eq!(why(b"[1]"), "the JWKS is not a JSON object");
+        assert_eq!(why(b"not json"), "the JWKS is not a JSON object");
         assert_eq!(why(br#"{"keys": {}}"#), "the JWKS has no `keys` list");
-        assert_eq!(
-            why(br#"{"keys": [{"kty": "oct"}]}"#),
-            "the JWKS has no usable signing key"
-        );
+        assert_eq!(why(br#"{"kty": "OKP"}"#), "the JWKS has no `keys` list");
+        // A `keys` list without a usable key is a set, empty.
+        for empty in [&br#"{"keys": []}"#[..], br#"{"keys": [{"kty": "oct"}]}"#] {
+            assert!(KeySet::parse(empty).unwrap().keys.is_empty());
+        }
+    }
+
+    /// The state after this VM fetched `body` at `now`.
+    fn fetch(s: &mut JwksState, body: &[u8], now: u64) {
+        let started = s.record.start(now);
+        s.apply(started, None);
+        let record = s.fetched(body.to_vec(), now);
+        s.apply(record, None);
+    }
+
+    #[test]
+    fn a_fetched_set_without_usable_keys_replaces_the_old_one() {
+        for empty in [
+            &br#"{"keys": []}"#[..],
+            br#"{"keys": [{"kty": "oct", "k": "AA"}]}"#,
+        ] {
+            let mut s = JwksState::default();
+            fetch(&mut s, JWKS, 1_000);
+            let generation = s.generation;
+            assert!(s.usable_keys(1_000, 60_000).unwrap().has_kid("ed-1"));
+            fetch(&mut s, empty, 2_000);
+            assert_eq!(s.record.error, None, "a successful fetch");
+            assert_eq!((s.record.fetched, &s.record.body[..]), (2_000, empty));
+            let keys = s.usable_keys(2_000, 60_000).expect("a key set, empty");
+            assert!(keys.keys.is_empty() && !keys.has_kid("ed-1"));
+            assert_ne!(s.generation, generation, "the token cache empties");
+            // Not fetched again before cache_ttl (it is not "no keys yet").
+            assert!(!s.fetch_due(2_000 + 59_999, 60_000));
+            // An unknown kid still waits for the cooldown.
+            assert!(!s.kid_refresh_allowed(2_000 + 9_999, 10_000));
+            assert!(s.kid_refresh_allowed(2_000 + 10_000, 10_000));
+            // Another VM takes the same record in: the same empty set.
+            let mut other = JwksState::default();
+            fetch(&mut other, JWKS, 1_000);
+            assert!(other.apply(s.record.clone(), Some(3)));
+            assert!(other.usable_keys(2_000, 60_000).unwrap().keys.is_empty());
+        }
+    }
+
+    #[test]
+    fn a_fetched_set_that_is_no_jwks_keeps_the_old_keys() {
+        for garbage in [
+            &b"not json"[..],
+            b"[]",
+            br#"{"keys": {}}"#,
+            br#"{"kty": "OKP"}"#,
+        ] {
+            let mut s = JwksState::default();
+            fetch(&mut s, JWKS, 1_000);
+            let generation = s.generation;
+            fetch(&mut s, garbage, 2_000);
+            assert_eq!(s.record.error, Some(FetchError::Unavailable));
+            assert_eq!((s.record.fetched, &s.record.body[..]), (1_000, JWKS));
+            assert!(s.usable_keys(2_000, 60_000).unwrap().has_kid("ed-1"));
+            assert_eq!(s.generation, generation);
+        }
     }
 
     #[test]

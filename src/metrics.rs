@@ -9,7 +9,7 @@ use crate::host::{self, METRIC_COUNTER, METRIC_GAUGE};
 use std::collections::HashMap;
 
 /// Every denial reason (`Denial::reason`, `ProviderError::reason`).
-pub const DENIAL_REASONS: [&str; 12] = [
+pub const DENIAL_REASONS: [&str; 13] = [
     "missing",
     "malformed",
     "invalid_token",
@@ -22,6 +22,7 @@ pub const DENIAL_REASONS: [&str; 12] = [
     "auth_unavailable",
     "auth_timeout",
     "bad_path",
+    "internal",
 ];
 
 /// Provider callout outcomes.

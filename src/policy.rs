@@ -30,6 +30,23 @@
 //! turns it into `/a/b` but merging slashes first gives `/b`, and the upstream
 //! may do either.
 //!
+//! # Path parameters (`;`)
+//!
+//! The normalised path keeps `;…` parameters as they are, as Starlette and
+//! Envoy's routing see them. Servlet stacks (Tomcat, Jetty, Spring) remove
+//! them from every segment first. So that both kinds of upstream are safe:
+//!
+//! - A segment that is `.` or `..` once its parameters are removed (`..;x`,
+//!   `%2e%2e;x`) is refused, and so is one that is then empty (`/v1/;x`,
+//!   which a `{name}` segment would match only with its parameters).
+//! - Rules are checked against the path with its parameters and again without
+//!   them (`/v1/admin/report;v=2` and `/v1/admin/report`); both must pass, the
+//!   first matching rule deciding in each.
+//! - A path is public only when it is public both ways: `/static/app.js;v=1`
+//!   is under `/static/*`; `/health;x` is not the exact path `/health`.
+//! - Configured paths may not contain `;`, so a path matching something with
+//!   its parameters also matches it without them.
+//!
 //! Trailing slashes are significant: the rule path `/v1/telemetry/traces`
 //! does not match `/v1/telemetry/traces/`.
 //!
@@ -76,6 +93,11 @@ pub enum PathError {
     AboveRoot,
     /// A `..` right after an empty segment (`//..`): ambiguous.
     DotDotAfterEmptySegment,
+    /// A segment that is `.` or `..` once its `;` parameters are removed
+    /// (`..;x`): servlet stacks resolve it, Envoy does not.
+    DotSegmentWithParameters,
+    /// A segment that is empty once its `;` parameters are removed (`/;x`).
+    EmptySegmentWithParameters,
 }
 
 impl fmt::Display for PathError {
@@ -90,6 +112,12 @@ impl fmt::Display for PathError {
             PathError::NonAscii => "path contains a non-ASCII byte",
             PathError::AboveRoot => "path climbs above the root with `..`",
             PathError::DotDotAfterEmptySegment => "path has `..` right after an empty segment",
+            PathError::DotSegmentWithParameters => {
+                "path has a `.` or `..` segment with `;` parameters"
+            }
+            PathError::EmptySegmentWithParameters => {
+                "path has a segment that is empty without its `;` parameters"
+            }
         };
         f.write_str(reason)
     }
@@ -165,6 +193,15 @@ pub fn normalize_path(raw: &str) -> Result<String, PathError> {
     let mut stack: Vec<&str> = Vec::new();
     let mut trailing_slash = false;
     for seg in rest.split('/') {
+        // Servlet stacks drop `;params` from each segment before resolving
+        // dot segments: refuse what they would read as `.`, `..` or empty.
+        if let Some((base, _)) = seg.split_once(';') {
+            match base {
+                "." | ".." => return Err(PathError::DotSegmentWithParameters),
+                "" => return Err(PathError::EmptySegmentWithParameters),
+                _ => {}
+            }
+        }
         match seg {
             "." => trailing_slash = true,
             ".." => {
@@ -194,11 +231,40 @@ pub fn normalize_path(raw: &str) -> Result<String, PathError> {
     Ok(out)
 }
 
-/// Checks that a configured path starts with `/`, normalises without error
-/// and is already in normal form (so that it can match normalised requests).
+/// `path` (normalised) with the `;…` parameters removed from every segment,
+/// as servlet stacks route it; `None` when it has no `;`.
+fn without_parameters(path: &str) -> Option<String> {
+    if !path.contains(';') {
+        return None;
+    }
+    let mut out = String::with_capacity(path.len());
+    for (i, seg) in path.split('/').enumerate() {
+        if i > 0 {
+            out.push('/');
+        }
+        out.push_str(seg.split(';').next().unwrap_or_default());
+    }
+    Some(out)
+}
+
+/// Checks that a configured path starts with `/`, has no `;`, normalises
+/// without error and is already in normal form (so that it can match
+/// normalised requests).
+///
+/// Without `;` in configured paths, a path that matches an entry or rule
+/// with its parameters also matches it without them: `;` starts after
+/// the end of any prefix, and a `{name}` segment is never empty once its
+/// parameters are gone (`normalize_path` refuses that).
 fn check_config_path(p: &str, key: &str) -> Result<(), ConfigError> {
     if !p.starts_with('/') {
         return Err(ConfigError::new(key, "must start with `/`"));
+    }
+    if p.contains(';') {
+        return Err(ConfigError::new(
+            key,
+            "must not contain `;`: requests are matched both with and without their `;` \
+             path parameters",
+        ));
     }
     match normalize_path(p) {
         Err(e) => Err(ConfigError::new(key, format!("is not a valid path: {e}"))),
@@ -253,9 +319,11 @@ impl PublicPaths {
         Ok(public)
     }
 
-    /// Whether a normalised path is public.
+    /// Whether a normalised path is public: with its `;` parameters and
+    /// without them (see the module documentation).
     pub fn matches(&self, normalized_path: &str) -> bool {
-        self.exact.contains(normalized_path) || self.covering_prefix(normalized_path).is_some()
+        let public = |p: &str| self.exact.contains(p) || self.covering_prefix(p).is_some();
+        public(normalized_path) && without_parameters(normalized_path).is_none_or(|s| public(&s))
     }
 
     /// Whether no path is public.
@@ -440,8 +508,18 @@ impl RouteRules {
     }
 
     /// `method` as received (any case); `path` already normalised.
-    /// The first matching rule decides; no matching rule allows.
+    /// The first matching rule decides; no matching rule allows. A path with
+    /// `;` parameters is checked with them and again without them (see the
+    /// module documentation); both must pass.
     pub fn check(&self, method: &str, path: &str, attrs: &Attributes) -> Result<(), AccessDenied> {
+        self.check_one(method, path, attrs)?;
+        match without_parameters(path) {
+            Some(stripped) => self.check_one(method, &stripped, attrs),
+            None => Ok(()),
+        }
+    }
+
+    fn check_one(&self, method: &str, path: &str, attrs: &Attributes) -> Result<(), AccessDenied> {
         match self.rules.iter().find(|r| r.applies(method, path)) {
             None => Ok(()),
             Some(rule) => rule.decide(attrs),
@@ -1642,5 +1720,201 @@ mod tests {
         )
         .unwrap();
         assert_eq!(r.len(), 7);
+    }
+
+    // ---- `;` path parameters ----
+
+    #[test]
+    fn normalize_refuses_dot_or_empty_segments_with_parameters() {
+        for raw in [
+            "/static/..;/v1/admin/x",
+            "/v1/x/..;/admin/y",
+            "/v1/x/..;a=b/admin/y",
+            "/v1/x/..;",
+            "/v1/x/.;x/admin",
+            "/v1/x/.;",
+            "/v1/x/%2e%2e;x/admin",
+            "/v1/x/%2E.;x/admin",
+            "/v1/x/%2e;/admin",
+            "/v1/x/..;a;b/admin",
+        ] {
+            assert_eq!(
+                normalize_path(raw),
+                Err(PathError::DotSegmentWithParameters),
+                "{raw}"
+            );
+        }
+        for raw in [
+            "/;x",
+            "/v1/files/;x",
+            "/v1/files/;",
+            "/v1//;x/a",
+            "/v1/;a;b/",
+        ] {
+            assert_eq!(
+                normalize_path(raw),
+                Err(PathError::EmptySegmentWithParameters),
+                "{raw}"
+            );
+        }
+        // Refused even where the query would hide nothing: it is a path error.
+        assert!(normalize_path("/v1/x/..;/admin/y?a=1").is_err());
+        assert_eq!(
+            PathError::DotSegmentWithParameters.to_string(),
+            "path has a `.` or `..` segment with `;` parameters"
+        );
+    }
+
+    #[test]
+    fn normalize_keeps_ordinary_parameters() {
+        assert_eq!(norm("/v1/admin/report;v=2"), "/v1/admin/report;v=2");
+        assert_eq!(norm("/v1/a;x/b;y=1;z/c"), "/v1/a;x/b;y=1;z/c");
+        assert_eq!(norm("/v1/a;x/../b"), "/v1/b");
+        assert_eq!(norm("/v1/a/b;x/"), "/v1/a/b;x/");
+        assert_eq!(norm("/v1/...;x/b"), "/v1/...;x/b");
+        assert_eq!(norm("/v1/..x;y/b"), "/v1/..x;y/b");
+        assert_eq!(norm("/v1/x;../b"), "/v1/x;../b");
+        // An encoded `;` is not a parameter separator, for servlets either.
+        assert_eq!(norm("/v1/x/..%3bx/b"), "/v1/x/..%3Bx/b");
+        assert_eq!(norm("/v1/a;x?q=;..;"), "/v1/a;x");
+        assert_eq!(norm(&norm("/v1/a;x//./b;y")), "/v1/a;x/b;y");
+    }
+
+    #[test]
+    fn parameters_are_removed_per_segment() {
+        assert_eq!(without_parameters("/v1/a"), None);
+        assert_eq!(
+            without_parameters("/a;x/b;y=1;z/c").as_deref(),
+            Some("/a/b/c")
+        );
+        assert_eq!(without_parameters("/a/b;x/").as_deref(), Some("/a/b/"));
+        assert_eq!(without_parameters("/a;").as_deref(), Some("/a"));
+    }
+
+    #[test]
+    fn rules_see_the_path_with_and_without_parameters() {
+        let r = rules(json!([
+            {"path": "/v1/docs/report", "required_scope": "secret"},
+            {"path_prefix": "/v1/docs/", "required_scope": "read"},
+            {"path": "/v1/files/{id}", "required_scope": "files"},
+            {"path_prefix": "/v1/admin/", "required_scope": "admin"}
+        ]));
+        let none = Attributes::new();
+        let read = scopes(&["read"]);
+        // The prefix rule decides for the literal path; the exact rule for
+        // the path a servlet routes (`/v1/docs/report`): both must pass.
+        assert_eq!(
+            r.check("GET", "/v1/docs/report;v=2", &read),
+            scope_denied("secret")
+        );
+        assert_eq!(
+            r.check("GET", "/v1/docs/report;v=2", &scopes(&["read", "secret"])),
+            Ok(())
+        );
+        assert_eq!(
+            r.check("GET", "/v1/docs/report;v=2", &none),
+            scope_denied("read"),
+            "the literal view is checked first"
+        );
+        assert_eq!(r.check("GET", "/v1/docs/other;v=2", &read), Ok(()));
+        assert_eq!(
+            r.check("GET", "/v1/files/a;v=1", &none),
+            scope_denied("files")
+        );
+        assert_eq!(
+            r.check("GET", "/v1/admin/report;v=2", &read),
+            scope_denied("admin")
+        );
+        assert_eq!(
+            r.check("GET", "/v1/admin/report;v=2", &scopes(&["admin"])),
+            Ok(())
+        );
+        // `/v1/admin;x/y` is `/v1/admin/y` to a servlet.
+        assert_eq!(
+            r.check("GET", "/v1/admin;x/y", &read),
+            scope_denied("admin")
+        );
+    }
+
+    #[test]
+    fn public_only_when_public_with_and_without_parameters() {
+        let p = public(&["/v1/health", "/static/*"]);
+        assert!(p.matches(&norm("/static/app.js;v=1")));
+        assert!(p.matches(&norm("/static/a;x/b.css")));
+        assert!(!p.matches(&norm("/v1/health;x")));
+        assert!(!p.matches(&norm("/static;x/app.js")));
+        assert!(!p.matches(&norm("/v1;x/health")));
+        assert!(normalize_path("/static/..;/v1/admin/x").is_err());
+    }
+
+    #[test]
+    fn matching_with_parameters_implies_matching_without() {
+        // The argument for checking both views with configured paths free of
+        // `;`: no matcher matches a path with parameters but not without.
+        let matchers: Vec<Matcher> = [
+            json!({"path": "/v1/files/{id}", "required_scope": "s"}),
+            json!({"path": "/{a}/{b}/", "required_scope": "s"}),
+            json!({"path": "/v1/x", "required_scope": "s"}),
+            json!({"path_prefix": "/v1/", "required_scope": "s"}),
+            json!({"path_prefix": "/v1/fil", "required_scope": "s"}),
+        ]
+        .into_iter()
+        .map(|v| rules(json!([v])).rules.remove(0).matcher)
+        .collect();
+        let publics = public(&["/v1/x", "/v1/fil*", "/v1/files/*"]);
+        let segs = [
+            "v1", "files", "fil", "x", "a;b", "x;", "v1;q", "files;=1", "f;;",
+        ];
+        let mut paths = Vec::new();
+        for a in segs {
+            for b in segs {
+                for c in segs {
+                    paths.push(format!("/{a}/{b}"));
+                    paths.push(format!("/{a}/{b}/{c}"));
+                    paths.push(format!("/{a}/{b}/{c}/"));
+                }
+            }
+        }
+        for path in &paths {
+            let p = norm(path);
+            let Some(stripped) = without_parameters(&p) else {
+                continue;
+            };
+            for m in &matchers {
+                assert!(!m.matches(&p) || m.matches(&stripped), "{m:?} {p}");
+            }
+            let public =
+                |s: &str| publics.exact.contains(s) || publics.covering_prefix(s).is_some();
+            assert!(!public(&p) || public(&stripped), "{p}");
+        }
+    }
+
+    #[test]
+    fn configured_paths_must_not_contain_semicolons() {
+        for (list, key) in [
+            (vec!["/static;x/*"], "public_paths[0]"),
+            (vec!["/ok", "/v1/health;v=1"], "public_paths[1]"),
+            (vec!["/;*"], "public_paths[0]"),
+        ] {
+            let list: Vec<String> = list.iter().map(|s| s.to_string()).collect();
+            let e = PublicPaths::parse(&list, "public_paths").unwrap_err();
+            assert_eq!(e.key, key, "{e}");
+            assert!(e.reason.contains("`;`"), "{e}");
+        }
+        assert_err(
+            json!([{"path": "/v1/a;b", "required_scope": "s"}]),
+            "route_scopes[0].path",
+            "must not contain `;`",
+        );
+        assert_err(
+            json!([{"path": "/v1/{id};x", "required_scope": "s"}]),
+            "route_scopes[0].path",
+            "must not contain `;`",
+        );
+        assert_err(
+            json!([{"path_prefix": "/v1/;", "required_scope": "s"}]),
+            "route_scopes[0].path_prefix",
+            "must not contain `;`",
+        );
     }
 }

@@ -37,6 +37,9 @@ pub enum Denial {
     QuotaUnavailable,
     /// The request path cannot be normalised safely.
     BadPath,
+    /// A host call the decision depends on failed (the clock, an
+    /// identity-header write): fail closed.
+    Internal,
 }
 
 impl fmt::Display for Denial {
@@ -52,6 +55,7 @@ impl fmt::Display for Denial {
             Denial::QuotaExceeded { .. } | Denial::QuotaContended => f.write_str("Quota exceeded"),
             Denial::QuotaUnavailable => f.write_str("Quota service unavailable"),
             Denial::BadPath => f.write_str("Invalid request path"),
+            Denial::Internal => f.write_str("Internal error"),
         }
     }
 }
@@ -74,6 +78,7 @@ impl Denial {
             Denial::Forbidden(_) => 403,
             Denial::QuotaExceeded { .. } | Denial::QuotaContended => 429,
             Denial::BadPath => 400,
+            Denial::Internal => 500,
             Denial::Provider(e) => e.status(),
         }
     }
@@ -93,6 +98,7 @@ impl Denial {
                 "quota"
             }
             Denial::BadPath => "bad_path",
+            Denial::Internal => "internal",
         }
     }
 
@@ -203,6 +209,7 @@ mod tests {
             (Denial::QuotaContended, "quota"),
             (Denial::QuotaUnavailable, "quota"),
             (Denial::BadPath, "bad_path"),
+            (Denial::Internal, "internal"),
         ] {
             assert_eq!(d.reason(), label, "{d:?}");
         }

@@ -61,6 +61,8 @@ def _padded_jwks(key: tokens.SigningKey, size: int) -> bytes:
     return doc[:-1] + b" " * (size - len(doc)) + b"}"
 
 
+# A `keys` list without usable keys is a key set, not a failure: 401
+# (test_failclosed_config.py).
 BAD_ANSWERS = {
     "status_404": lambda k: {"status": 404, "body": {"error": "not found"}},
     "status_302_to_jwks": lambda k: {"status": 302, "body": ""},
@@ -73,14 +75,11 @@ BAD_ANSWERS = {
     "json_array": lambda k: {"body": [tokens.jwks(k)]},
     "json_null": lambda k: {"body": "null"},
     "keys_object": lambda k: {"body": {"keys": {"0": k.jwk()}}},
-    "keys_empty_list": lambda k: {"body": {"keys": []}},
     "no_keys_member": lambda k: {"body": {"jwks": tokens.jwks(k)}},
     "trailing_garbage": lambda k: {"body": json.dumps(tokens.jwks(k)) + " trailing"},
     "deeply_nested": lambda k: {"body": b'{"keys":' + b"[" * 200_000 + b"]" * 200_000 + b"}"},
     "utf16_json": lambda k: {"body": json.dumps(tokens.jwks(k)).encode("utf-16")},
     "gzip_without_decoding": lambda k: {"body": gzip.compress(json.dumps(tokens.jwks(k)).encode())},
-    "only_unusable_keys": lambda k: {"body": {"keys": [{"kty": "oct", "k": "c2VjcmV0"},
-                                                       tokens.rsa_key("enc").jwk(use="enc")]}},
     "over_1MiB_by_one_byte": lambda k: {"body": _padded_jwks(k, MIB + 1)},
     "10MiB_valid_jwks": lambda k: {"body": _padded_jwks(k, 10 * MIB)},
 }

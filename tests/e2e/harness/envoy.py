@@ -75,9 +75,13 @@ STATS_TAGS = [
 
 
 def bootstrap(plugin_config: dict | str, *, upstream_port: int, clusters: dict[str, int],
-              wasm: Path, failure_policy: str | None, access_log: Path) -> dict:
+              wasm: Path, failure_policy: str | None, access_log: Path,
+              plugin_extra: dict | None = None, hcm_extra: dict | None = None,
+              listener_extra: dict | None = None) -> dict:
     """The Envoy bootstrap: admin and listener on port 0 (Envoy picks), the wasm
-    filter then the router, everything routed to cluster `upstream`."""
+    filter then the router, everything routed to cluster `upstream`.
+    `plugin_extra`, `hcm_extra` and `listener_extra` add fields to the wasm
+    `PluginConfig`, the HTTP connection manager and the listener."""
     value = plugin_config if isinstance(plugin_config, str) else json.dumps(plugin_config)
     plugin = {
         "name": "tollgate",
@@ -93,6 +97,7 @@ def bootstrap(plugin_config: dict | str, *, upstream_port: int, clusters: dict[s
         plugin["failure_policy"] = failure_policy
     else:
         plugin["fail_open"] = False
+    plugin.update(plugin_extra or {})
     hcm = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "ingress",
@@ -117,6 +122,7 @@ def bootstrap(plugin_config: dict | str, *, upstream_port: int, clusters: dict[s
                 "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
         ],
     }
+    hcm.update(hcm_extra or {})
     all_clusters = {"upstream": upstream_port, **clusters}
     return {
         "stats_config": {"stats_tags": STATS_TAGS},
@@ -127,6 +133,7 @@ def bootstrap(plugin_config: dict | str, *, upstream_port: int, clusters: dict[s
                 "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
                 "filter_chains": [{"filters": [{
                     "name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
+                **(listener_extra or {}),
             }],
             "clusters": [_cluster(n, p) for n, p in all_clusters.items()],
         },
@@ -138,7 +145,9 @@ class Envoy:
 
     def __init__(self, plugin_config: dict | str, *, upstream_port: int, clusters: dict[str, int],
                  workdir: Path, concurrency: int = 2, failure_policy: str | None = "FAIL_CLOSED",
-                 wasm: Path | None = None, log_level: str = "info", extra_args: tuple = ()):
+                 wasm: Path | None = None, log_level: str = "info", extra_args: tuple = (),
+                 plugin_extra: dict | None = None, hcm_extra: dict | None = None,
+                 listener_extra: dict | None = None):
         self.plugin_config = plugin_config
         self.workdir = Path(workdir) / f"envoy-{next(_serial)}"
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -151,7 +160,9 @@ class Envoy:
         self.config_path = self.workdir / "bootstrap.json"
         self.config_path.write_text(json.dumps(bootstrap(
             plugin_config, upstream_port=upstream_port, clusters=clusters, wasm=self.wasm,
-            failure_policy=failure_policy, access_log=self.access_log_path), indent=2))
+            failure_policy=failure_policy, access_log=self.access_log_path,
+            plugin_extra=plugin_extra, hcm_extra=hcm_extra, listener_extra=listener_extra),
+            indent=2))
         self.args = [
             envoy_bin(), "-c", str(self.config_path),
             "--concurrency", str(concurrency), "--use-dynamic-base-id",
