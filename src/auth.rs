@@ -504,6 +504,7 @@ impl Core {
                     e,
                     ProviderError::NotActive
                         | ProviderError::Expired
+                        | ProviderError::WrongAudience
                         | ProviderError::AuthFailed(401 | 403)
                 );
                 let uncached =
@@ -802,6 +803,29 @@ mod tests {
             Some("bob")
         );
         assert_eq!(callout_key(&decide_at(&mut core, &req, NOW + 11)), key);
+    }
+
+    #[test]
+    fn a_wrong_audience_is_remembered_briefly() {
+        let with_audience = INTROSPECTION.replace(
+            r#""cache_ttl": 30"#,
+            r#""cache_ttl": 30, "audience": "llama-stack""#,
+        );
+        let mut core = core_for(&with_audience);
+        let req = request(Some("tok-aud"), "/v1/models");
+        let key = callout_key(&decide_at(&mut core, &req, NOW));
+        let answer = ok(r#"{"active": true, "sub": "a", "aud": "other", "exp": 99999999999}"#);
+        let no = core.provider_answer(key, answer, NOW * 1000);
+        let denied = Denial::Provider(ProviderError::WrongAudience);
+        assert_eq!(no, Err(denied.clone()));
+        assert_eq!(
+            decide_at(&mut core, &req, NOW + NEGATIVE_TTL),
+            Step::Deny(denied)
+        );
+        assert_eq!(
+            callout_key(&decide_at(&mut core, &req, NOW + NEGATIVE_TTL + 1)),
+            key
+        );
     }
 
     #[test]

@@ -23,7 +23,7 @@ use crate::jwks::{self, FetchError, SharedKeys};
 use crate::metrics::Metrics;
 use crate::policy;
 use crate::quota::{self, RateLimit, SharedStore, StoreError};
-use crate::response::Denial;
+use crate::response::{is_grpc, Denial};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
@@ -111,6 +111,8 @@ struct Parked {
     phase: Rc<Cell<Phase>>,
     /// Client headers that spell an identity header another way.
     spoofed: Vec<String>,
+    /// A gRPC call: denials are answered with gRPC statuses.
+    grpc: bool,
 }
 
 /// What a dispatched callout was for.
@@ -435,7 +437,7 @@ fn handle(vm: &mut Vm, parked: Parked, step: Step) -> Outcome {
     let outcome = match step {
         Step::WaitForKeys => {
             if vm.waiters.len().saturating_add(vm.ready.len()) >= MAX_WAITERS {
-                refuse(vm, &parked.facts, &Denial::AuthUnavailable);
+                refuse(vm, &parked, &Denial::AuthUnavailable);
                 Outcome::Answered
             } else {
                 vm.waiters.push(parked);
@@ -445,14 +447,14 @@ fn handle(vm: &mut Vm, parked: Parked, step: Step) -> Outcome {
         }
         Step::Callout(c) => {
             if vm.callout_waiting >= MAX_CALLOUT_WAITERS {
-                refuse(vm, &parked.facts, &Denial::AuthUnavailable);
+                refuse(vm, &parked, &Denial::AuthUnavailable);
                 Outcome::Answered
             } else if let Some(list) = vm.callout_waiters.get_mut(&c.key) {
                 list.push(parked);
                 vm.callout_waiting = vm.callout_waiting.saturating_add(1);
                 Outcome::Parked
             } else if vm.callout_waiters.len() >= MAX_PROVIDER_CALLOUTS {
-                refuse(vm, &parked.facts, &Denial::AuthUnavailable);
+                refuse(vm, &parked, &Denial::AuthUnavailable);
                 Outcome::Answered
             } else {
                 vm.callout_waiters.insert(c.key, vec![parked]);
@@ -462,7 +464,7 @@ fn handle(vm: &mut Vm, parked: Parked, step: Step) -> Outcome {
                 Outcome::Parked
             }
         }
-        step => match apply(vm, step, &parked.facts, &parked.spoofed, &mut host::Live) {
+        step => match apply(vm, step, &parked, &mut host::Live) {
             Some(rate_limit) => Outcome::Continue(rate_limit),
             None => Outcome::Answered,
         },
@@ -490,7 +492,7 @@ fn decide(vm: &mut Vm, parked: Parked) -> Action {
         }
         Err(denial) => {
             log::error!("the host clock failed: request refused");
-            refuse(vm, &parked.facts, &denial);
+            refuse(vm, &parked, &denial);
             parked.phase.set(Phase::Answered);
             Outcome::Answered
         }
@@ -502,19 +504,28 @@ fn decide(vm: &mut Vm, parked: Parked) -> Action {
 }
 
 /// Answers a request locally: the denial, its metric, its debug line.
-fn refuse(vm: &Vm, facts: &RequestFacts, denial: &Denial) {
-    refuse_request(vm, &facts.method, &facts.path, denial);
+fn refuse(vm: &Vm, parked: &Parked, denial: &Denial) {
+    let facts = &parked.facts;
+    refuse_request(vm, &facts.method, &facts.path, parked.grpc, denial);
 }
 
 /// [`refuse`] for a request not yet read into [`RequestFacts`].
-fn refuse_request(vm: &Vm, method: &str, path: &str, denial: &Denial) {
+fn refuse_request(vm: &Vm, method: &str, path: &str, grpc: bool, denial: &Denial) {
     vm.metrics.denied(denial.reason());
     log::debug!(
         "denied {} {}: {method} {path}",
         denial.status(),
         denial.reason()
     );
-    deny(&mut host::Live, denial);
+    let answer = match (grpc, &vm.core.config.quota) {
+        (false, _) => AnswerAs::Http,
+        (true, quota) => AnswerAs::Grpc {
+            quota_unavailable: quota
+                .as_ref()
+                .is_some_and(|q| !q.rate_limited_as_resource_exhausted),
+        },
+    };
+    deny(&mut host::Live, denial, answer);
 }
 
 /// Asks the root context for a tick in 1 ms (to fetch, or to dispatch).
@@ -530,23 +541,22 @@ fn tick_soon(vm: &mut Vm) {
 fn apply(
     vm: &mut Vm,
     step: Step,
-    facts: &RequestFacts,
-    spoofed: &[String],
+    parked: &Parked,
     h: &mut impl host::RequestHost,
 ) -> Option<Option<RateLimit>> {
     match step {
         Step::Allow(allowed) => {
             let forward = &vm.core.config.forward;
-            if !forward_identity(h, forward, allowed.identity.as_deref(), spoofed) {
+            if !forward_identity(h, forward, allowed.identity.as_deref(), &parked.spoofed) {
                 log::error!("an identity header could not be set: request refused");
-                refuse(vm, facts, &Denial::Internal);
+                refuse(vm, parked, &Denial::Internal);
                 return None;
             }
             vm.allowed = vm.allowed.saturating_add(1);
             Some(allowed.rate_limit)
         }
         Step::Deny(denial) => {
-            refuse(vm, facts, &denial);
+            refuse(vm, parked, &denial);
             None
         }
         Step::WaitForKeys | Step::Callout(_) => None,
@@ -598,11 +608,26 @@ fn spells_header(name: &[u8], identity: &str) -> bool {
             .all(|(&a, b)| norm(a) == norm(b))
 }
 
+/// How a denial is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AnswerAs {
+    /// The JSON error body.
+    Http,
+    /// A gRPC status and plain message (Envoy makes it a trailers-only answer).
+    Grpc { quota_unavailable: bool },
+}
+
 /// Answers the current request locally with a denial.
-fn deny(h: &mut impl host::RequestHost, denial: &Denial) {
-    let r = denial.response();
+fn deny(h: &mut impl host::RequestHost, denial: &Denial, answer: AnswerAs) {
+    let (r, grpc_status) = match answer {
+        AnswerAs::Http => (denial.response(), None),
+        AnswerAs::Grpc { quota_unavailable } => (
+            denial.grpc_response(),
+            Some(denial.grpc_status(quota_unavailable)),
+        ),
+    };
     let headers = serialize_pairs(r.headers.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes())));
-    if !h.send_local_response(r.status, &headers, r.body.as_bytes()) {
+    if !h.send_local_response(r.status, &headers, r.body.as_bytes(), grpc_status) {
         log::warn!("Envoy refused the {} answer", r.status);
     }
 }
@@ -887,7 +912,7 @@ impl HttpContext for Request {
         let mut guard = self.vm.borrow_mut();
         let Some(vm) = guard.as_mut() else {
             self.phase.set(Phase::Answered);
-            deny(&mut host::Live, &Denial::AuthUnavailable);
+            deny(&mut host::Live, &Denial::AuthUnavailable, AnswerAs::Http);
             return Action::Pause;
         };
         let config = vm.core.config.clone();
@@ -906,6 +931,7 @@ impl HttpContext for Request {
             })
             .filter_map(|(name, _)| std::str::from_utf8(name).ok().map(str::to_string))
             .collect();
+        let grpc = pairs.get("content-type").is_some_and(is_grpc);
         // Envoy joins several Authorization headers into one value (never a
         // valid token).
         let authorization = pairs.get("authorization").map(<[u8]>::to_vec);
@@ -915,7 +941,7 @@ impl HttpContext for Request {
                 source_ip: source_ip(&config, ""),
                 ..RequestFacts::default()
             };
-            return decide(vm, self.parked(facts, spoofed));
+            return decide(vm, self.parked(facts, spoofed, grpc));
         }
         let raw_path = pairs.get(":path").unwrap_or_default();
         let path = match std::str::from_utf8(raw_path)
@@ -929,7 +955,7 @@ impl HttpContext for Request {
             _ => {
                 // The raw path (and its query) is not logged: it may carry secrets.
                 self.phase.set(Phase::Answered);
-                refuse_request(vm, "", "", &Denial::BadPath);
+                refuse_request(vm, "", "", grpc, &Denial::BadPath);
                 return Action::Pause;
             }
         };
@@ -969,7 +995,7 @@ impl HttpContext for Request {
             raw_path,
             headers,
         };
-        decide(vm, self.parked(facts, spoofed))
+        decide(vm, self.parked(facts, spoofed, grpc))
     }
 
     fn on_http_request_body(&mut self, _size: usize, _eos: bool) -> Action {
@@ -1021,12 +1047,13 @@ impl HttpContext for Request {
 
 impl Request {
     /// This request as the decision takes it (and parks it, if it must wait).
-    fn parked(&self, facts: RequestFacts, spoofed: Vec<String>) -> Parked {
+    fn parked(&self, facts: RequestFacts, spoofed: Vec<String>, grpc: bool) -> Parked {
         Parked {
             id: self.id,
             facts,
             phase: self.phase.clone(),
             spoofed,
+            grpc,
         }
     }
 }
@@ -1043,7 +1070,7 @@ mod tests {
         /// Header names whose writes fail.
         failing: Vec<&'static str>,
         headers: Vec<(String, Option<Vec<u8>>)>,
-        answers: Vec<u32>,
+        answers: Vec<(u32, Option<u32>, String)>,
     }
 
     impl RequestHost for FakeHost {
@@ -1055,8 +1082,15 @@ mod tests {
                 .push((name.to_string(), value.map(<[u8]>::to_vec)));
             !self.failing.contains(&name)
         }
-        fn send_local_response(&mut self, status: u32, _h: &[u8], _b: &[u8]) -> bool {
-            self.answers.push(status);
+        fn send_local_response(
+            &mut self,
+            status: u32,
+            _h: &[u8],
+            body: &[u8],
+            grpc_status: Option<u32>,
+        ) -> bool {
+            self.answers
+                .push((status, grpc_status, String::from_utf8_lossy(body).into()));
             true
         }
     }
@@ -1148,8 +1182,34 @@ mod tests {
     #[test]
     fn a_denial_is_sent_as_a_local_answer() {
         let mut h = FakeHost::default();
-        deny(&mut h, &Denial::Internal);
-        assert_eq!(h.answers, vec![500]);
+        deny(&mut h, &Denial::Internal, AnswerAs::Http);
+        let quota = Denial::QuotaExceeded {
+            retry_after: 1,
+            rate_limit: None,
+        };
+        deny(
+            &mut h,
+            &quota,
+            AnswerAs::Grpc {
+                quota_unavailable: false,
+            },
+        );
+        deny(
+            &mut h,
+            &quota,
+            AnswerAs::Grpc {
+                quota_unavailable: true,
+            },
+        );
+        let json = r#"{"error":{"message":"Internal error"}}"#.to_string();
+        assert_eq!(
+            h.answers,
+            vec![
+                (500, None, json),
+                (429, Some(8), "Quota exceeded".into()),
+                (429, Some(14), "Quota exceeded".into()),
+            ]
+        );
     }
 
     #[test]

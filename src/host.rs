@@ -152,8 +152,9 @@ pub fn set_shared_data(key: &str, value: &[u8], cas: Option<u32>) -> Result<(), 
     }
 }
 
-/// Answers the current request locally; false when Envoy refused.
-pub fn send_local_response(status: u32, headers: &[u8], body: &[u8]) -> bool {
+/// Answers the current request locally (`grpc_status` -1: none); false when
+/// Envoy refused.
+pub fn send_local_response(status: u32, headers: &[u8], body: &[u8], grpc_status: i32) -> bool {
     // SAFETY: headers and body are live slices; no details string.
     let status = unsafe {
         proxy_send_local_response(
@@ -164,7 +165,7 @@ pub fn send_local_response(status: u32, headers: &[u8], body: &[u8]) -> bool {
             body.len(),
             headers.as_ptr(),
             headers.len(),
-            -1,
+            grpc_status,
         )
     };
     status == OK
@@ -224,8 +225,15 @@ pub trait RequestHost {
     /// Sets a request header (replacing every value), or removes it with
     /// `None`; false when the host refused.
     fn set_request_header(&mut self, name: &str, value: Option<&[u8]>) -> bool;
-    /// Answers the request locally; false when the host refused.
-    fn send_local_response(&mut self, status: u32, headers: &[u8], body: &[u8]) -> bool;
+    /// Answers the request locally (with this gRPC status for a gRPC call);
+    /// false when the host refused.
+    fn send_local_response(
+        &mut self,
+        status: u32,
+        headers: &[u8],
+        body: &[u8],
+        grpc_status: Option<u32>,
+    ) -> bool;
 }
 
 /// The real host.
@@ -238,8 +246,17 @@ impl RequestHost for Live {
     fn set_request_header(&mut self, name: &str, value: Option<&[u8]>) -> bool {
         set_header(MAP_REQUEST_HEADERS, name, value)
     }
-    fn send_local_response(&mut self, status: u32, headers: &[u8], body: &[u8]) -> bool {
-        send_local_response(status, headers, body)
+    fn send_local_response(
+        &mut self,
+        status: u32,
+        headers: &[u8],
+        body: &[u8],
+        grpc_status: Option<u32>,
+    ) -> bool {
+        let grpc = grpc_status
+            .and_then(|g| i32::try_from(g).ok())
+            .unwrap_or(-1);
+        send_local_response(status, headers, body, grpc)
     }
 }
 

@@ -9,7 +9,8 @@
 //!
 //! Windows are fixed and aligned to UTC (`minute`, `hour`, `day`). An
 //! authenticated request is counted by its principal against
-//! `authenticated_max_requests`; an anonymous one by its client IP against
+//! `authenticated_max_requests`; an anonymous one by its client address
+//! prefix (`anonymous_ipv4_prefix`, `anonymous_ipv6_prefix`) against
 //! `anonymous_max_requests`.
 //!
 //! This module is a sans-IO core: the host's shared data is reached through
@@ -17,33 +18,35 @@
 //! across Envoy's worker VMs: every write is a compare-and-swap, retried on
 //! mismatch, and never unconditional (see [`check`]).
 //!
-//! # Memory per client
+//! # Memory
 //!
-//! One shared-data entry per client, whatever the number of windows: the entry
-//! holds the current window's start and count, and a new window overwrites the
-//! old one. Per client that is
+//! Shared data has no delete in the proxy-wasm ABI: an entry stays for the
+//! life of the Envoy process.
 //!
-//! * key: `tollgate/quota/a/<principal>` = 17 bytes + the principal, or
-//!   `tollgate/quota/ip/<ip>` = 18 bytes + the IP (7–15 bytes for IPv4, up to
-//!   39 for IPv6, 45 for an IPv4-mapped IPv6 address): 25–63 bytes for an IP;
-//! * value: ASCII `"<window_start> <count>"`: the window start has 10 digits
-//!   until the year 2286, plus a space, plus the count's digits (at most the
-//!   limit's digits: 4 for the default 1000): 12–15 bytes with the defaults,
-//!   31 bytes at most;
-//!
-//! plus the host's own bookkeeping (a hash-map slot with two strings and a
-//! 32-bit CAS: on the order of 100 bytes in Envoy). So roughly 150–200 bytes
-//! per client. Shared data has no delete in the proxy-wasm ABI, so entries stay
-//! for the life of the Envoy process: memory grows with the number of distinct
-//! clients ever seen, never with the number of windows.
+//! * Principals: one entry per principal, `tollgate/quota/a/<principal>` =
+//!   `"<window_start> <count>"`; a new window overwrites the old one.
+//! * Anonymous clients: a fixed table of `anonymous_slots` entries
+//!   `tollgate/quota/anon/<n>` = `"<window_start> <fingerprint> <count>"`,
+//!   reused across windows, plus one entry `tollgate/quota/anon/key` (the
+//!   table's hash key). However many addresses are seen, the table never has
+//!   more entries (see [`check`] for how slots are claimed).
 
 use crate::json::{ConfigError, Obj};
 use serde_json::Value;
+use std::cell::OnceCell;
+use std::net::IpAddr;
 
 /// Key prefix of authenticated clients' counters.
 const PRINCIPAL_PREFIX: &str = "tollgate/quota/a/";
-/// Key prefix of anonymous clients' counters.
-const IP_PREFIX: &str = "tollgate/quota/ip/";
+/// Key prefix of the anonymous table's slots.
+const SLOT_PREFIX: &str = "tollgate/quota/anon/";
+/// The anonymous table's hash key, the same for every VM of the process.
+pub const TABLE_KEY: &str = "tollgate/quota/anon/key";
+
+/// How many slots an anonymous client may look at (its home slot first).
+pub const PROBES: u64 = 8;
+/// The most `anonymous_slots` accepted.
+pub const MAX_SLOTS: u64 = 1 << 22;
 
 /// How many read-and-compare-and-swap rounds one request may take before it
 /// gives up and fails closed with [`QuotaDecision::Contended`].
@@ -119,17 +122,54 @@ pub struct QuotaConfig {
     /// Whether to send `RateLimit-Limit`, `RateLimit-Remaining` and
     /// `RateLimit-Reset`.
     pub headers: bool,
+    /// gRPC callers over quota get `RESOURCE_EXHAUSTED` (true, the default)
+    /// or `UNAVAILABLE`, as Envoy's `local_ratelimit` option of this name.
+    pub rate_limited_as_resource_exhausted: bool,
+    /// Anonymous IPv4 clients are counted per prefix of this length (0–32).
+    pub anonymous_ipv4_prefix: u8,
+    /// Anonymous IPv6 clients are counted per prefix of this length (0–128).
+    pub anonymous_ipv6_prefix: u8,
+    /// Slots in the anonymous table (1–[`MAX_SLOTS`]).
+    pub anonymous_slots: u64,
+    /// Not configuration: this VM's copy of the anonymous table's hash key,
+    /// read once from shared data. Leave it at its default.
+    pub table_key: KeyCache,
+}
+
+/// A VM's copy of the anonymous table's hash key: not configuration, so it
+/// takes no part in comparisons.
+#[derive(Clone, Default)]
+pub struct KeyCache(OnceCell<(u64, u64)>);
+
+impl PartialEq for KeyCache {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for KeyCache {}
+
+impl std::fmt::Debug for KeyCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KeyCache")
+    }
 }
 
 impl Default for QuotaConfig {
     /// Llama Stack's defaults: 1000 authenticated, 100 anonymous, per day,
-    /// with headers.
+    /// with headers; anonymous clients per IPv4 address and IPv6 /64, in
+    /// 65,536 slots.
     fn default() -> Self {
         QuotaConfig {
             authenticated_max_requests: 1000,
             anonymous_max_requests: 100,
             period: Period::Day,
             headers: true,
+            rate_limited_as_resource_exhausted: true,
+            anonymous_ipv4_prefix: 32,
+            anonymous_ipv6_prefix: 64,
+            anonymous_slots: 65_536,
+            table_key: KeyCache::default(),
         }
     }
 }
@@ -156,6 +196,25 @@ impl QuotaConfig {
             })?,
         };
         let headers = o.bool("headers")?.unwrap_or(d.headers);
+        let rate_limited_as_resource_exhausted = o
+            .bool("rate_limited_as_resource_exhausted")?
+            .unwrap_or(d.rate_limited_as_resource_exhausted);
+        let prefix = |o: &mut Obj, name: &str, max: u8, default: u8| {
+            o.u64_max(name, u64::from(max))
+                .map(|n| n.and_then(|n| u8::try_from(n).ok()).unwrap_or(default))
+        };
+        let anonymous_ipv4_prefix = prefix(&mut o, "anonymous_ipv4_prefix", 32, 32)?;
+        let anonymous_ipv6_prefix = prefix(&mut o, "anonymous_ipv6_prefix", 128, 64)?;
+        let anonymous_slots = match o.u64_max("anonymous_slots", MAX_SLOTS)? {
+            None => d.anonymous_slots,
+            Some(0) => {
+                return Err(ConfigError::new(
+                    o.path("anonymous_slots"),
+                    "must be at least 1",
+                ))
+            }
+            Some(n) => n,
+        };
         // Llama Stack keeps counts in a kvstore; here they live in Envoy's
         // shared data. Accepted so its settings move over unchanged.
         if o.obj("kvstore")?.is_some() {
@@ -170,6 +229,11 @@ impl QuotaConfig {
             anonymous_max_requests,
             period,
             headers,
+            rate_limited_as_resource_exhausted,
+            anonymous_ipv4_prefix,
+            anonymous_ipv6_prefix,
+            anonymous_slots,
+            table_key: KeyCache::default(),
         })
     }
 
@@ -207,17 +271,35 @@ pub trait SharedStore {
 pub enum Client<'a> {
     /// An authenticated request, by its verified principal.
     Principal(&'a str),
-    /// An anonymous request, by client IP (without the port).
+    /// An anonymous request, by client IP (without the port; anything that
+    /// does not parse as an address is one shared "unknown" client).
     Anonymous(&'a str),
 }
 
-/// The shared-data key of a client's counter: `tollgate/quota/a/<principal>`
-/// or `tollgate/quota/ip/<ip>`.
+/// The shared-data key of a principal's counter:
+/// `tollgate/quota/a/<principal>`.
+fn principal_key(principal: &str) -> String {
+    [PRINCIPAL_PREFIX, principal].concat()
+}
+
+/// The first shared-data entry a client's count reads: a principal's counter,
+/// or for anonymous clients the table's key [`TABLE_KEY`] (which places them
+/// in the table's slots).
 pub fn key_for(client: &Client) -> String {
     match client {
-        Client::Principal(p) => [PRINCIPAL_PREFIX, p].concat(),
-        Client::Anonymous(ip) => [IP_PREFIX, ip].concat(),
+        Client::Principal(p) => principal_key(p),
+        Client::Anonymous(_) => TABLE_KEY.to_string(),
     }
+}
+
+/// The shared-data key of anonymous slot `n`: `tollgate/quota/anon/<n>`.
+fn slot_key(n: u64) -> String {
+    let mut digits = [0; 20];
+    let mut key = String::with_capacity(SLOT_PREFIX.len() + 7);
+    key.push_str(SLOT_PREFIX);
+    // ASCII digits only.
+    key.push_str(std::str::from_utf8(decimal(n, &mut digits)).unwrap_or_default());
+    key
 }
 
 /// The `RateLimit-*` values of a counted (or refused) request: numbers until
@@ -302,11 +384,58 @@ fn parse_digits(s: &str) -> Option<u64> {
     s.parse().ok()
 }
 
+/// Reads exactly 16 lower-case hex digits.
+fn parse_hex16(s: &str) -> Option<u64> {
+    if s.len() != 16 || !s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return None;
+    }
+    u64::from_str_radix(s, 16).ok()
+}
+
+/// Writes `n` as 16 lower-case hex digits.
+fn push_hex16(out: &mut Vec<u8>, n: u64) {
+    for shift in (0..16).rev() {
+        // Masked to 0..=15: the cast keeps every bit.
+        let nibble = ((n >> (shift * 4)) & 0xf) as u8;
+        out.push(if nibble < 10 {
+            b'0' + nibble
+        } else {
+            b'a' + nibble - 10
+        });
+    }
+}
+
 /// Decodes a counter value; `None` if it does not parse.
 fn decode(bytes: &[u8]) -> Option<(u64, u64)> {
     let s = std::str::from_utf8(bytes).ok()?;
     let (start, count) = s.split_once(' ')?;
     Some((parse_digits(start)?, parse_digits(count)?))
+}
+
+/// Encodes an anonymous slot: ASCII `"<window_start> <fingerprint> <count>"`,
+/// the fingerprint as 16 hex digits.
+fn encode_slot(window_start: u64, fingerprint: u64, count: u64) -> Vec<u8> {
+    let mut digits = [0; 20];
+    let mut value = Vec::with_capacity(58);
+    value.extend_from_slice(decimal(window_start, &mut digits));
+    value.push(b' ');
+    push_hex16(&mut value, fingerprint);
+    value.push(b' ');
+    value.extend_from_slice(decimal(count, &mut digits));
+    value
+}
+
+/// Decodes an anonymous slot: `(window_start, fingerprint, count)`.
+fn decode_slot(bytes: &[u8]) -> Option<(u64, u64, u64)> {
+    let s = std::str::from_utf8(bytes).ok()?;
+    let mut parts = s.split(' ');
+    let start = parse_digits(parts.next()?)?;
+    let fingerprint = parse_hex16(parts.next()?)?;
+    let count = parse_digits(parts.next()?)?;
+    if parts.next().is_some() {
+        return None;
+    }
+    Some((start, fingerprint, count))
 }
 
 /// Seconds from `now_secs` to the end of the window starting at `start`, at
@@ -318,11 +447,162 @@ fn reset_after(start: u64, period: Period, now_secs: u64) -> u64 {
         .max(1)
 }
 
+/// The window a stored `start` counts in, seen at window `current`: itself if
+/// it is the current window, or exactly one period ahead (another worker's
+/// clock already crossed the boundary: adopted rather than rewound, so its
+/// increments are not lost); `None` for an older window (the entry starts
+/// afresh) or one further ahead (garbage, logged at warn).
+fn live_window(start: u64, current: u64, period: Period, key: &str) -> Option<u64> {
+    if start == current || start == current.saturating_add(period.seconds()) {
+        Some(start)
+    } else {
+        if start > current {
+            log::warn!("quota: window {start} at {key} is in the future; starting a fresh window");
+        }
+        None
+    }
+}
+
+/// Who an anonymous request is counted as: the client address masked to the
+/// configured prefix. A tag byte (0 unknown, 4 IPv4, 6 IPv6) then the masked
+/// address (IPv4 in the first 4 bytes). An IPv4-mapped IPv6 address
+/// (`::ffff:a.b.c.d`) is IPv4; anything that does not parse as an address
+/// (no address, a zone index, garbage) is the one shared "unknown" client, so
+/// it is limited rather than unlimited.
+pub fn anonymous_client(cfg: &QuotaConfig, ip: &str) -> [u8; 17] {
+    let mut out = [0; 17];
+    let v4 = |out: &mut [u8; 17], a: std::net::Ipv4Addr| {
+        let mask = u32::MAX
+            .checked_shl(32 - u32::from(cfg.anonymous_ipv4_prefix.min(32)))
+            .unwrap_or(0);
+        out[0] = 4;
+        for (o, b) in out
+            .iter_mut()
+            .skip(1)
+            .zip((u32::from(a) & mask).to_be_bytes())
+        {
+            *o = b;
+        }
+    };
+    match ip.parse::<IpAddr>() {
+        Ok(IpAddr::V4(a)) => v4(&mut out, a),
+        Ok(IpAddr::V6(a)) => match a.to_ipv4_mapped() {
+            Some(a) => v4(&mut out, a),
+            None => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(cfg.anonymous_ipv6_prefix.min(128)))
+                    .unwrap_or(0);
+                out[0] = 6;
+                for (o, b) in out
+                    .iter_mut()
+                    .skip(1)
+                    .zip((u128::from(a) & mask).to_be_bytes())
+                {
+                    *o = b;
+                }
+            }
+        },
+        Err(_) => {}
+    }
+    out
+}
+
+/// An anonymous client's place in the table: a 64-bit fingerprint stored in
+/// its slot, and the seed of its probe sequence. Both from one keyed
+/// SipHash-1-3 (128-bit) of the client, with the process's table key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placement {
+    pub fingerprint: u64,
+    pub seed: u64,
+}
+
+impl Placement {
+    pub fn new(key: (u64, u64), client: &[u8]) -> Placement {
+        use siphasher::sip128::{Hasher128, SipHasher13};
+        use std::hash::Hasher;
+        let mut h = SipHasher13::new_with_keys(key.0, key.1);
+        h.write(client);
+        let out = h.finish128();
+        Placement {
+            fingerprint: out.h1,
+            seed: out.h2,
+        }
+    }
+
+    /// The `i`th slot to look at (0 is the home slot) in a table of `slots`:
+    /// SplitMix64 of the seed and `i`, so that the probes of two clients
+    /// sharing a home slot go separate ways (no clustering).
+    pub fn probe(&self, i: u64, slots: u64) -> u64 {
+        let mut z = self
+            .seed
+            .wrapping_add(i.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        z.checked_rem(slots).unwrap_or(0)
+    }
+}
+
+/// A fresh random table key: two outputs of std's randomly keyed SipHash (its
+/// keys come from the host's random source, WASI `random_get`).
+fn random_key() -> (u64, u64) {
+    use std::hash::BuildHasher;
+    let random = std::collections::hash_map::RandomState::new();
+    (random.hash_one(0u8), random.hash_one(1u8))
+}
+
+/// The anonymous table's hash key, the same in every VM of the process: read
+/// from [`TABLE_KEY`] (and kept in this VM's configuration), or created there
+/// at random with a create-only CAS (losing a race means reading the winner's).
+/// Random rather than a constant, so that nobody can compute which addresses
+/// share a victim's slots and fill them to have the victim refused.
+fn table_key(cfg: &QuotaConfig, store: &dyn SharedStore) -> Result<(u64, u64), QuotaDecision> {
+    if let Some(k) = cfg.table_key.0.get() {
+        return Ok(*k);
+    }
+    for _ in 0..MAX_ATTEMPTS {
+        let (value, cas) = store.get(TABLE_KEY).map_err(|e| {
+            log::warn!("quota: reading {TABLE_KEY}: {e:?}");
+            QuotaDecision::Unavailable
+        })?;
+        let found = value.as_deref().and_then(|v| {
+            let s = std::str::from_utf8(v).ok()?;
+            let (a, b) = s.split_once(' ')?;
+            Some((parse_hex16(a)?, parse_hex16(b)?))
+        });
+        if let Some(k) = found {
+            return Ok(*cfg.table_key.0.get_or_init(|| k));
+        }
+        if value.is_some() || cas.is_some() {
+            // Nobody can have used it: it never parsed.
+            log::warn!("quota: unreadable value at {TABLE_KEY}; replacing it");
+        }
+        let fresh = random_key();
+        let mut v = Vec::with_capacity(33);
+        push_hex16(&mut v, fresh.0);
+        v.push(b' ');
+        push_hex16(&mut v, fresh.1);
+        let cas = match cas {
+            Some(c) if c != 0 => c,
+            _ => CREATE_CAS,
+        };
+        match store.set(TABLE_KEY, &v, Some(cas)) {
+            Ok(()) => return Ok(*cfg.table_key.0.get_or_init(|| fresh)),
+            Err(StoreError::CasMismatch) => continue,
+            Err(StoreError::Other) => {
+                log::warn!("quota: writing {TABLE_KEY}: store error");
+                return Err(QuotaDecision::Unavailable);
+            }
+        }
+    }
+    Err(QuotaDecision::Contended)
+}
+
 /// Counts one request of `client` at `now_secs` (seconds since the Unix
 /// epoch), if its quota allows.
 ///
-/// Each round reads the client's entry and writes it back incremented with a
-/// compare-and-swap: with the CAS read when the key exists, with
+/// Each round reads the client's counter and writes it back incremented with
+/// a compare-and-swap: with the CAS read when the key exists, with
 /// [`CREATE_CAS`] when it is missing; never unconditionally. A CAS mismatch
 /// means another worker wrote in between: read again, up to [`MAX_ATTEMPTS`]
 /// rounds, then [`QuotaDecision::Contended`]. Any other store error is
@@ -330,9 +610,18 @@ fn reset_after(start: u64, period: Period, now_secs: u64) -> u64 {
 ///
 /// The stored window decides the count: the current window's count is used;
 /// an older window (or a value that does not parse, logged at warn) starts a
-/// fresh window at 0. A window exactly one period ahead (another worker's
-/// clock already crossed the boundary) is adopted rather than rewound, so its
-/// increments are not lost; anything further ahead is treated as garbage.
+/// fresh window at 0; see [`live_window`] for windows ahead.
+///
+/// A principal's counter is its own entry. An anonymous client (see
+/// [`anonymous_client`]) is counted in the table of `anonymous_slots`: it
+/// looks at up to [`PROBES`] slots in its own pseudo-random order (see
+/// [`Placement`]) and counts in the first that is its own this window (same
+/// fingerprint) or free (missing, unreadable, or from an older window: it
+/// claims it); slots held this window by other clients are passed over. When
+/// all are held by others it counts in its home slot (the first), sharing
+/// that counter: it may be refused early, never admitted past its limit.
+/// Slots are only ever freed by the window changing, so within a window every
+/// request of a client lands in the same slot.
 pub fn check(
     cfg: &QuotaConfig,
     store: &dyn SharedStore,
@@ -340,17 +629,74 @@ pub fn check(
     now_secs: u64,
 ) -> QuotaDecision {
     let limit = cfg.limit_for(client);
-    let period = cfg.period;
-    let current = period.window_start(now_secs);
+    let current = cfg.period.window_start(now_secs);
     if limit == 0 {
         return QuotaDecision::Exceeded {
             limit,
-            reset: reset_after(current, period, now_secs),
+            reset: reset_after(current, cfg.period, now_secs),
         };
     }
-    let key = key_for(client);
+    match client {
+        Client::Principal(p) => count_principal(cfg, store, &principal_key(p), limit, now_secs),
+        Client::Anonymous(ip) => match table_key(cfg, store) {
+            Ok(key) => {
+                let placement = Placement::new(key, &anonymous_client(cfg, ip));
+                count_anonymous(cfg, store, placement, limit, now_secs)
+            }
+            Err(d) => d,
+        },
+    }
+}
+
+/// Writes the counter at `key` incremented (see [`check`]); `None` on a CAS
+/// mismatch (read again).
+fn increment(
+    store: &dyn SharedStore,
+    key: &str,
+    value: impl FnOnce(u64) -> Vec<u8>,
+    cas: u32,
+    count: u64,
+    limit: u64,
+    reset: u64,
+) -> Option<QuotaDecision> {
+    if count >= limit {
+        return Some(QuotaDecision::Exceeded { limit, reset });
+    }
+    // count < limit <= u64::MAX, so this cannot overflow.
+    let counted = count.saturating_add(1);
+    match store.set(key, &value(counted), Some(cas)) {
+        Ok(()) => Some(QuotaDecision::Allowed {
+            limit,
+            remaining: limit.saturating_sub(counted),
+            reset,
+        }),
+        Err(StoreError::CasMismatch) => None,
+        Err(StoreError::Other) => {
+            log::warn!("quota: writing {key}: store error");
+            Some(QuotaDecision::Unavailable)
+        }
+    }
+}
+
+/// The CAS to write a key with: the one read, or [`CREATE_CAS`] if missing.
+fn write_cas(read: Option<u32>) -> u32 {
+    match read {
+        Some(c) if c != 0 => c,
+        _ => CREATE_CAS,
+    }
+}
+
+fn count_principal(
+    cfg: &QuotaConfig,
+    store: &dyn SharedStore,
+    key: &str,
+    limit: u64,
+    now_secs: u64,
+) -> QuotaDecision {
+    let period = cfg.period;
+    let current = period.window_start(now_secs);
     for _ in 0..MAX_ATTEMPTS {
-        let (value, cas) = match store.get(&key) {
+        let (value, cas) = match store.get(key) {
             Ok(found) => found,
             Err(e) => {
                 log::warn!("quota: reading {key}: {e:?}");
@@ -364,44 +710,105 @@ pub fn check(
                 log::warn!("quota: unreadable value at {key}; starting a fresh window");
                 (current, 0)
             }
-            Some(Some((start, count))) if start == current => (start, count),
-            Some(Some((start, _))) if start < current => (current, 0),
-            Some(Some((start, count))) if start == current.saturating_add(period.seconds()) => {
-                (start, count)
-            }
-            Some(Some((start, _))) => {
-                log::warn!(
-                    "quota: window {start} at {key} is in the future; starting a fresh window"
-                );
-                (current, 0)
-            }
+            Some(Some((start, count))) => match live_window(start, current, period, key) {
+                Some(start) => (start, count),
+                None => (current, 0),
+            },
         };
         let reset = reset_after(start, period, now_secs);
-        if count >= limit {
-            return QuotaDecision::Exceeded { limit, reset };
-        }
-        // count < limit <= u64::MAX, so this cannot overflow.
-        let counted = count.saturating_add(1);
-        let cas = match cas {
-            Some(c) if c != 0 => c,
-            _ => CREATE_CAS,
-        };
-        match store.set(&key, &encode(start, counted), Some(cas)) {
-            Ok(()) => {
-                return QuotaDecision::Allowed {
-                    limit,
-                    remaining: limit.saturating_sub(counted),
-                    reset,
-                }
-            }
-            Err(StoreError::CasMismatch) => continue,
-            Err(StoreError::Other) => {
-                log::warn!("quota: writing {key}: store error");
-                return QuotaDecision::Unavailable;
-            }
+        let value = |counted| encode(start, counted);
+        if let Some(d) = increment(store, key, value, write_cas(cas), count, limit, reset) {
+            return d;
         }
     }
     log::warn!("quota: {key} still contended after {MAX_ATTEMPTS} attempts");
+    QuotaDecision::Contended
+}
+
+/// One slot as read: its key, CAS to write with, and the counter to use.
+struct Slot {
+    key: String,
+    cas: u32,
+    start: u64,
+    holder: u64,
+    count: u64,
+}
+
+fn count_anonymous(
+    cfg: &QuotaConfig,
+    store: &dyn SharedStore,
+    me: Placement,
+    limit: u64,
+    now_secs: u64,
+) -> QuotaDecision {
+    let period = cfg.period;
+    let current = period.window_start(now_secs);
+    let slots = cfg.anonymous_slots;
+    for _ in 0..MAX_ATTEMPTS {
+        let mut target: Option<Slot> = None;
+        let mut home: Option<Slot> = None;
+        for i in 0..PROBES {
+            let key = slot_key(me.probe(i, slots));
+            let (value, cas) = match store.get(&key) {
+                Ok(found) => found,
+                Err(e) => {
+                    log::warn!("quota: reading {key}: {e:?}");
+                    return QuotaDecision::Unavailable;
+                }
+            };
+            let cas = write_cas(cas);
+            let held = match value.as_deref().map(decode_slot) {
+                None => None,
+                Some(None) => {
+                    log::warn!("quota: unreadable value at {key}; reusing the slot");
+                    None
+                }
+                Some(Some((start, holder, count))) => {
+                    live_window(start, current, period, &key).map(|start| (start, holder, count))
+                }
+            };
+            match held {
+                // Free: claim it.
+                None => {
+                    target = Some(Slot {
+                        key,
+                        cas,
+                        start: current,
+                        holder: me.fingerprint,
+                        count: 0,
+                    });
+                    break;
+                }
+                Some((start, holder, count)) => {
+                    let slot = Slot {
+                        key,
+                        cas,
+                        start,
+                        holder,
+                        count,
+                    };
+                    if holder == me.fingerprint {
+                        target = Some(slot);
+                        break;
+                    }
+                    if home.is_none() {
+                        home = Some(slot);
+                    }
+                }
+            }
+        }
+        // Every probe held by others: share the home slot's counter.
+        let Some(slot) = target.or(home) else {
+            return QuotaDecision::Unavailable;
+        };
+        let reset = reset_after(slot.start, period, now_secs);
+        let (start, holder) = (slot.start, slot.holder);
+        let value = |counted| encode_slot(start, holder, counted);
+        if let Some(d) = increment(store, &slot.key, value, slot.cas, slot.count, limit, reset) {
+            return d;
+        }
+    }
+    log::warn!("quota: anonymous slots still contended after {MAX_ATTEMPTS} attempts");
     QuotaDecision::Contended
 }
 
@@ -631,7 +1038,7 @@ mod tests {
             authenticated_max_requests: auth,
             anonymous_max_requests: anon,
             period,
-            headers: true,
+            ..QuotaConfig::default()
         }
     }
 
@@ -786,7 +1193,8 @@ mod tests {
             check(&c, &store, &ip, T0),
             QuotaDecision::Exceeded { .. }
         ));
-        assert_eq!(store.entries(), 4);
+        // Two principals, two slots and the table's key.
+        assert_eq!(store.entries(), 5);
     }
 
     #[test]
@@ -798,20 +1206,23 @@ mod tests {
         let ip = Client::Anonymous("10.0.0.1");
         assert_eq!(check(&c, &store, &p, T0), allowed(1, 0, 3600));
         assert_eq!(check(&c, &store, &ip, T0), allowed(1, 0, 3600));
-        assert_ne!(key_for(&p), key_for(&ip));
+        assert_eq!(
+            store.value("tollgate/quota/a/10.0.0.1").unwrap(),
+            format!("{T0} 1")
+        );
     }
 
     #[test]
     fn keys() {
-        assert_eq!(key_for(&ALICE), "tollgate/quota/a/alice");
+        assert_eq!(principal_key("alice"), "tollgate/quota/a/alice");
         assert_eq!(
-            key_for(&Client::Anonymous("2001:db8::1")),
-            "tollgate/quota/ip/2001:db8::1"
-        );
-        assert_eq!(
-            key_for(&Client::Principal("user/with/slashes")),
+            principal_key("user/with/slashes"),
             "tollgate/quota/a/user/with/slashes"
         );
+        assert_eq!(key_for(&ALICE), "tollgate/quota/a/alice");
+        assert_eq!(key_for(&Client::Anonymous("::1")), TABLE_KEY);
+        assert_eq!(slot_key(0), "tollgate/quota/anon/0");
+        assert_eq!(slot_key(65_535), "tollgate/quota/anon/65535");
     }
 
     #[test]
@@ -827,10 +1238,6 @@ mod tests {
                 limit: 2,
                 reset: DAY
             }
-        );
-        assert_eq!(
-            store.value("tollgate/quota/ip/192.0.2.7").unwrap(),
-            format!("{T0} 2")
         );
         assert_eq!(check(&c, &store, &ALICE, T0), allowed(1000, 999, DAY));
     }
@@ -1133,6 +1540,697 @@ mod tests {
         assert_eq!(store.value(ALICE_KEY).unwrap(), format!("{T0} {allowed}"));
     }
 
+    // --- anonymous clients: prefixes ---
+
+    fn anon(ip: &str) -> [u8; 17] {
+        anonymous_client(&QuotaConfig::default(), ip)
+    }
+
+    #[test]
+    fn ipv4_addresses_are_their_own_clients_by_default() {
+        assert_eq!(anon("192.0.2.7"), anon("192.0.2.7"));
+        assert_ne!(anon("192.0.2.7"), anon("192.0.2.8"));
+        let mut want = [0; 17];
+        want[..5].copy_from_slice(&[4, 192, 0, 2, 7]);
+        assert_eq!(anon("192.0.2.7"), want);
+    }
+
+    #[test]
+    fn ipv6_addresses_share_their_64_by_default() {
+        let a = anon("2001:db8:1:2::1");
+        for same in [
+            "2001:db8:1:2::2",
+            "2001:db8:1:2:ffff:ffff:ffff:ffff",
+            "2001:0db8:0001:0002:1234:5678:9abc:def0",
+            "2001:DB8:1:2::abcd",
+        ] {
+            assert_eq!(anon(same), a, "{same}");
+        }
+        for other in ["2001:db8:1:3::1", "2001:db8:2:2::1", "::1", "fe80::1"] {
+            assert_ne!(anon(other), a, "{other}");
+        }
+        assert_eq!(a[0], 6);
+        assert_eq!(&a[9..], &[0; 8]);
+    }
+
+    #[test]
+    fn ipv4_mapped_addresses_are_ipv4() {
+        assert_eq!(anon("::ffff:192.0.2.7"), anon("192.0.2.7"));
+        assert_eq!(anon("::ffff:c000:207"), anon("192.0.2.7"));
+        assert_ne!(anon("::ffff:192.0.2.8"), anon("192.0.2.7"));
+        // Not mapped (IPv4-compatible, NAT64): IPv6, grouped by /64.
+        assert_eq!(anon("::192.0.2.7")[0], 6);
+        assert_eq!(anon("64:ff9b::192.0.2.7")[0], 6);
+    }
+
+    #[test]
+    fn configured_prefixes() {
+        let c = |v4: u8, v6: u8| QuotaConfig {
+            anonymous_ipv4_prefix: v4,
+            anonymous_ipv6_prefix: v6,
+            ..QuotaConfig::default()
+        };
+        let c24 = c(24, 48);
+        assert_eq!(
+            anonymous_client(&c24, "198.51.100.1"),
+            anonymous_client(&c24, "198.51.100.254")
+        );
+        assert_eq!(
+            anonymous_client(&c24, "::ffff:198.51.100.9"),
+            anonymous_client(&c24, "198.51.100.254")
+        );
+        assert_ne!(
+            anonymous_client(&c24, "198.51.101.1"),
+            anonymous_client(&c24, "198.51.100.1")
+        );
+        assert_eq!(
+            anonymous_client(&c24, "2001:db8:1:2::1"),
+            anonymous_client(&c24, "2001:db8:1:ffff::1")
+        );
+        assert_ne!(
+            anonymous_client(&c24, "2001:db8:2::1"),
+            anonymous_client(&c24, "2001:db8:1::1")
+        );
+        // Odd lengths mask inside a byte.
+        let c = c(23, 63);
+        assert_eq!(
+            anonymous_client(&c, "198.51.100.1"),
+            anonymous_client(&c, "198.51.101.1")
+        );
+        assert_ne!(
+            anonymous_client(&c, "198.51.102.1"),
+            anonymous_client(&c, "198.51.100.1")
+        );
+        assert_eq!(
+            anonymous_client(&c, "2001:db8:1:2::1"),
+            anonymous_client(&c, "2001:db8:1:3::1")
+        );
+        assert_ne!(
+            anonymous_client(&c, "2001:db8:1:4::1"),
+            anonymous_client(&c, "2001:db8:1:2::1")
+        );
+        // Full length: every address apart; zero: one client per family.
+        let full = QuotaConfig {
+            anonymous_ipv6_prefix: 128,
+            ..QuotaConfig::default()
+        };
+        assert_ne!(
+            anonymous_client(&full, "2001:db8::1"),
+            anonymous_client(&full, "2001:db8::2")
+        );
+        let zero = QuotaConfig {
+            anonymous_ipv4_prefix: 0,
+            anonymous_ipv6_prefix: 0,
+            ..QuotaConfig::default()
+        };
+        assert_eq!(
+            anonymous_client(&zero, "1.2.3.4"),
+            anonymous_client(&zero, "250.0.0.1")
+        );
+        assert_eq!(
+            anonymous_client(&zero, "2001:db8::1"),
+            anonymous_client(&zero, "::1")
+        );
+        assert_ne!(
+            anonymous_client(&zero, "2001:db8::1"),
+            anonymous_client(&zero, "1.2.3.4")
+        );
+    }
+
+    #[test]
+    fn unparsable_addresses_are_one_unknown_client() {
+        let unknown = anon("unknown");
+        assert_eq!(unknown, [0; 17]);
+        for bad in [
+            "",
+            "garbage",
+            "1.2.3.4:80",
+            "[::1]",
+            "fe80::1%eth0",
+            "1.2.3",
+            "256.1.1.1",
+            " 1.2.3.4",
+        ] {
+            assert_eq!(anon(bad), unknown, "{bad:?}");
+        }
+        // Never the same as an address, IPv4 0.0.0.0 and IPv6 :: included.
+        assert_ne!(anon("0.0.0.0"), unknown);
+        assert_ne!(anon("::"), unknown);
+        assert_ne!(anon("0.0.0.0"), anon("::"));
+    }
+
+    #[test]
+    fn rotating_ipv6_addresses_in_one_64_share_one_quota() {
+        let c = cfg(100, 3, Period::Day);
+        let store = FakeStore::new();
+        for (i, ip) in ["2001:db8:5:6::1", "2001:db8:5:6::2", "2001:db8:5:6:abcd::9"]
+            .iter()
+            .enumerate()
+        {
+            let left = 2 - i as u64;
+            assert_eq!(
+                check(&c, &store, &Client::Anonymous(ip), T0),
+                allowed(3, left, DAY)
+            );
+        }
+        for i in 0..50 {
+            let ip = format!("2001:db8:5:6:{i:x}::{i:x}");
+            assert_eq!(
+                check(&c, &store, &Client::Anonymous(&ip), T0),
+                QuotaDecision::Exceeded {
+                    limit: 3,
+                    reset: DAY
+                }
+            );
+        }
+        // The next /64 has its own budget.
+        assert_eq!(
+            check(&c, &store, &Client::Anonymous("2001:db8:5:7::1"), T0),
+            allowed(3, 2, DAY)
+        );
+        // One slot each (and the key).
+        assert_eq!(store.entries(), 3);
+    }
+
+    #[test]
+    fn unparsable_addresses_share_one_quota() {
+        let c = cfg(100, 2, Period::Day);
+        let store = FakeStore::new();
+        assert_eq!(
+            check(&c, &store, &Client::Anonymous("unknown"), T0),
+            allowed(2, 1, DAY)
+        );
+        assert_eq!(
+            check(&c, &store, &Client::Anonymous("not an address"), T0),
+            allowed(2, 0, DAY)
+        );
+        assert!(matches!(
+            check(&c, &store, &Client::Anonymous(""), T0),
+            QuotaDecision::Exceeded { .. }
+        ));
+    }
+
+    // --- anonymous clients: the table ---
+
+    const KEY: (u64, u64) = (0x0123_4567_89ab_cdef, 0xfedc_ba98_7654_3210);
+
+    /// A store whose table key is [`KEY`], so that tests know the slots.
+    fn keyed_store() -> FakeStore {
+        let store = FakeStore::new();
+        store.put_raw(TABLE_KEY, b"0123456789abcdef fedcba9876543210");
+        store
+    }
+
+    fn table(anon: u64, slots: u64, period: Period) -> QuotaConfig {
+        QuotaConfig {
+            anonymous_max_requests: anon,
+            anonymous_slots: slots,
+            period,
+            ..QuotaConfig::default()
+        }
+    }
+
+    fn placement(c: &QuotaConfig, ip: &str) -> Placement {
+        Placement::new(KEY, &anonymous_client(c, ip))
+    }
+
+    /// The key of `ip`'s `i`th probe.
+    fn probe_key(c: &QuotaConfig, ip: &str, i: u64) -> String {
+        slot_key(placement(c, ip).probe(i, c.anonymous_slots))
+    }
+
+    fn slot_value(start: u64, fingerprint: u64, count: u64) -> String {
+        String::from_utf8(encode_slot(start, fingerprint, count)).unwrap()
+    }
+
+    #[test]
+    fn slot_encoding_round_trips() {
+        assert_eq!(slot_value(T0, 0xab, 7), format!("{T0} 00000000000000ab 7"));
+        for (start, fp, count) in [(T0, 0, 0), (T0, u64::MAX, 5), (u64::MAX, 1, u64::MAX)] {
+            assert_eq!(
+                decode_slot(&encode_slot(start, fp, count)),
+                Some((start, fp, count))
+            );
+        }
+        for bad in [
+            &b""[..],
+            b"1717200000 00000000000000ab",
+            b"1717200000 00000000000000AB 7",
+            b"1717200000 0000000000000ab 7",
+            b"1717200000 00000000000000ab 7 8",
+            b"1717200000  00000000000000ab 7",
+            b"1717200000 00000000000000ab -7",
+            b"x 00000000000000ab 7",
+        ] {
+            assert_eq!(decode_slot(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn probes_spread_over_the_table() {
+        let c = table(10, 1 << 16, Period::Day);
+        let p = placement(&c, "192.0.2.1");
+        let slots: Vec<u64> = (0..PROBES).map(|i| p.probe(i, c.anonymous_slots)).collect();
+        let mut distinct = slots.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(distinct.len(), slots.len(), "{slots:?}");
+        assert!(slots.iter().all(|s| *s < 1 << 16));
+        // Two clients with one home slot probe apart afterwards.
+        let q = Placement {
+            fingerprint: 1,
+            seed: p.seed,
+        };
+        assert_eq!(q.probe(3, 1000), p.probe(3, 1000));
+        assert!(p.probe(0, 1) == 0 && p.probe(5, 1) == 0);
+    }
+
+    #[test]
+    fn first_request_claims_the_home_slot() {
+        let c = table(10, 1024, Period::Day);
+        let store = keyed_store();
+        let ip = Client::Anonymous("192.0.2.1");
+        assert_eq!(check(&c, &store, &ip, T0 + 5), allowed(10, 9, DAY - 5));
+        let fp = placement(&c, "192.0.2.1").fingerprint;
+        assert_eq!(
+            store.value(&probe_key(&c, "192.0.2.1", 0)).unwrap(),
+            slot_value(T0, fp, 1)
+        );
+        assert_eq!(check(&c, &store, &ip, T0 + 6), allowed(10, 8, DAY - 6));
+        assert_eq!(
+            store.value(&probe_key(&c, "192.0.2.1", 0)).unwrap(),
+            slot_value(T0, fp, 2)
+        );
+        assert_eq!(store.entries(), 2);
+        assert_eq!(store.unconditional_sets(), 0);
+    }
+
+    #[test]
+    fn slots_held_this_window_are_passed_over() {
+        let c = table(3, 1024, Period::Day);
+        let store = keyed_store();
+        let ip = "192.0.2.1";
+        let fp = placement(&c, ip).fingerprint;
+        let taken = [
+            slot_value(T0, fp ^ 1, 3),
+            // Held by a client whose clock is already in the next window.
+            slot_value(T0 + DAY, fp ^ 2, 1),
+        ];
+        for (i, v) in taken.iter().enumerate() {
+            store.put_raw(&probe_key(&c, ip, i as u64), v.as_bytes());
+        }
+        for left in [2, 1, 0] {
+            assert_eq!(
+                check(&c, &store, &Client::Anonymous(ip), T0),
+                allowed(3, left, DAY)
+            );
+        }
+        assert!(matches!(
+            check(&c, &store, &Client::Anonymous(ip), T0),
+            QuotaDecision::Exceeded { limit: 3, .. }
+        ));
+        // Counted in the third probe; the others untouched.
+        assert_eq!(
+            store.value(&probe_key(&c, ip, 2)).unwrap(),
+            slot_value(T0, fp, 3)
+        );
+        for (i, v) in taken.iter().enumerate() {
+            assert_eq!(&store.value(&probe_key(&c, ip, i as u64)).unwrap(), v);
+        }
+    }
+
+    #[test]
+    fn slots_of_older_windows_are_reused() {
+        let c = table(5, 1024, Period::Minute);
+        let store = keyed_store();
+        let ip = "192.0.2.1";
+        let fp = placement(&c, ip).fingerprint;
+        // Every probe held by someone else, but in older windows.
+        for i in 0..PROBES {
+            let v = slot_value(T0 - 60 * (i + 1), fp ^ (i + 1), 5);
+            store.put_raw(&probe_key(&c, ip, i), v.as_bytes());
+        }
+        assert_eq!(
+            check(&c, &store, &Client::Anonymous(ip), T0 + 1),
+            allowed(5, 4, 59)
+        );
+        assert_eq!(
+            store.value(&probe_key(&c, ip, 0)).unwrap(),
+            slot_value(T0, fp, 1)
+        );
+        // Its own slot from the last window starts afresh too.
+        let c2 = table(5, 1024, Period::Minute);
+        let ip2 = "192.0.2.2";
+        let fp2 = placement(&c2, ip2).fingerprint;
+        store.put_raw(
+            &probe_key(&c2, ip2, 0),
+            slot_value(T0 - 60, fp2, 5).as_bytes(),
+        );
+        assert_eq!(
+            check(&c2, &store, &Client::Anonymous(ip2), T0),
+            allowed(5, 4, 60)
+        );
+        assert_eq!(
+            store.value(&probe_key(&c2, ip2, 0)).unwrap(),
+            slot_value(T0, fp2, 1)
+        );
+    }
+
+    #[test]
+    fn free_slots_unreadable_or_far_future_are_claimed() {
+        let c = table(5, 1024, Period::Minute);
+        for junk in [
+            b"nonsense".to_vec(),
+            b"".to_vec(),
+            encode(T0, 3),
+            encode_slot(T0 + 120, 42, 5),
+        ] {
+            let store = keyed_store();
+            let ip = "192.0.2.1";
+            store.put_raw(&probe_key(&c, ip, 0), &junk);
+            let cas = store.cas(&probe_key(&c, ip, 0));
+            assert_eq!(
+                check(&c, &store, &Client::Anonymous(ip), T0),
+                allowed(5, 4, 60),
+                "{junk:?}"
+            );
+            let fp = placement(&c, ip).fingerprint;
+            assert_eq!(
+                store.value(&probe_key(&c, ip, 0)).unwrap(),
+                slot_value(T0, fp, 1)
+            );
+            assert_ne!(store.cas(&probe_key(&c, ip, 0)), cas);
+            assert_eq!(store.unconditional_sets(), 0);
+        }
+    }
+
+    #[test]
+    fn own_slot_in_the_next_window_is_adopted() {
+        let c = table(5, 1024, Period::Minute);
+        let store = keyed_store();
+        let ip = "192.0.2.1";
+        let fp = placement(&c, ip).fingerprint;
+        store.put_raw(&probe_key(&c, ip, 0), slot_value(T0 + 60, fp, 3).as_bytes());
+        assert_eq!(
+            check(&c, &store, &Client::Anonymous(ip), T0 + 59),
+            allowed(5, 1, 61)
+        );
+        assert_eq!(
+            store.value(&probe_key(&c, ip, 0)).unwrap(),
+            slot_value(T0 + 60, fp, 4)
+        );
+    }
+
+    #[test]
+    fn all_probes_held_share_the_home_slot_and_over_count() {
+        let c = table(10, 1024, Period::Day);
+        let store = keyed_store();
+        let ip = "192.0.2.1";
+        let fp = placement(&c, ip).fingerprint;
+        for i in 0..PROBES {
+            let v = slot_value(T0, fp ^ (i + 1), 6);
+            store.put_raw(&probe_key(&c, ip, i), v.as_bytes());
+        }
+        // Counted on top of the home slot's holder: 6 + 1.
+        assert_eq!(
+            check(&c, &store, &Client::Anonymous(ip), T0),
+            allowed(10, 3, DAY)
+        );
+        assert_eq!(
+            store.value(&probe_key(&c, ip, 0)).unwrap(),
+            slot_value(T0, fp ^ 1, 7)
+        );
+        for _ in 0..3 {
+            assert!(matches!(
+                check(&c, &store, &Client::Anonymous(ip), T0),
+                QuotaDecision::Allowed { .. }
+            ));
+        }
+        // Refused after 4 of its own (a false refusal), never past 10.
+        assert_eq!(
+            check(&c, &store, &Client::Anonymous(ip), T0),
+            QuotaDecision::Exceeded {
+                limit: 10,
+                reset: DAY
+            }
+        );
+        assert_eq!(store.entries() as u64, PROBES + 1);
+    }
+
+    /// Runs `rounds` requests for each of `clients` addresses, interleaved,
+    /// and checks that nobody is admitted past the limit and that every
+    /// admitted request is in some slot's count. Returns each client's
+    /// admitted requests.
+    fn flood(c: &QuotaConfig, store: &FakeStore, clients: u32, rounds: u32) -> Vec<u64> {
+        let mut admitted = vec![0u64; clients as usize];
+        for _ in 0..rounds {
+            for (n, a) in admitted.iter_mut().enumerate() {
+                let ip = format!("10.{}.{}.{}", n >> 16, (n >> 8) & 0xff, n & 0xff);
+                match check(c, store, &Client::Anonymous(&ip), T0) {
+                    QuotaDecision::Allowed { .. } => *a += 1,
+                    QuotaDecision::Exceeded { .. } => {}
+                    other => panic!("{other:?}"),
+                }
+            }
+        }
+        assert!(admitted.iter().all(|a| *a <= c.anonymous_max_requests));
+        let counted: u64 = (0..c.anonymous_slots)
+            .filter_map(|n| store.value(&slot_key(n)))
+            .map(|v| decode_slot(v.as_bytes()).unwrap().2)
+            .sum();
+        assert_eq!(counted, admitted.iter().sum::<u64>());
+        admitted
+    }
+
+    #[test]
+    fn exact_for_every_client_below_capacity() {
+        // 300 clients in 4096 slots (7 % load): nobody shares a counter.
+        let c = table(5, 4096, Period::Day);
+        let store = keyed_store();
+        let admitted = flood(&c, &store, 300, 8);
+        assert!(admitted.iter().all(|a| *a == 5), "{admitted:?}");
+        assert_eq!(store.entries(), 301);
+        // Remaining counts down exactly for a newcomer.
+        for left in (0..5).rev() {
+            assert_eq!(
+                check(&c, &store, &Client::Anonymous("192.0.2.99"), T0),
+                allowed(5, left, DAY)
+            );
+        }
+    }
+
+    #[test]
+    fn collisions_over_count_but_never_under_count() {
+        // 200 clients in 16 slots: most share counters.
+        let c = table(3, 16, Period::Day);
+        let store = keyed_store();
+        let admitted = flood(&c, &store, 200, 5);
+        // Refused early (some before their first request passed)...
+        assert!(admitted.contains(&0));
+        // ...but every slot's counter stopped exactly at the limit.
+        assert_eq!(admitted.iter().sum::<u64>(), 16 * 3);
+    }
+
+    #[test]
+    fn the_table_never_grows_past_its_slots() {
+        let c = table(u64::MAX, 64, Period::Minute);
+        let store = keyed_store();
+        flood(&c, &store, 10_000, 1);
+        assert_eq!(store.entries(), 65);
+        // Later windows reuse the same slots.
+        for minute in 1..4 {
+            for n in 0..2_000u32 {
+                let ip = format!("2001:db8:{minute:x}:{n:x}::1");
+                let d = check(&c, &store, &Client::Anonymous(&ip), T0 + 60 * minute);
+                assert!(matches!(d, QuotaDecision::Allowed { .. }), "{d:?}");
+            }
+            assert_eq!(store.entries(), 65);
+        }
+        let c = table(u64::MAX, 1, Period::Minute);
+        let store = keyed_store();
+        flood(&c, &store, 100, 2);
+        assert_eq!(store.entries(), 2);
+    }
+
+    #[test]
+    fn table_key_is_created_once_and_shared_by_every_vm() {
+        // Two VMs: each parses its own configuration.
+        let vm_a = table(3, 1024, Period::Day);
+        let vm_b = table(3, 1024, Period::Day);
+        let store = FakeStore::new();
+        let ip = Client::Anonymous("192.0.2.1");
+        assert_eq!(check(&vm_a, &store, &ip, T0), allowed(3, 2, DAY));
+        let stored = store.value(TABLE_KEY).unwrap();
+        assert_eq!(stored.len(), 33);
+        assert_eq!(check(&vm_b, &store, &ip, T0), allowed(3, 1, DAY));
+        assert_eq!(check(&vm_a, &store, &ip, T0), allowed(3, 0, DAY));
+        assert_eq!(vm_a.table_key.0.get(), vm_b.table_key.0.get());
+        assert_eq!(store.value(TABLE_KEY).unwrap(), stored);
+        assert_eq!(store.entries(), 2);
+        // Read once per VM: a counted request is one read and one write.
+        let (gets, sets) = (store.gets(), store.sets());
+        assert_eq!(
+            check(&vm_b, &store, &Client::Anonymous("192.0.2.2"), T0),
+            allowed(3, 2, DAY)
+        );
+        assert_eq!((store.gets() - gets, store.sets() - sets), (1, 1));
+        // Another process (another store) draws another key.
+        let other = FakeStore::new();
+        let vm_c = table(3, 1024, Period::Day);
+        check(&vm_c, &other, &ip, T0);
+        assert_ne!(other.value(TABLE_KEY).unwrap(), stored);
+    }
+
+    #[test]
+    fn table_key_race_adopts_the_winner() {
+        let c = table(3, 1024, Period::Day);
+        let store = FakeStore::new();
+        // Another VM creates the key between our read and our write.
+        store.before_next_set(|s| {
+            s.set(
+                TABLE_KEY,
+                b"0123456789abcdef fedcba9876543210",
+                Some(CREATE_CAS),
+            )
+            .unwrap();
+        });
+        assert_eq!(
+            check(&c, &store, &Client::Anonymous("192.0.2.1"), T0),
+            allowed(3, 2, DAY)
+        );
+        assert_eq!(c.table_key.0.get(), Some(&KEY));
+        assert_eq!(
+            store.value(TABLE_KEY).unwrap(),
+            "0123456789abcdef fedcba9876543210"
+        );
+        let fp = placement(&c, "192.0.2.1").fingerprint;
+        assert_eq!(
+            store.value(&probe_key(&c, "192.0.2.1", 0)).unwrap(),
+            slot_value(T0, fp, 1)
+        );
+    }
+
+    #[test]
+    fn unreadable_table_key_is_replaced() {
+        for junk in [
+            &b"junk"[..],
+            b"",
+            b"0123456789abcdef",
+            b"0123456789ABCDEF fedcba9876543210",
+        ] {
+            let c = table(3, 1024, Period::Day);
+            let store = FakeStore::new();
+            store.put_raw(TABLE_KEY, junk);
+            assert_eq!(
+                check(&c, &store, &Client::Anonymous("192.0.2.1"), T0),
+                allowed(3, 2, DAY)
+            );
+            let (k0, k1) = *c.table_key.0.get().unwrap();
+            assert_eq!(
+                store.value(TABLE_KEY).unwrap(),
+                format!("{k0:016x} {k1:016x}")
+            );
+            assert_eq!(store.unconditional_sets(), 0);
+        }
+    }
+
+    #[test]
+    fn anonymous_store_failures_fail_closed() {
+        let c = table(3, 1024, Period::Day);
+        let ip = Client::Anonymous("192.0.2.1");
+        // Reading or writing the key.
+        let store = FakeStore::new();
+        store.fail_get(true);
+        assert_eq!(check(&c, &store, &ip, T0), QuotaDecision::Unavailable);
+        store.fail_get(false);
+        store.fail_set(true);
+        assert_eq!(check(&c, &store, &ip, T0), QuotaDecision::Unavailable);
+        store.fail_set(false);
+        store.inject_mismatches(MAX_ATTEMPTS);
+        assert_eq!(check(&c, &store, &ip, T0), QuotaDecision::Contended);
+        assert!(c.table_key.0.get().is_none());
+        // Reading or writing a slot.
+        let store = keyed_store();
+        store.fail_get(true);
+        assert_eq!(check(&c, &store, &ip, T0), QuotaDecision::Unavailable);
+        store.fail_get(false);
+        store.fail_set(true);
+        assert_eq!(check(&c, &store, &ip, T0), QuotaDecision::Unavailable);
+        store.fail_set(false);
+        store.inject_mismatches(MAX_ATTEMPTS);
+        assert_eq!(check(&c, &store, &ip, T0), QuotaDecision::Contended);
+        store.inject_mismatches(MAX_ATTEMPTS - 1);
+        assert_eq!(check(&c, &store, &ip, T0), allowed(3, 2, DAY));
+        assert_eq!(store.unconditional_sets(), 0);
+    }
+
+    #[test]
+    fn racing_claims_of_one_slot_count_apart() {
+        // Another client claims our home slot between our read and write: we
+        // read again and take the next probe.
+        let c = table(3, 1024, Period::Day);
+        let store = keyed_store();
+        let home = probe_key(&c, "192.0.2.1", 0);
+        let mine = placement(&c, "192.0.2.1").fingerprint;
+        let h = home.clone();
+        store.before_next_set(move |s| {
+            s.set(&h, &encode_slot(T0, mine ^ 7, 1), Some(CREATE_CAS))
+                .unwrap();
+        });
+        assert_eq!(
+            check(&c, &store, &Client::Anonymous("192.0.2.1"), T0),
+            allowed(3, 2, DAY)
+        );
+        assert_eq!(store.value(&home).unwrap(), slot_value(T0, mine ^ 7, 1));
+        assert_eq!(
+            store.value(&probe_key(&c, "192.0.2.1", 1)).unwrap(),
+            slot_value(T0, mine, 1)
+        );
+    }
+
+    #[test]
+    #[cfg_attr(target_family = "wasm", ignore = "no threads on wasm32-wasip1")]
+    fn threads_count_anonymous_clients_within_limits() {
+        // Four workers, 40 clients, 16 slots: shared counters, and yet every
+        // admitted request is counted and nobody passes its limit.
+        let c = table(10, 16, Period::Day);
+        let store = Arc::new(keyed_store());
+        let handles: Vec<_> = (0..4)
+            .map(|t| {
+                let store = store.clone();
+                let c = c.clone();
+                std::thread::spawn(move || {
+                    let mut admitted = vec![0u64; 40];
+                    for round in 0..30 {
+                        for n in 0..40 {
+                            let n = (n + t * 7 + round) % 40;
+                            let ip = format!("10.0.0.{n}");
+                            match check(&c, store.as_ref(), &Client::Anonymous(&ip), T0) {
+                                QuotaDecision::Allowed { .. } => admitted[n] += 1,
+                                QuotaDecision::Exceeded { .. } | QuotaDecision::Contended => {}
+                                other => panic!("{other:?}"),
+                            }
+                        }
+                    }
+                    admitted
+                })
+            })
+            .collect();
+        let mut admitted = vec![0u64; 40];
+        for h in handles {
+            for (a, b) in admitted.iter_mut().zip(h.join().unwrap()) {
+                *a += b;
+            }
+        }
+        assert!(admitted.iter().all(|a| *a <= 10), "{admitted:?}");
+        let counted: u64 = (0..16)
+            .filter_map(|n| store.value(&slot_key(n)))
+            .map(|v| decode_slot(v.as_bytes()).unwrap().2)
+            .sum();
+        assert_eq!(counted, admitted.iter().sum::<u64>());
+        assert!(store.entries() <= 17);
+    }
+
     // --- configuration ---
 
     #[test]
@@ -1145,9 +2243,25 @@ mod tests {
                 anonymous_max_requests: 100,
                 period: Period::Day,
                 headers: true,
+                rate_limited_as_resource_exhausted: true,
+                anonymous_ipv4_prefix: 32,
+                anonymous_ipv6_prefix: 64,
+                anonymous_slots: 65_536,
+                table_key: KeyCache::default(),
             }
         );
         assert_eq!(QuotaConfig::parse(&json!({}), "quota").unwrap(), d);
+        let unavailable = json!({"rate_limited_as_resource_exhausted": false});
+        assert!(
+            !QuotaConfig::parse(&unavailable, "quota")
+                .unwrap()
+                .rate_limited_as_resource_exhausted
+        );
+        let bad = json!({"rate_limited_as_resource_exhausted": "no"});
+        assert!(QuotaConfig::parse(&bad, "quota")
+            .unwrap_err()
+            .to_string()
+            .contains("quota.rate_limited_as_resource_exhausted"));
         assert_eq!(
             QuotaConfig::parse(
                 &json!({"authenticated_max_requests": null, "period": null}),
@@ -1161,7 +2275,10 @@ mod tests {
     #[test]
     fn config_each_key() {
         let full = json!({"authenticated_max_requests": 5, "anonymous_max_requests": 0,
-                          "period": "minute", "headers": false});
+                          "period": "minute", "headers": false,
+                          "rate_limited_as_resource_exhausted": false,
+                          "anonymous_ipv4_prefix": 24, "anonymous_ipv6_prefix": 48,
+                          "anonymous_slots": 1000});
         assert_eq!(
             QuotaConfig::parse(&full, "quota").unwrap(),
             QuotaConfig {
@@ -1169,8 +2286,29 @@ mod tests {
                 anonymous_max_requests: 0,
                 period: Period::Minute,
                 headers: false,
+                rate_limited_as_resource_exhausted: false,
+                anonymous_ipv4_prefix: 24,
+                anonymous_ipv6_prefix: 48,
+                anonymous_slots: 1000,
+                table_key: KeyCache::default(),
             }
         );
+        for (v, want) in [
+            (json!({"anonymous_ipv4_prefix": 0}), (0, 64, 65_536)),
+            (json!({"anonymous_ipv4_prefix": 32}), (32, 64, 65_536)),
+            (json!({"anonymous_ipv6_prefix": 0}), (32, 0, 65_536)),
+            (json!({"anonymous_ipv6_prefix": 128}), (32, 128, 65_536)),
+            (json!({"anonymous_slots": 1}), (32, 64, 1)),
+            (json!({"anonymous_slots": MAX_SLOTS}), (32, 64, MAX_SLOTS)),
+        ] {
+            let q = QuotaConfig::parse(&v, "quota").unwrap();
+            let got = (
+                q.anonymous_ipv4_prefix,
+                q.anonymous_ipv6_prefix,
+                q.anonymous_slots,
+            );
+            assert_eq!(got, want, "{v}");
+        }
         let p = |v| QuotaConfig::parse(&v, "quota").unwrap();
         assert_eq!(
             p(json!({"authenticated_max_requests": 7})).authenticated_max_requests,
@@ -1250,6 +2388,41 @@ mod tests {
                 json!({"period": ["day"]}),
                 "quota.period",
                 "expected a string, found a list",
+            ),
+            (
+                json!({"anonymous_ipv4_prefix": 33}),
+                "quota.anonymous_ipv4_prefix",
+                "must be at most 32",
+            ),
+            (
+                json!({"anonymous_ipv6_prefix": 129}),
+                "quota.anonymous_ipv6_prefix",
+                "must be at most 128",
+            ),
+            (
+                json!({"anonymous_ipv6_prefix": -1}),
+                "quota.anonymous_ipv6_prefix",
+                "expected a non-negative integer, found a number",
+            ),
+            (
+                json!({"anonymous_ipv4_prefix": "24"}),
+                "quota.anonymous_ipv4_prefix",
+                "expected a non-negative integer, found a string",
+            ),
+            (
+                json!({"anonymous_slots": 0}),
+                "quota.anonymous_slots",
+                "must be at least 1",
+            ),
+            (
+                json!({"anonymous_slots": MAX_SLOTS + 1}),
+                "quota.anonymous_slots",
+                "must be at most 4194304",
+            ),
+            (
+                json!({"anonymous_slots": 1.5}),
+                "quota.anonymous_slots",
+                "expected a non-negative integer, found a number",
             ),
             (json!([]), "quota", "expected an object, found a list"),
             (json!("day"), "quota", "expected an object, found a string"),

@@ -146,9 +146,123 @@ impl Denial {
     }
 }
 
+/// gRPC status codes (`google.rpc.Code`) tollgate answers gRPC callers with.
+pub mod grpc {
+    pub const INVALID_ARGUMENT: u32 = 3;
+    pub const PERMISSION_DENIED: u32 = 7;
+    pub const RESOURCE_EXHAUSTED: u32 = 8;
+    pub const INTERNAL: u32 = 13;
+    pub const UNAVAILABLE: u32 = 14;
+    pub const UNAUTHENTICATED: u32 = 16;
+}
+
+/// Whether request headers are a gRPC call's: `content-type` is
+/// `application/grpc` or `application/grpc+<codec>` (as Envoy decides).
+pub fn is_grpc(content_type: &[u8]) -> bool {
+    let prefix = b"application/grpc";
+    match content_type.split_at_checked(prefix.len()) {
+        Some((head, rest)) => {
+            head.eq_ignore_ascii_case(prefix) && (rest.is_empty() || rest.starts_with(b"+"))
+        }
+        None => false,
+    }
+}
+
+impl Denial {
+    /// The status a gRPC caller gets. Over quota is `RESOURCE_EXHAUSTED`,
+    /// which gRPC retry policies do not retry (Envoy's own HTTP → gRPC
+    /// mapping would make a 429 `UNAVAILABLE`); `quota_unavailable` asks for
+    /// `UNAVAILABLE`, as `local_ratelimit` does unless
+    /// `rate_limited_as_resource_exhausted`.
+    pub fn grpc_status(&self, quota_unavailable: bool) -> u32 {
+        match self.status() {
+            400 => grpc::INVALID_ARGUMENT,
+            401 => grpc::UNAUTHENTICATED,
+            403 => grpc::PERMISSION_DENIED,
+            429 if quota_unavailable => grpc::UNAVAILABLE,
+            429 => grpc::RESOURCE_EXHAUSTED,
+            500 => grpc::INTERNAL,
+            _ => grpc::UNAVAILABLE,
+        }
+    }
+
+    /// The answer for a gRPC caller: the plain message as the body (Envoy
+    /// sends it as `grpc-message` in a trailers-only answer), no JSON, and
+    /// the same `WWW-Authenticate`, `Retry-After` and `RateLimit-*` headers.
+    pub fn grpc_response(&self) -> LocalResponse {
+        let mut r = self.response();
+        r.headers.retain(|(k, _)| k != "content-type");
+        r.body = self.to_string();
+        r
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grpc_callers_get_grpc_statuses_and_plain_messages() {
+        use crate::introspection::ProviderError;
+        for (d, code) in [
+            (
+                Denial::MissingCredentials("m".into()),
+                grpc::UNAUTHENTICATED,
+            ),
+            (
+                Denial::InvalidToken(TokenError::Expired),
+                grpc::UNAUTHENTICATED,
+            ),
+            (
+                Denial::Provider(ProviderError::NotActive),
+                grpc::UNAUTHENTICATED,
+            ),
+            (Denial::Provider(ProviderError::Timeout), grpc::UNAVAILABLE),
+            (
+                Denial::Forbidden(AccessDenied::Attributes),
+                grpc::PERMISSION_DENIED,
+            ),
+            (Denial::QuotaContended, grpc::RESOURCE_EXHAUSTED),
+            (Denial::QuotaUnavailable, grpc::UNAVAILABLE),
+            (Denial::AuthUnavailable, grpc::UNAVAILABLE),
+            (Denial::BadPath, grpc::INVALID_ARGUMENT),
+            (Denial::Internal, grpc::INTERNAL),
+        ] {
+            assert_eq!(d.grpc_status(false), code, "{d:?}");
+        }
+        let over = Denial::QuotaExceeded {
+            retry_after: 7,
+            rate_limit: None,
+        };
+        assert_eq!(over.grpc_status(false), grpc::RESOURCE_EXHAUSTED);
+        assert_eq!(over.grpc_status(true), grpc::UNAVAILABLE);
+        let r = over.grpc_response();
+        assert_eq!(r.body, "Quota exceeded");
+        assert_eq!(r.headers, vec![("retry-after".into(), "7".into())]);
+        let r = Denial::InvalidToken(TokenError::Expired).grpc_response();
+        assert_eq!(r.body, "Invalid JWT token");
+        assert!(r.headers.iter().all(|(k, _)| k != "content-type"));
+    }
+
+    #[test]
+    fn grpc_content_types() {
+        for ct in [
+            "application/grpc",
+            "application/grpc+proto",
+            "Application/GRPC+json",
+        ] {
+            assert!(is_grpc(ct.as_bytes()), "{ct}");
+        }
+        for ct in [
+            "application/grpc-web",
+            "application/grpcx",
+            "application/json",
+            "",
+            "application/grp",
+        ] {
+            assert!(!is_grpc(ct.as_bytes()), "{ct}");
+        }
+    }
 
     fn challenge(d: &Denial) -> Option<String> {
         d.response()
