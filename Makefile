@@ -11,7 +11,7 @@ TARGET  := wasm32-wasip1
 WASM    := target/$(TARGET)/release/tollgate.wasm
 PYTEST_ARGS ?=
 
-.PHONY: all build run test setup rust-target lint unit wasm-test e2e bench bench-smoke fuzz fuzz-smoke mutants oci deny clean
+.PHONY: all build run test setup wrk rust-target lint unit wasm-test e2e bench bench-smoke fuzz fuzz-smoke mutants oci deny clean
 
 all: build
 
@@ -35,7 +35,13 @@ $(OIDC): tests/oidc/package.json tests/oidc/package-lock.json
 	cd tests/oidc && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-setup: rust-target $(STAMP) $(OIDC)
+# wrk: the end-to-end floods (100,000+ distinct clients) and the benchmarks.
+wrk:
+	@command -v wrk >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q wrk; }
+
+setup: rust-target $(STAMP) $(OIDC) wrk
 
 build: rust-target
 	cargo build --release --target $(TARGET)
