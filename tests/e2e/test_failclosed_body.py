@@ -174,3 +174,52 @@ def test_a_body_over_the_buffer_limit_never_passes_undecided(envoy, idp, upstrea
         assert upstream.received(API) == []
     else:
         check(upstream, r_refused, r_allowed, body=big)
+
+
+def h2_post_with_trailers(gw, token: str, body: bytes) -> int:
+    """An HTTP/2 POST (h2, prior knowledge) whose body is followed by
+    trailers; returns the answer's `:status`."""
+    import socket
+
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    sock = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    stream = conn.get_next_available_stream_id()
+    conn.send_headers(stream, [(":method", "POST"), (":path", API), (":scheme", "http"),
+                               (":authority", "tollgate"), ("authorization", f"Bearer {token}"),
+                               ("x_auth_principal", "mallory")])
+    sent = 0
+    status = None
+    while status is None:
+        while sent < len(body) and conn.local_flow_control_window(stream) > 0:
+            chunk = body[sent:sent + min(16384, conn.local_flow_control_window(stream))]
+            conn.send_data(stream, chunk)
+            sent += len(chunk)
+            if sent == len(body):
+                conn.send_headers(stream, [("x-checksum", "abc")], end_stream=True)
+        sock.sendall(conn.data_to_send())
+        data = sock.recv(65536)
+        if not data:
+            break
+        for event in conn.receive_data(data):
+            if isinstance(event, h2.events.ResponseReceived) and event.stream_id == stream:
+                status = int(dict(event.headers)[b":status"])
+            elif isinstance(event, h2.events.DataReceived):
+                conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+    sock.close()
+    return status
+
+
+@pytest.mark.parametrize("flag", FLAGS)
+def test_trailers_wait_for_the_decision(envoy, idp, upstream, flag):
+    """HTTP/2 with request trailers, refused by introspection after a wait:
+    body and trailers are held, nothing reaches the upstream."""
+    refused = new_token("no")
+    idp.route("/introspect", Scripted(form_token, Reply(200, {"active": False}, delay=WAIT)))
+    gw = start(envoy, introspection_config(idp.port), flag)
+    assert h2_post_with_trailers(gw, refused, BODY) == 401
+    assert upstream.received(API) == []
