@@ -15,11 +15,8 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
-import os
-import shutil
 import subprocess
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -28,8 +25,8 @@ import pytest
 from harness import tokens
 from harness.config import jwt_config
 from harness.idp import IdP
-from harness.providers import custom_config, introspection_config, json_api_key, form_token, \
-    new_token, Scripted
+from harness.providers import (Scripted, custom_config, form_token, introspection_config,
+                               json_api_key, new_token)
 from harness.server import Reply
 
 API = "/v1/chat/completions"
@@ -100,14 +97,21 @@ def start(envoy, config, flag: bool, clusters=None, **kw):
                  plugin_extra={"allow_on_headers_stop_iteration": flag}, **kw)
 
 
-@pytest.mark.parametrize("protocol", PROTOCOLS)
-@pytest.mark.parametrize("flag", FLAGS)
-def test_introspection_wait_holds_the_body(envoy, idp, upstream, flag, protocol):
+def slow_introspection(idp) -> tuple[str, str]:
+    """An introspection endpoint that takes WAIT seconds to answer; a token
+    it refuses and one it allows (as alice)."""
     refused, allowed = new_token("no"), new_token("yes")
     endpoint = Scripted(form_token, Reply(200, {"active": False}, delay=WAIT))
     endpoint.answer(allowed, Reply(200, {"active": True, "sub": "alice",
                                          "exp": int(time.time()) + 600}, delay=WAIT))
     idp.route("/introspect", endpoint)
+    return refused, allowed
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+@pytest.mark.parametrize("flag", FLAGS)
+def test_introspection_wait_holds_the_body(envoy, idp, upstream, flag, protocol):
+    refused, allowed = slow_introspection(idp)
     gw = start(envoy, introspection_config(idp.port), flag)
     check(upstream, *both(gw, protocol, refused, allowed))
 
@@ -161,11 +165,7 @@ def test_a_body_over_the_buffer_limit_never_passes_undecided(envoy, idp, upstrea
     itself. Without it, Envoy holds the body back by flow control until the
     decision: the refused request gets its 401, the allowed one arrives whole."""
     big = b"{" + b" " * (2 * 1024 * 1024) + b"}"
-    refused, allowed = new_token("no"), new_token("yes")
-    endpoint = Scripted(form_token, Reply(200, {"active": False}, delay=WAIT))
-    endpoint.answer(allowed, Reply(200, {"active": True, "sub": "alice",
-                                         "exp": int(time.time()) + 600}, delay=WAIT))
-    idp.route("/introspect", endpoint)
+    refused, allowed = slow_introspection(idp)
     gw = start(envoy, introspection_config(idp.port), flag)
     r_refused, r_allowed = both(gw, "http1", refused, allowed, body=big)
     if flag:
