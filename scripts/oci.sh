@@ -153,10 +153,15 @@ def build(wasm_path: str, out: str, tag: str, version: str) -> None:
     shutil.rmtree(out, ignore_errors=True)
     os.rename(tmp, out)
     # The manifest digest is what a pinned reference (repo@sha256:...) and the
-    # WasmPlugin/EnvoyExtensionPolicy `sha256` fields of an image compare with.
+    # `sha256` field of a WasmPlugin or EnvoyExtensionPolicy image compare with;
+    # that field takes the 64 hex characters alone (both CRDs: ^[a-f0-9]{64}$).
     print(f"{out}: {tag}         manifest {manifests[0]['digest']} (oci variant; "
           f"wasm layer sha256:{hashlib.sha256(wasm).hexdigest()})")
     print(f"{out}: {tag}-compat  manifest {manifests[1]['digest']} (compat variant)")
+    for t, m in ((tag, manifests[0]), (f"{tag}-compat", manifests[1])):
+        hexd = m["digest"].split(":", 1)[1]
+        print(f"pin {t} (WasmPlugin spec / EnvoyExtensionPolicy code.image):")
+        print(f"  sha256: {hexd}")
 
 
 def check(root: str) -> None:

@@ -34,6 +34,7 @@ yaml = pytest.importorskip(
 
 ENVOY_YAML = REPO_ROOT / "envoy/envoy.yaml"
 ISTIO = REPO_ROOT / "envoy/istio-wasmplugin.yaml"
+ISTIO_ISTIOCTL = REPO_ROOT / "envoy/istio-wasmplugin-istioctl.yaml"  # test_deploy: same as ISTIO
 GATEWAY = REPO_ROOT / "envoy/envoy-gateway.yaml"
 RATELIMIT = REPO_ROOT / "envoy/ratelimit-global.yaml"
 COMPOSE = REPO_ROOT / "docker-compose.yaml"
@@ -204,7 +205,7 @@ def with_plugin_config(config_json: str) -> dict:
 # ---------------------------------------------------------------- the YAML files
 
 
-@pytest.mark.parametrize("path", [ENVOY_YAML, ISTIO, GATEWAY, RATELIMIT, COMPOSE],
+@pytest.mark.parametrize("path", [ENVOY_YAML, ISTIO, ISTIO_ISTIOCTL, GATEWAY, RATELIMIT, COMPOSE],
                          ids=lambda p: p.name)
 def test_parses_as_yaml(path):
     docs = load_all(path)
@@ -502,6 +503,21 @@ def test_compat_variant_holds_plugin_wasm(oci_layout):
     assert config["rootfs"] == {"type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(tar_bytes).hexdigest()]}
     assert config["architecture"] and config["os"]
     assert fetch_like_istio(layout, m) == wasm
+
+
+def test_oci_script_prints_the_sha256_to_paste(oci_layout):
+    """WasmPlugin.sha256 and EnvoyExtensionPolicy code.image.sha256 take the
+    manifest digest as 64 bare hex characters: the script prints that line."""
+    out, _, stdout = oci_layout
+    layout = Layout(out)
+    for tag in ("9.9.9", "9.9.9-compat"):
+        (desc,) = [m for m in layout.index["manifests"]
+                   if m["annotations"]["org.opencontainers.image.ref.name"] == tag]
+        m = re.search(rf"^pin {re.escape(tag)} .*\n  (sha256: (\S+))$", stdout, re.M)
+        assert m, stdout
+        assert re.fullmatch(r"[a-f0-9]{64}", m.group(2))
+        assert "sha256:" + m.group(2) == desc["digest"]
+        assert yaml.safe_load(m.group(1)) == {"sha256": desc["digest"].split(":")[1]}
 
 
 def test_oci_layout_is_reproducible(oci_layout, tmp_path):

@@ -12,6 +12,7 @@ import subprocess
 import time
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 from harness.client import Response, request
 
@@ -147,8 +148,14 @@ class Envoy:
                  workdir: Path, concurrency: int = 2, failure_policy: str | None = "FAIL_CLOSED",
                  wasm: Path | None = None, log_level: str = "info", extra_args: tuple = (),
                  plugin_extra: dict | None = None, hcm_extra: dict | None = None,
-                 listener_extra: dict | None = None):
+                 listener_extra: dict | None = None,
+                 transform: Callable[[dict], dict] | None = None, wait_listener: bool = True):
+        """`transform` rewrites the bootstrap before it is written (e.g. to
+        move the listener to a file-based LDS); `wait_listener=False` lets
+        start() return on /ready alone, with `port` None if there is no
+        listener."""
         self.plugin_config = plugin_config
+        self.wait_listener = wait_listener
         self.workdir = Path(workdir) / f"envoy-{next(_serial)}"
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.wasm = Path(wasm) if wasm else wasm_path()
@@ -158,11 +165,13 @@ class Envoy:
         self.access_log_path = self.workdir / "access.log"
         self.admin_path = self.workdir / "admin-address"
         self.config_path = self.workdir / "bootstrap.json"
-        self.config_path.write_text(json.dumps(bootstrap(
+        config = bootstrap(
             plugin_config, upstream_port=upstream_port, clusters=clusters, wasm=self.wasm,
             failure_policy=failure_policy, access_log=self.access_log_path,
-            plugin_extra=plugin_extra, hcm_extra=hcm_extra, listener_extra=listener_extra),
-            indent=2))
+            plugin_extra=plugin_extra, hcm_extra=hcm_extra, listener_extra=listener_extra)
+        if transform is not None:
+            config = transform(config)
+        self.config_path.write_text(json.dumps(config, indent=2))
         self.args = [
             envoy_bin(), "-c", str(self.config_path),
             "--concurrency", str(concurrency), "--use-dynamic-base-id",
@@ -198,7 +207,10 @@ class Envoy:
                 try:
                     with urllib.request.urlopen(f"{self.admin_url}/ready", timeout=2) as r:
                         if r.status == 200:
-                            self.port = self._listener_port()
+                            if self.wait_listener:
+                                self.port = self._listener_port()
+                            else:
+                                self.port = self.listener_port()
                             return
                 except OSError:
                     pass
@@ -210,6 +222,15 @@ class Envoy:
         with urllib.request.urlopen(f"{self.admin_url}/listeners?format=json", timeout=5) as r:
             doc = json.load(r)
         return doc["listener_statuses"][0]["local_address"]["socket_address"]["port_value"]
+
+    def listener_port(self) -> int | None:
+        """The first listener's port, or None when Envoy has no listener."""
+        with urllib.request.urlopen(f"{self.admin_url}/listeners?format=json", timeout=5) as r:
+            doc = json.load(r)
+        statuses = doc.get("listener_statuses") or []
+        if not statuses:
+            return None
+        return statuses[0]["local_address"]["socket_address"]["port_value"]
 
     def stop(self, grace: float = 10.0) -> int | None:
         """SIGINT, then SIGKILL after `grace` seconds; returns the exit code."""
