@@ -28,6 +28,15 @@ $(STAMP): tests/requirements.txt
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/requirements.txt
 	touch $@
 
+# Llama Stack 0.2.12 in its own venv: the e2e tests build configurations with its models.
+LLAMA_VENV  := build/llama-venv
+LLAMA_STAMP := $(LLAMA_VENV)/.installed
+
+$(LLAMA_STAMP): tests/requirements-llama-stack.txt
+	python3 -m venv $(LLAMA_VENV)
+	$(LLAMA_VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps -r tests/requirements-llama-stack.txt
+	touch $@
+
 OIDC    := tests/oidc/node_modules/.package-lock.json
 
 # A real OpenID provider (npm `oidc-provider`) for the interoperability tests.
@@ -41,7 +50,18 @@ wrk:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q wrk; }
 
-setup: rust-target $(STAMP) $(OIDC) wrk
+SCHEMAS := build/schema-check/node_modules/.package-lock.json
+
+# Istio's CRD schemas (npm `@kubernetes-models/istio`) and TypeScript, for
+# tests/e2e/test_deploy.py's check of the manifests in envoy/. Installed under
+# build/ (deploy/schema-check/ holds only the pinned package files).
+$(SCHEMAS): deploy/schema-check/package.json deploy/schema-check/package-lock.json
+	mkdir -p build/schema-check
+	cp deploy/schema-check/package.json deploy/schema-check/package-lock.json build/schema-check/
+	cd build/schema-check && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+setup: rust-target $(STAMP) $(LLAMA_STAMP) $(OIDC) $(SCHEMAS) wrk
 
 build: rust-target
 	cargo build --release --target $(TARGET)
@@ -62,7 +82,7 @@ unit:
 wasm-test: rust-target
 	bash scripts/test-wasm.sh
 
-e2e: build $(STAMP) $(OIDC)
+e2e: build $(STAMP) $(LLAMA_STAMP) $(OIDC) $(SCHEMAS)
 	$(PY) -m pytest tests/e2e -q $(PYTEST_ARGS)
 
 # Benchmarks (bench/README.md): tollgate vs plain Envoy, a do-nothing wasm

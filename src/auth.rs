@@ -394,12 +394,17 @@ impl Core {
     }
 
     /// The bearer token, or the denial for a missing or malformed header.
+    /// `Bearer` with no token after it (Envoy trims `Bearer ` to that) is
+    /// not `Bearer <token>`: 401 `Invalid Authorization header format`, for
+    /// every provider.
     fn bearer<'a>(&self, authorization: Option<&'a [u8]>) -> Result<&'a [u8], Step> {
         match credentials(authorization) {
             Credentials::Missing => Err(Step::Deny(Denial::MissingCredentials(
                 self.missing_message.clone(),
             ))),
-            Credentials::BadFormat => Err(Step::Deny(Denial::InvalidHeaderFormat)),
+            Credentials::BadFormat | Credentials::Bearer(b"") => {
+                Err(Step::Deny(Denial::InvalidHeaderFormat))
+            }
             Credentials::Bearer(t) => Ok(t),
         }
     }
@@ -543,7 +548,7 @@ impl Core {
         // use is not served from the cache either.
         let Some(keys) = self.jwks.usable_keys(now_ms, max_age) else {
             // No keys yet: refuse what is refused without keys, else wait.
-            if let Err(e) = jwt::parse(as_token(raw), &rules, now_s) {
+            if let Err(e) = jwt::parse_allowing(as_token(raw), &rules, j.algorithms, now_s) {
                 return Err(Step::Deny(Denial::InvalidToken(e)));
             }
             if self.jwks.in_flight(now_ms, lease_ms) {
@@ -563,7 +568,7 @@ impl Core {
             Some(Err(denial)) => return Err(Step::Deny(denial)),
             None => {}
         }
-        match jwt::verify(as_token(raw), &keys, &rules, now_s) {
+        match jwt::verify_allowing(as_token(raw), &keys, &rules, j.algorithms, now_s) {
             Ok(v) => {
                 let id = Rc::new(v.identity);
                 let until = v.exp.saturating_add(j.clock_skew_seconds);
@@ -919,6 +924,26 @@ mod tests {
         );
         assert_eq!(as_token(b"abc"), "abc");
         assert_eq!(as_token(b"\xff\xfe"), "\u{fffd}");
+    }
+
+    #[test]
+    fn bearer_without_a_token_is_a_bad_header_for_every_provider() {
+        let jwt = r#"{"provider_type": "oauth2_token", "config": {
+            "jwks": {"uri": "http://idp/jwks"}}}"#;
+        for auth in [jwt, INTROSPECTION, CUSTOM] {
+            let mut core = core_for(auth);
+            for header in [&b"Bearer"[..], b"Bearer ", b"bearer", b"Bearer   "] {
+                let req = RequestFacts {
+                    authorization: Some(header.to_vec()),
+                    ..RequestFacts::default()
+                };
+                assert_eq!(
+                    decide_at(&mut core, &req, NOW),
+                    Step::Deny(Denial::InvalidHeaderFormat),
+                    "{auth} {header:?}"
+                );
+            }
+        }
     }
 
     const CUSTOM: &str = r#"{"provider_type": "custom", "config": {

@@ -10,6 +10,7 @@ use crate::claims::ClaimsMapping;
 use crate::custom::Custom;
 use crate::introspection::Introspection;
 use crate::json::{ConfigError, Obj};
+use crate::jwt::{Alg, AlgSet};
 use crate::policy::{PublicPaths, RouteRules};
 use crate::quota::QuotaConfig;
 use serde_json::Value;
@@ -55,6 +56,8 @@ pub struct JwtConfig {
     pub issuer: Option<String>,
     pub claims_mapping: ClaimsMapping,
     pub clock_skew_seconds: u64,
+    /// The `alg`s a token may have (`algorithms`; default: every supported one).
+    pub algorithms: AlgSet,
     pub jwks: Upstream,
     /// Seconds a fetched key set is used before it is fetched again.
     pub cache_ttl: u64,
@@ -98,7 +101,8 @@ impl Default for Forward {
 pub const DEFAULT_AUDIENCE: &str = "llama-stack";
 pub const DEFAULT_CACHE_TTL: u64 = 3600;
 pub const DEFAULT_TIMEOUT_MS: u64 = 5000;
-pub const DEFAULT_CLOCK_SKEW: u64 = 60;
+/// No leeway for `exp`, `nbf`, `iat` unless configured (Llama Stack's and OGX's meaning).
+pub const DEFAULT_CLOCK_SKEW: u64 = 0;
 pub const DEFAULT_REFRESH_COOLDOWN: u64 = 10;
 pub const DEFAULT_MAX_STALE: u64 = 86400;
 /// Seconds an introspection or custom answer is cached by default.
@@ -274,8 +278,9 @@ pub fn is_tchar(b: u8) -> bool {
 }
 
 fn parse_auth(mut o: Obj) -> Result<AuthConfig, ConfigError> {
+    // Their dumps carry empty lists (no rules); only rules are refused.
     for key in ["access_policy", "route_policy"] {
-        if o.has(key) {
+        if o.array(key)?.is_some_and(|rules| !rules.is_empty()) {
             return Err(ConfigError::new(
                 o.path(key),
                 "Llama Stack's access policies are not supported; use `route_scopes` (required_scope / required_attributes per route)",
@@ -344,13 +349,11 @@ fn parse_oauth2(mut o: Obj) -> Result<AuthConfig, ConfigError> {
         None => ClaimsMapping::llama_stack_default(),
         Some(m) => ClaimsMapping::parse(m)?,
     };
-    let clock_skew = o.u64_max("clock_skew_seconds", 86400)?;
-    // An introspection answer's `exp` is the IdP's own clock: no skew unless asked.
-    let clock_skew_seconds = clock_skew.unwrap_or(if has_introspection {
-        0
-    } else {
-        DEFAULT_CLOCK_SKEW
-    });
+    // No leeway unless asked, as in Llama Stack and OGX.
+    let clock_skew_seconds = o
+        .u64_max("clock_skew_seconds", 86400)?
+        .unwrap_or(DEFAULT_CLOCK_SKEW);
+    let algorithms = parse_algorithms(&mut o, has_introspection)?;
     // Llama Stack's TLS settings belong to the Envoy cluster here.
     if let Some(v) = o.bool("verify_tls")? {
         log::warn!("auth.config.verify_tls={v}: TLS to the identity provider is configured on the Envoy cluster");
@@ -421,12 +424,41 @@ fn parse_oauth2(mut o: Obj) -> Result<AuthConfig, ConfigError> {
         issuer,
         claims_mapping,
         clock_skew_seconds,
+        algorithms,
         jwks,
         cache_ttl,
         refresh_cooldown_seconds,
         jwks_token,
         max_stale_seconds,
     }))
+}
+
+/// `algorithms`: a non-empty list of supported `alg` names (JWKS only).
+fn parse_algorithms(o: &mut Obj, has_introspection: bool) -> Result<AlgSet, ConfigError> {
+    let key = o.path("algorithms");
+    let Some(names) = o.str_list("algorithms")? else {
+        return Ok(AlgSet::ALL);
+    };
+    if has_introspection {
+        return Err(ConfigError::new(key, "applies to `jwks` only"));
+    }
+    if names.is_empty() {
+        return Err(ConfigError::new(key, "must not be empty"));
+    }
+    let mut set = AlgSet::NONE;
+    for (i, name) in names.iter().enumerate() {
+        let alg = Alg::parse(name).ok_or_else(|| {
+            ConfigError::new(
+                format!("{key}[{i}]"),
+                format!(
+                    "`{name}` is not supported; expected some of {}",
+                    Alg::NAMES.join(", ")
+                ),
+            )
+        })?;
+        set = set.with(alg);
+    }
+    Ok(set)
 }
 
 /// Where the credentials of a URL's userinfo go instead, for the refusal:
@@ -878,13 +910,101 @@ mod tests {
     }
 
     #[test]
+    fn null_keys_are_absent_at_every_depth() {
+        // OAuth2TokenAuthProviderConfig (Llama Stack 0.2.12) dumps both
+        // sources, the unused one as null, and every unset option as null.
+        let introspection = json!({"provider_type": "oauth2_token", "config": {
+            "audience": "llama-stack", "verify_tls": true, "tls_cafile": null,
+            "issuer": null, "claims_mapping": {"sub": "roles"}, "jwks": null,
+            "introspection": {"url": "http://idp/i", "client_id": "c",
+                              "client_secret": "s", "send_secret_in_body": false}},
+            "access_policy": []});
+        let c = Config::from_value(&json!({"auth": introspection})).unwrap();
+        assert!(matches!(c.auth, Some(AuthConfig::Introspection(_))));
+        let jwks = json!({"provider_config": {"type": "oauth2_token", "audience": "ogx",
+            "verify_tls": true, "tls_cafile": null, "issuer": null, "tenant_claim": null,
+            "jwks": {"uri": "http://idp/jwks", "token": null, "key_recheck_period": 3600},
+            "introspection": null}, "route_policy": [], "access_policy": []});
+        let c = Config::from_value(&json!({"auth": jwks, "quota": null})).unwrap();
+        assert!(matches!(c.auth, Some(AuthConfig::Jwt(_))));
+        // Only non-null values count for the exactly-one-of rules.
+        let neither = json!({"auth": {"provider_type": "oauth2_token",
+            "config": {"jwks": null, "introspection": null}}});
+        assert!(err(neither).reason.contains("exactly one"));
+        let both = json!({"auth": {"provider_config": {"type": "oauth2_token",
+            "jwks": {"uri": "http://idp/jwks"}, "introspection": {"url": "http://idp/i"}},
+            "provider_type": null, "config": null}});
+        assert!(err(both).reason.contains("exactly one"));
+        // A non-null unknown key is still refused.
+        let mut v = jwt_example();
+        v["auth"]["config"]["tenant_claim"] = json!("org");
+        assert_eq!(err(v).key, "auth.config.tenant_claim");
+    }
+
+    #[test]
+    fn empty_policies_load_and_rules_are_refused() {
+        for key in ["access_policy", "route_policy"] {
+            let mut v = jwt_example();
+            v["auth"][key] = json!([]);
+            assert!(Config::from_value(&v).is_ok(), "{key}");
+            v["auth"][key] = json!([{"permit": {"actions": ["read"]}}]);
+            assert_eq!(err(v).key, format!("auth.{key}"));
+            let mut v = jwt_example();
+            v["auth"][key] = json!({});
+            assert_eq!(err(v).key, format!("auth.{key}"));
+        }
+    }
+
+    #[test]
+    fn no_clock_skew_unless_configured() {
+        let mut v = jwt_example();
+        v["auth"]["config"]["clock_skew_seconds"] = Value::Null;
+        let Some(AuthConfig::Jwt(j)) = Config::from_value(&v).unwrap().auth else {
+            panic!("no jwt")
+        };
+        assert_eq!(j.clock_skew_seconds, 0);
+    }
+
+    #[test]
+    fn algorithms_allow_list() {
+        let with = |algs: Value| {
+            let mut v = jwt_example();
+            v["auth"]["config"]["algorithms"] = algs;
+            Config::from_value(&v)
+        };
+        let algs = |c: Config| match c.auth {
+            Some(AuthConfig::Jwt(j)) => j.algorithms,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(algs(with(Value::Null).unwrap()), AlgSet::ALL);
+        let ogx = algs(
+            with(json!([
+                "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384"
+            ]))
+            .unwrap(),
+        );
+        assert!(ogx.contains(Alg::PS512) && !ogx.contains(Alg::EdDSA));
+        let e = with(json!(["RS256", "ES512"])).unwrap_err();
+        assert_eq!(e.key, "auth.config.algorithms[1]");
+        assert!(e.reason.contains("`ES512` is not supported"), "{e}");
+        assert_eq!(with(json!([])).unwrap_err().key, "auth.config.algorithms");
+        assert_eq!(
+            with(json!("RS256")).unwrap_err().key,
+            "auth.config.algorithms"
+        );
+        let intro = json!({"auth": {"provider_config": {"type": "oauth2_token",
+            "introspection": {"url": "http://idp/i"}, "algorithms": ["RS256"]}}});
+        assert_eq!(err(intro).key, "auth.provider_config.algorithms");
+    }
+
+    #[test]
     fn llama_stack_keys_moved_over() {
         let v = json!({"quota": {"kvstore": {"type": "sqlite", "db_path": "/tmp/q.db"},
                                  "anonymous_max_requests": 5, "period": "hour"}});
         let c = Config::from_value(&v).unwrap();
         assert_eq!(c.quota.unwrap().anonymous_max_requests, 5);
         let mut v = jwt_example();
-        v["auth"]["access_policy"] = json!([]);
+        v["auth"]["access_policy"] = json!([{"forbid": {"actions": ["delete"]}}]);
         let e = err(v);
         assert_eq!(e.key, "auth.access_policy");
         assert!(e.reason.contains("route_scopes"));

@@ -109,7 +109,8 @@ impl Custom {
 
     /// Reads the endpoint's answer. A 200 must carry a non-empty string
     /// `principal`; `attributes` (or `access_attributes`, not both) maps
-    /// categories to lists of strings (a string is a one-element list); with
+    /// categories to lists of strings (a bare string is refused, as Llama
+    /// Stack's `dict[str, list[str]]` model refuses it); with
     /// neither, the identity has `{"roles": [<principal>]}`. `message`, if
     /// present, must be a string and is otherwise ignored, as are other keys.
     /// The token is not used: nothing of it goes into the identity.
@@ -152,7 +153,7 @@ pub fn endpoint_path(normalized_path: &str) -> String {
     percent_decode(normalized_path, false)
 }
 
-/// `{"category": ["v", ...] | "v", ...}` as attributes.
+/// `{"category": ["v", ...], ...}` as attributes.
 fn read_attributes(v: &Value) -> Result<Attributes, ProviderError> {
     let Value::Object(m) = v else {
         return Err(ProviderError::InvalidResponse);
@@ -160,7 +161,6 @@ fn read_attributes(v: &Value) -> Result<Attributes, ProviderError> {
     let mut attrs = Attributes::new();
     for (category, values) in m {
         let list = match values {
-            Value::String(s) => vec![s.clone()],
             Value::Array(items) => items
                 .iter()
                 .map(|i| match i {
@@ -452,7 +452,7 @@ mod tests {
     fn attributes_from_the_answer() {
         let id = answer(
             200,
-            r#"{"principal": "alice", "attributes": {"roles": ["admin", "user"], "teams": "ml"},
+            r#"{"principal": "alice", "attributes": {"roles": ["admin", "user"], "teams": ["ml"]},
                 "message": "ok", "extra": 1}"#,
         )
         .unwrap();
@@ -502,6 +502,8 @@ mod tests {
             r#"{"principal": "a", "attributes": {"roles": null}}"#,
             r#"{"principal": "a", "attributes": {"roles": {"x": "y"}}}"#,
             r#"{"principal": "a", "attributes": {"roles": 3}}"#,
+            r#"{"principal": "a", "attributes": {"roles": "admin"}}"#,
+            r#"{"principal": "a", "access_attributes": {"teams": "ml"}}"#,
             r#"{"principal": "a", "attributes": ["roles"]}"#,
             r#"{"principal": "a", "attributes": "roles"}"#,
             r#"{"principal": "a", "attributes": {}, "access_attributes": {}}"#,

@@ -205,13 +205,15 @@ impl<'a> Obj<'a> {
         )
     }
 
-    /// Refuses keys that were never taken.
+    /// Refuses keys that were never taken. A key whose value is `null` is
+    /// absent, whatever its name: configuration models (Llama Stack's, OGX's)
+    /// dump every optional key, the unset ones as `null`.
     pub fn finish(self) -> Result<(), ConfigError> {
         let mut unknown: Vec<&str> = self
             .map
-            .keys()
-            .map(String::as_str)
-            .filter(|k| !self.taken.contains(k))
+            .iter()
+            .filter(|(k, v)| !v.is_null() && !self.taken.contains(&k.as_str()))
+            .map(|(k, _)| k.as_str())
             .collect();
         unknown.sort_unstable();
         match unknown.first() {
@@ -306,6 +308,17 @@ mod tests {
         let e = o.finish().unwrap_err();
         assert_eq!(e.key, "top.zz");
         assert_eq!(e.to_string(), "configuration key `top.zz`: unknown key");
+    }
+
+    #[test]
+    fn null_is_absent_even_for_keys_never_read() {
+        let v = json!({"a": "x", "jwks": null, "introspection": null, "tenant_claim": null});
+        let mut o = Obj::new(&v, "top").unwrap();
+        assert!(!o.has("jwks"));
+        assert_eq!(o.str("a").unwrap(), Some("x"));
+        assert_eq!(o.finish(), Ok(()));
+        let v = json!({"a": null, "b": 0});
+        assert_eq!(Obj::new(&v, "t").unwrap().finish().unwrap_err().key, "t.b");
     }
 
     #[test]

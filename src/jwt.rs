@@ -5,7 +5,8 @@
 //! Following RFC 8725 and Envoy's `jwt_authn`: only the compact
 //! serialisation; `alg` from an allow-list (never `none`, never HS*); the key
 //! must fit the algorithm; `jku`, `jwk`, `x5u`, `x5c` are never used; `crit`
-//! and `b64` are refused; duplicate JSON keys are refused; `exp` is required.
+//! and `b64` are refused; duplicate JSON keys are refused; `exp` is required;
+//! times may have fractions (cut off to whole seconds).
 
 use crate::claims::{ClaimsMapping, Identity};
 use crate::jwks::KeySet;
@@ -44,6 +45,35 @@ impl Alg {
             "EdDSA" => Alg::EdDSA,
             _ => return None,
         })
+    }
+}
+
+impl Alg {
+    /// Every supported `alg`, in the order of [`Alg::parse`].
+    pub const NAMES: [&'static str; 9] = [
+        "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA",
+    ];
+
+    fn bit(self) -> u16 {
+        1 << (self as u16)
+    }
+}
+
+/// A set of algorithms: the `algorithms` allow-list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AlgSet(u16);
+
+impl AlgSet {
+    pub const NONE: AlgSet = AlgSet(0);
+    pub const ALL: AlgSet = AlgSet((1 << Alg::NAMES.len()) - 1);
+
+    /// This set and `alg`.
+    pub fn with(self, alg: Alg) -> AlgSet {
+        AlgSet(self.0 | alg.bit())
+    }
+
+    pub fn contains(self, alg: Alg) -> bool {
+        self.0 & alg.bit() != 0
     }
 }
 
@@ -159,20 +189,43 @@ fn decode_json_object(part: &str) -> Result<Map<String, Value>, TokenError> {
     }
 }
 
-/// A NumericDate claim: absent, or a non-negative integer no later than year 3000.
+/// A NumericDate claim: absent, or a non-negative number no later than year
+/// 3000. A fraction (RFC 7519 §2 allows one) is cut off, as PyJWT and
+/// python-jose do; the clock is read in whole seconds too.
 fn time_claim(claims: &Map<String, Value>, name: &str) -> Result<Option<u64>, TokenError> {
-    match claims.get(name) {
-        None => Ok(None),
-        Some(Value::Number(n)) => match n.as_u64() {
-            Some(t) if t <= MAX_TIME => Ok(Some(t)),
-            _ => Err(TokenError::Malformed),
-        },
-        Some(_) => Err(TokenError::Malformed),
+    let Some(v) = claims.get(name) else {
+        return Ok(None);
+    };
+    let Value::Number(n) = v else {
+        return Err(TokenError::Malformed);
+    };
+    if let Some(t) = n.as_u64() {
+        return if t <= MAX_TIME {
+            Ok(Some(t))
+        } else {
+            Err(TokenError::Malformed)
+        };
+    }
+    match n.as_f64() {
+        // Finite, in range: the cast cannot saturate.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        Some(f) if f.is_finite() && (0.0..=MAX_TIME as f64).contains(&f) => Ok(Some(f as u64)),
+        _ => Err(TokenError::Malformed),
     }
 }
 
 /// Structural and claim checks: everything but the signature.
 pub fn parse(token: &str, rules: &Rules, now: u64) -> Result<Parsed, TokenError> {
+    parse_allowing(token, rules, AlgSet::ALL, now)
+}
+
+/// [`parse`], with only the algorithms in `allowed` (else `UnsupportedAlg`).
+pub fn parse_allowing(
+    token: &str,
+    rules: &Rules,
+    allowed: AlgSet,
+    now: u64,
+) -> Result<Parsed, TokenError> {
     if token.len() > MAX_TOKEN_BYTES {
         return Err(TokenError::TooLong);
     }
@@ -193,7 +246,9 @@ pub fn parse(token: &str, rules: &Rules, now: u64) -> Result<Parsed, TokenError>
     }
     let header = decode_json_object(h)?;
     let alg = match header.get("alg") {
-        Some(Value::String(a)) => Alg::parse(a).ok_or(TokenError::UnsupportedAlg)?,
+        Some(Value::String(a)) => Alg::parse(a)
+            .filter(|alg| allowed.contains(*alg))
+            .ok_or(TokenError::UnsupportedAlg)?,
         _ => return Err(TokenError::Malformed),
     };
     for refused in ["crit", "b64", "enc", "zip"] {
@@ -268,7 +323,18 @@ pub fn parse(token: &str, rules: &Rules, now: u64) -> Result<Parsed, TokenError>
 
 /// Verifies a token against a key set at time `now` (seconds).
 pub fn verify(token: &str, keys: &KeySet, rules: &Rules, now: u64) -> Result<Verified, TokenError> {
-    let parsed = parse(token, rules, now)?;
+    verify_allowing(token, keys, rules, AlgSet::ALL, now)
+}
+
+/// [`verify`], with only the algorithms in `allowed`.
+pub fn verify_allowing(
+    token: &str,
+    keys: &KeySet,
+    rules: &Rules,
+    allowed: AlgSet,
+    now: u64,
+) -> Result<Verified, TokenError> {
+    let parsed = parse_allowing(token, rules, allowed, now)?;
     // A `kid` must name a key of the set; keys without a `kid` are tried too
     // (as Envoy's jwt_authn does) when no key carries one.
     let mut kid = parsed.kid.as_deref();
@@ -453,6 +519,64 @@ mod tests {
             parse_at(&t("exp", MAX_TIME + 1), NOW).unwrap_err(),
             TokenError::Malformed
         );
+    }
+
+    #[test]
+    fn fractional_times_are_cut_to_whole_seconds() {
+        let t = |name: &str, v: Value| token(json!({}), &with(name, v));
+        let exp = |v: Value| parse_at(&t("exp", v), NOW).map(|p| p.exp);
+        assert_eq!(exp(json!(1_796_450_000.5)), Ok(1_796_450_000));
+        assert_eq!(exp(json!(1_796_450_000.0)), Ok(1_796_450_000));
+        assert_eq!(exp(json!(1.6e9)), Err(TokenError::Expired));
+        // exp + skew + 0.9 is already past: the fraction is never rounded up.
+        assert_eq!(
+            exp(json!((NOW - SKEW) as f64 - 0.1)),
+            Err(TokenError::Expired)
+        );
+        assert_eq!(exp(json!((NOW - SKEW) as f64 + 0.9)), Ok(NOW - SKEW));
+        // nbf and iat compare in whole seconds too.
+        assert!(parse_at(&t("nbf", json!((NOW + SKEW) as f64 + 0.9)), NOW).is_ok());
+        assert_eq!(
+            parse_at(&t("iat", json!((NOW + SKEW + 1) as f64 + 0.1)), NOW).unwrap_err(),
+            TokenError::IssuedInFuture
+        );
+        for bad in [
+            json!(-0.5),
+            json!(-1.0),
+            json!(1e30),
+            json!(MAX_TIME as f64 + 1.5),
+            json!(f64::MAX),
+            json!("1796450000.5"),
+        ] {
+            assert_eq!(exp(bad.clone()), Err(TokenError::Malformed), "{bad}");
+        }
+        // Non-finite numbers cannot be written in JSON; 1e400 is refused.
+        let payload = br#"{"sub":"alice","aud":"api","iss":"https://iss","exp":1e400}"#;
+        let head = URL_SAFE_NO_PAD.encode(br#"{"alg":"RS256"}"#);
+        let raw = format!("{head}.{}.c2ln", URL_SAFE_NO_PAD.encode(payload));
+        assert!(parse_at(&raw, NOW).is_err());
+    }
+
+    #[test]
+    fn the_allow_list_limits_algorithms() {
+        let only_rs = AlgSet::NONE.with(Alg::RS256).with(Alg::PS256);
+        assert!(only_rs.contains(Alg::RS256) && only_rs.contains(Alg::PS256));
+        assert!(!only_rs.contains(Alg::EdDSA) && !only_rs.contains(Alg::RS384));
+        for name in Alg::NAMES {
+            let alg = Alg::parse(name).unwrap();
+            assert!(AlgSet::ALL.contains(alg), "{name}");
+            assert!(!AlgSet::NONE.contains(alg), "{name}");
+        }
+        with_rules(|rules| {
+            let ed = token(json!({"alg": "EdDSA"}), &claims());
+            assert!(parse_allowing(&ed, rules, AlgSet::ALL, NOW).is_ok());
+            assert_eq!(
+                parse_allowing(&ed, rules, only_rs, NOW).unwrap_err(),
+                TokenError::UnsupportedAlg
+            );
+            let rs = token(json!({"alg": "RS256"}), &claims());
+            assert!(parse_allowing(&rs, rules, only_rs, NOW).is_ok());
+        });
     }
 
     #[test]

@@ -386,8 +386,6 @@ def _time_cases() -> dict:
     now = int(time.time())
     values = {
         "string": lambda base: str(base),
-        "float_fraction": lambda base: base + 0.5,
-        "float_integral": lambda base: float(base),
         "exponent_1e30": lambda base: 1e30,
         "two_pow_64": lambda base: 2 ** 64,
         "two_pow_63": lambda base: 2 ** 63,
@@ -538,6 +536,12 @@ CONTROLS = {
     "sign_raw_ec": lambda k: sign_raw(k.ec, hdr(k.ec), claims()),
     "alg_builder_with_RS256": lambda k: _alg_none(k, "RS256", True),
     "time_claims_as_integers": lambda k: sign_raw(k.rsa, hdr(k.rsa), _json(claims(nbf=int(time.time()) - 60))),
+    # RFC 7519's NumericDate may have a fraction (PyJWT and python-jose accept
+    # it): cut to whole seconds.
+    **{f"{c}_{kind}": (lambda k, c=c, f=f: sign_raw(k.rsa, hdr(k.rsa), _json(
+        {**claims(), c: f(int(time.time()) + (300 if c == "exp" else -60))})))
+       for c in ("exp", "nbf", "iat")
+       for kind, f in (("float_fraction", lambda b: b + 0.5), ("float_integral", float))},
     "kid_builder_good_kid": lambda k: sign_raw(k.rsa, hdr(k.rsa, kid="rs-good"), claims()),
     "signature_edit_identity": lambda k: _sig_edit(k.rsa.sign(claims()), lambda s: s),
     "ec_signature_edit_identity": lambda k: _sig_edit(k.ec.sign(claims()), lambda s: s),

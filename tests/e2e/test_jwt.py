@@ -172,10 +172,11 @@ def test_rejected_token(gw, keys, case, upstream):
 
 @pytest.mark.parametrize("value", ["Bearer ", "Bearer", "bearer   "])
 def test_empty_token(gw, upstream, value):
-    """An empty token is an invalid token. (Envoy's codec trims `Bearer ` to
-    `Bearer`: the filter reads `Bearer` alone as the empty token.)"""
+    """`Bearer` with no token is not `Bearer <token>`: the header's format is
+    wrong, as Llama Stack and OGX say. (Envoy's codec trims `Bearer ` to
+    `Bearer`.)"""
     r = gw.get(API, headers={"Authorization": value})
-    assert_denied(r, 401, MSG_INVALID, token_presented=True)
+    assert_denied(r, 401, MSG_FORMAT, token_presented=False)
     assert upstream.received() == []
 
 
