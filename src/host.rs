@@ -3,8 +3,9 @@
 //! for a callout answer cut off mid-way. Here every status is mapped: reads
 //! give "none", shared data a store error, writes `false`.
 //!
-//! The SDK is still used for `dispatch_http_call`: its dispatcher must
-//! register the callout's token, or it traps on the answer.
+//! The SDK is still used for `dispatch_http_call` (see [`dispatch_http_call`]):
+//! its dispatcher must register the callout's token, or it traps on the answer.
+//! The ABI's serialized header maps are read and written here too.
 
 extern "C" {
     fn proxy_replace_header_map_value(
@@ -108,7 +109,7 @@ pub fn header_map_value(map_type: u32, key: &str) -> Option<Vec<u8>> {
 }
 
 /// The whole header map, serialized as the ABI has it (see
-/// [`crate::filter::HeaderPairs`]): one host call for every header.
+/// [`HeaderPairs`]): one host call for every header.
 pub fn header_map_pairs(map_type: u32) -> Option<Vec<u8>> {
     let mut data: *mut u8 = std::ptr::null_mut();
     let mut size: usize = 0;
@@ -305,6 +306,124 @@ pub fn record_metric(id: u32, value: u64) -> bool {
     unsafe { proxy_record_metric(id, value) == OK }
 }
 
+/// A header map as the proxy-wasm ABI serializes it: a little-endian `u32`
+/// count, then each pair's key and value lengths (`u32` each), then each
+/// key and value followed by a NUL. Read in place, every length checked:
+/// a map that does not parse has no headers.
+pub struct HeaderPairs<'a> {
+    sizes: &'a [u8],
+    data: &'a [u8],
+}
+
+impl<'a> HeaderPairs<'a> {
+    pub fn new(buf: &'a [u8]) -> HeaderPairs<'a> {
+        let empty = HeaderPairs {
+            sizes: &[],
+            data: &[],
+        };
+        let Some(count) = buf.get(..4).and_then(|b| b.try_into().ok()) else {
+            return empty;
+        };
+        let Some(sizes_len) = usize::try_from(u32::from_le_bytes(count))
+            .ok()
+            .and_then(|n| n.checked_mul(8))
+        else {
+            return empty;
+        };
+        match buf
+            .get(4..)
+            .and_then(|rest| rest.split_at_checked(sizes_len))
+        {
+            Some((sizes, data)) => HeaderPairs { sizes, data },
+            None => empty,
+        }
+    }
+
+    /// The value of the first header named `name` (lower case, as Envoy
+    /// keeps them).
+    pub fn get(&self, name: &str) -> Option<&'a [u8]> {
+        self.iter()
+            .find(|(k, _)| *k == name.as_bytes())
+            .map(|(_, v)| v)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&'a [u8], &'a [u8])> + 'a {
+        let mut data = self.data;
+        self.sizes.chunks_exact(8).map_while(move |lens| {
+            let len = |b: &[u8]| {
+                b.try_into()
+                    .ok()
+                    .and_then(|b: [u8; 4]| usize::try_from(u32::from_le_bytes(b)).ok())
+            };
+            let (k, v) = (len(lens.get(..4)?)?, len(lens.get(4..)?)?);
+            let key = data.get(..k)?;
+            let value = data.get(k.checked_add(1)?..k.checked_add(1)?.checked_add(v)?)?;
+            data = data.get(k.checked_add(v)?.checked_add(2)?..)?;
+            Some((key, value))
+        })
+    }
+}
+
+/// Pairs serialized as the proxy-wasm ABI has them (see [`HeaderPairs`]).
+pub fn serialize_pairs<'a>(pairs: impl Iterator<Item = (&'a [u8], &'a [u8])> + Clone) -> Vec<u8> {
+    let as_u32 = |n: usize| u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes();
+    let mut out = as_u32(pairs.clone().count()).to_vec();
+    for (k, v) in pairs.clone() {
+        out.extend_from_slice(&as_u32(k.len()));
+        out.extend_from_slice(&as_u32(v.len()));
+    }
+    for (k, v) in pairs {
+        out.extend_from_slice(k);
+        out.push(0);
+        out.extend_from_slice(v);
+        out.push(0);
+    }
+    out
+}
+
+/// `1.2.3.4:5678` → `1.2.3.4`; `[::1]:5678` → `::1`.
+pub fn strip_port(addr: &str) -> &str {
+    if let Some(rest) = addr.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match addr.rsplit_once(':') {
+        Some((host, _)) if !host.contains(':') => host,
+        _ => addr,
+    }
+}
+
+impl crate::driver::RequestHead for HeaderPairs<'_> {
+    fn get(&self, name: &str) -> Option<&[u8]> {
+        HeaderPairs::get(self, name)
+    }
+    fn pairs(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.iter()
+    }
+}
+
+/// Sends a callout through the SDK (its dispatcher must learn the token, or
+/// it traps on the answer); the host's token, or `Err` when Envoy refused
+/// (logged: usually an undefined cluster).
+pub fn dispatch_http_call(
+    cluster: &str,
+    headers: &[(String, String)],
+    body: Option<&[u8]>,
+    timeout_ms: u64,
+) -> Result<u32, ()> {
+    let pairs: Vec<(&str, &str)> = headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    proxy_wasm::hostcalls::dispatch_http_call(
+        cluster,
+        pairs,
+        body,
+        vec![],
+        std::time::Duration::from_millis(timeout_ms),
+    )
+    .map_err(|e| log::error!("callout to cluster `{cluster}` could not start: {e:?}"))
+}
+
 #[cfg(all(test, not(target_arch = "wasm32")))]
 mod tests {
     /// The SDK's host-call wrappers `panic!` on statuses they do not expect
@@ -357,5 +476,100 @@ mod tests {
             checked += 1;
         }
         assert!(checked >= 15, "read only {checked} source files");
+    }
+}
+
+#[cfg(test)]
+mod abi_tests {
+    use super::*;
+
+    /// [`serialize_pairs`] of string names (its layout is pinned below).
+    fn serialize(pairs: &[(&str, &[u8])]) -> Vec<u8> {
+        serialize_pairs(pairs.iter().map(|(k, v)| (k.as_bytes(), *v)))
+    }
+
+    #[test]
+    fn serialized_pairs_are_the_abi_format() {
+        let pairs: Vec<(&[u8], &[u8])> = vec![
+            (b"content-type", b"application/json"),
+            (b"retry-after", b"7"),
+            (b"empty", b""),
+        ];
+        let bytes = serialize_pairs(pairs.iter().copied());
+        // Count, then (key, value) lengths, then key NUL value NUL each.
+        let mut expected = vec![
+            3, 0, 0, 0, 12, 0, 0, 0, 16, 0, 0, 0, 11, 0, 0, 0, 1, 0, 0, 0,
+        ];
+        expected.extend_from_slice(&[5, 0, 0, 0, 0, 0, 0, 0]);
+        expected.extend_from_slice(b"content-type\0application/json\0retry-after\x007\0empty\0\0");
+        assert_eq!(bytes, expected);
+        let back: Vec<(&[u8], &[u8])> = HeaderPairs::new(&bytes).iter().collect();
+        assert_eq!(back, pairs);
+        assert_eq!(serialize_pairs(std::iter::empty()), 0u32.to_le_bytes());
+    }
+
+    #[test]
+    fn header_pairs_are_read_in_place() {
+        let map = serialize(&[
+            (":path", b"/v1/models?x=1"),
+            (":method", b"GET"),
+            ("authorization", b"Bearer abc"),
+            ("empty", b""),
+            ("authorization", b"Bearer second"),
+            ("bin", b"\xff\x00\xfe"),
+        ]);
+        let pairs = HeaderPairs::new(&map);
+        assert_eq!(pairs.get(":path"), Some(&b"/v1/models?x=1"[..]));
+        assert_eq!(pairs.get(":method"), Some(&b"GET"[..]));
+        // The first of repeated headers, as Envoy's single-value getter.
+        assert_eq!(pairs.get("authorization"), Some(&b"Bearer abc"[..]));
+        assert_eq!(pairs.get("empty"), Some(&b""[..]));
+        assert_eq!(pairs.get("bin"), Some(&b"\xff\x00\xfe"[..]));
+        assert_eq!(pairs.get("missing"), None);
+        assert_eq!(pairs.iter().count(), 6);
+        assert_eq!(HeaderPairs::new(&serialize(&[])).iter().count(), 0);
+    }
+
+    #[test]
+    fn broken_header_maps_never_panic_and_yield_only_whole_pairs() {
+        let map = serialize(&[(":path", b"/a"), ("authorization", b"Bearer t")]);
+        for cut in 0..map.len() {
+            let pairs = HeaderPairs::new(&map[..cut]);
+            for (k, v) in pairs.iter() {
+                assert!(
+                    (k, v) == (&b":path"[..], &b"/a"[..])
+                        || (k, v) == (&b"authorization"[..], &b"Bearer t"[..])
+                );
+            }
+        }
+        // Counts and lengths far beyond the buffer.
+        let mut huge = map.clone();
+        huge[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(HeaderPairs::new(&huge).iter().count(), 0);
+        let mut long_key = map.clone();
+        long_key[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(HeaderPairs::new(&long_key).get(":path"), None);
+        // Pseudo-random bytes.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for len in 0..400 {
+            let buf: Vec<u8> = (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    (x & 0x0f) as u8
+                })
+                .collect();
+            let _ = HeaderPairs::new(&buf).iter().count();
+            let _ = HeaderPairs::new(&buf).get("authorization");
+        }
+    }
+
+    #[test]
+    fn ports_are_stripped() {
+        assert_eq!(strip_port("1.2.3.4:5678"), "1.2.3.4");
+        assert_eq!(strip_port("[::1]:5678"), "::1");
+        assert_eq!(strip_port("2001:db8::1"), "2001:db8::1");
+        assert_eq!(strip_port("1.2.3.4"), "1.2.3.4");
     }
 }

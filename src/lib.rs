@@ -4,7 +4,9 @@
 //!
 //! The decisions live in plain modules that know nothing of the host
 //! (`config`, `jwks`, `jwt`, `claims`, `policy`, `quota`, `auth`, `response`);
-//! `filter` is the proxy-wasm glue.
+//! `driver` owns every request's lifecycle (parking, callouts, the tick),
+//! also without the host; `filter` is the proxy-wasm glue that pumps host
+//! callbacks into the driver and performs its effects, through `host`.
 #![cfg_attr(
     not(test),
     deny(
@@ -21,6 +23,7 @@ pub mod config;
 #[cfg(test)]
 mod crypto_tests;
 pub mod custom;
+pub mod driver;
 pub mod filter;
 mod host;
 pub mod introspection;

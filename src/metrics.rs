@@ -5,6 +5,7 @@
 //! into Prometheus labels (see `envoy/envoy.yaml`); without that config they
 //! appear flattened, e.g. `tollgate_requests_denied_total_reason_expired`.
 
+use crate::driver::Metric;
 use crate::host::{self, METRIC_COUNTER, METRIC_GAUGE};
 use std::collections::HashMap;
 
@@ -121,6 +122,27 @@ impl Metrics {
             &format!("tollgate_cache_misses_total.cache.{cache}"),
             misses,
         );
+    }
+
+    /// Counts what the driver asked to count.
+    pub fn count(&self, metric: Metric) {
+        match metric {
+            Metric::Allowed(n) => self.allowed(n),
+            Metric::Denied(reason) => self.denied(reason),
+            Metric::Callout { provider, outcome } => self.callout(provider, outcome),
+            Metric::JwksFetch { failed } => {
+                self.inc("tollgate_jwks_fetches_total");
+                if failed {
+                    self.inc("tollgate_jwks_fetch_failures_total");
+                }
+            }
+            Metric::Cache {
+                cache,
+                hits,
+                misses,
+            } => self.cache(cache, hits, misses),
+            Metric::JwksAgeSeconds(s) => self.set_gauge("tollgate_jwks_age_seconds", s),
+        }
     }
 
     pub fn set_gauge(&self, name: &str, value: u64) {

@@ -1,0 +1,1294 @@
+//! Every request's lifecycle, without the host: reading the request head,
+//! parking requests that wait for a callout, de-duplicating provider
+//! callouts, the dispatch queue, key set upkeep (refresh, lease, cooldown),
+//! holding bodies until the decision, and every limit on all of that.
+//!
+//! The driver takes events with the time passed in (`on_request_headers`,
+//! `on_callout_reply`, `on_tick`, `on_log`, …) and queues [`Effect`]s for the
+//! glue (`filter`) to perform, polled with [`Driver::poll`]. It calls the
+//! host only through [`SharedStore`] (shared data).
+//!
+//! Callouts are sent by the root context only (on a tick), so a fetch never
+//! dies with the request that asked for it: a request that needs keys or a
+//! provider's answer is parked, a tick is asked for in 1 ms, and the request
+//! is resumed (by context id) when the callout ends.
+//!
+//! Nothing reaches the upstream undecided: until its decision allows it, a
+//! request's body and trailers are held ([`RequestHandle::may_continue`]),
+//! whether Envoy calls the body callbacks while headers are paused
+//! (`allow_on_headers_stop_iteration`) or not.
+
+use crate::auth::{self, AuthResult, CacheKey, Core, RequestFacts, Step, LEASE_MARGIN_MS};
+use crate::claims::Identity;
+use crate::config::{AuthConfig, Config, JwtConfig};
+use crate::introspection::Answer;
+use crate::jwks::{self, FetchError, SharedKeys};
+use crate::policy;
+use crate::quota::{RateLimit, SharedStore};
+
+use crate::response::{is_grpc, Denial};
+use std::cell::Cell;
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::rc::Rc;
+
+/// Largest callout answer read (bytes); larger answers count as a failure.
+pub const MAX_CALLOUT_BODY: usize = 1024 * 1024;
+/// Most requests parked per VM while keys are fetched; more get 503.
+pub const MAX_WAITERS: usize = 4096;
+/// Most requests parked per VM on provider callouts (all callouts together);
+/// more get 503.
+pub const MAX_CALLOUT_WAITERS: usize = 4096;
+/// Most distinct provider callouts (introspection, custom) queued or under way
+/// per VM; requests needing another one get 503 until one ends.
+pub const MAX_PROVIDER_CALLOUTS: usize = 256;
+/// Most parked requests answered or resumed in one host callback; the rest
+/// wait for the next tick. Envoy 1.40 runs a local answer's response
+/// callbacks inside the call that sends it, and V8 ran out of stack
+/// ("Maximum call stack size exceeded", a trap) after ~300 local answers
+/// sent from one `on_http_call_response`.
+pub const RESUME_BATCH: usize = 64;
+/// A callout that got no answer (or Envoy's own 504) within this much of its
+/// timeout timed out (Envoy's timer and ours differ by a few ms).
+pub const TIMEOUT_SLACK_MS: u64 = 50;
+/// Tick periods, milliseconds: idle, soon (work to do), and while requests
+/// wait for another VM's fetch (look for its result this often).
+pub const IDLE_TICK_MS: u32 = 1000;
+pub const SOON_TICK_MS: u32 = 1;
+pub const POLL_TICK_MS: u32 = 20;
+
+/// Where a request stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Its headers have not been decided yet (or are being decided).
+    Undecided,
+    /// Parked until a callout ends.
+    Waiting,
+    /// Allowed: with these `RateLimit-*` values for its response.
+    Allowed(Option<RateLimit>),
+    /// Answered locally.
+    Answered,
+}
+
+/// A request as both its HTTP context and the driver see it: its context id
+/// and its phase (shared, so a parked request's context sees it resumed).
+#[derive(Debug, Clone)]
+pub struct RequestHandle {
+    id: u32,
+    phase: Rc<Cell<Phase>>,
+}
+
+impl RequestHandle {
+    pub fn new(id: u32) -> RequestHandle {
+        RequestHandle {
+            id,
+            phase: Rc::new(Cell::new(Phase::Undecided)),
+        }
+    }
+
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.phase.get()
+    }
+
+    /// Whether the request's body and trailers may go on: only once it is
+    /// allowed (until then, and after a local answer, they are held).
+    pub fn may_continue(&self) -> bool {
+        matches!(self.phase.get(), Phase::Allowed(_))
+    }
+
+    fn set(&self, phase: Phase) {
+        self.phase.set(phase);
+    }
+}
+
+/// A request's headers, as the glue reads them (names lower case).
+pub trait RequestHead {
+    /// The first value of a header.
+    fn get(&self, name: &str) -> Option<&[u8]>;
+    /// Every header, in order.
+    fn pairs(&self) -> impl Iterator<Item = (&[u8], &[u8])>;
+}
+
+/// How a denial is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AnswerAs {
+    /// The JSON error body.
+    Http,
+    /// A gRPC status and plain message (Envoy makes it a trailers-only answer).
+    Grpc { quota_unavailable: bool },
+}
+
+/// A callout to send. Header values are redacted in `Debug` (they carry
+/// credentials).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Dispatch {
+    /// Report the host's token for it with [`Driver::dispatched`].
+    pub id: u64,
+    pub cluster: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Option<Vec<u8>>,
+    pub timeout_ms: u64,
+}
+
+impl fmt::Debug for Dispatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = self.headers.iter().map(|(k, _)| k.as_str()).collect();
+        f.debug_struct("Dispatch")
+            .field("id", &self.id)
+            .field("cluster", &self.cluster)
+            .field("headers", &names)
+            .field("body_len", &self.body.as_ref().map(Vec::len))
+            .field("timeout_ms", &self.timeout_ms)
+            .finish()
+    }
+}
+
+/// What a metric should count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Metric {
+    Allowed(u64),
+    Denied(&'static str),
+    Callout {
+        provider: &'static str,
+        outcome: &'static str,
+    },
+    JwksFetch {
+        failed: bool,
+    },
+    Cache {
+        cache: &'static str,
+        hits: u64,
+        misses: u64,
+    },
+    JwksAgeSeconds(u64),
+}
+
+/// What the glue must do.
+#[derive(Debug)]
+pub enum Effect {
+    /// Let the request go on with its identity: set the identity headers
+    /// (removed when `identity` is `None`), remove `spoofed`, and, when
+    /// `resume`, resume it (it was parked). If any header write fails, call
+    /// [`Driver::forward_failed`] instead of resuming.
+    Allow {
+        req: RequestHandle,
+        identity: Option<Rc<Identity>>,
+        spoofed: Vec<String>,
+        grpc: bool,
+        resume: bool,
+    },
+    /// Answer the request locally.
+    Deny {
+        id: u32,
+        denial: Denial,
+        answer_as: AnswerAs,
+    },
+    /// Send a callout, then report its token with [`Driver::dispatched`].
+    Dispatch(Dispatch),
+    /// Call `on_tick` every this many milliseconds.
+    SetTick(u32),
+    Count(Metric),
+}
+
+/// A callout's answer as the glue read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CalloutReply {
+    /// `:status`; `None` when there was no answer (no header map at all, as
+    /// for an answer cut off after its headers).
+    pub status: Option<u16>,
+    pub body: ReplyBody,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplyBody {
+    Read(Vec<u8>),
+    /// Over [`MAX_CALLOUT_BODY`]: not read.
+    TooLarge(usize),
+}
+
+/// A callout's answer as the driver classifies it.
+enum Reply {
+    Response { status: u16, body: Vec<u8> },
+    TooLarge,
+    NoAnswer,
+    TimedOut,
+}
+
+/// How a parked request goes on once its wait ended.
+enum Resume {
+    /// Keys arrived: decide it again.
+    Decide,
+    /// Its provider callout answered.
+    Finish(AuthResult),
+}
+
+/// A request parked until a callout ends.
+struct Parked {
+    req: RequestHandle,
+    facts: RequestFacts,
+    /// Client headers that spell an identity header another way.
+    spoofed: Vec<String>,
+    /// A gRPC call: denials are answered with gRPC statuses.
+    grpc: bool,
+}
+
+/// What a sent callout is for.
+#[derive(Debug, Clone, Copy)]
+enum Pending {
+    Jwks {
+        started_ms: u64,
+    },
+    Provider {
+        key: CacheKey,
+        started_ms: u64,
+        timeout_ms: u64,
+    },
+}
+
+/// One VM's requests and callouts.
+pub struct Driver {
+    core: Core,
+    /// Where the key set is shared with the other VMs.
+    shared_keys: Option<SharedKeys>,
+    /// Requests parked for keys, to decide again.
+    waiters: Vec<Parked>,
+    /// Requests parked on a provider callout, by decision cache key.
+    callout_waiters: HashMap<CacheKey, Vec<Parked>>,
+    /// How many requests wait on provider callouts in all (in
+    /// `callout_waiters`, or in `ready` with a provider's answer).
+    callout_waiting: usize,
+    /// Parked requests whose wait ended, carried on a batch at a time (see
+    /// [`RESUME_BATCH`]).
+    ready: VecDeque<(Parked, Resume)>,
+    /// Provider callouts to send on the next tick.
+    queued: Vec<auth::Callout>,
+    /// Callouts handed to the glue, by [`Dispatch::id`], until it reports
+    /// their token.
+    dispatching: HashMap<u64, Pending>,
+    /// Callouts under way, by the host's token.
+    callouts: HashMap<u32, Pending>,
+    next_dispatch: u64,
+    tick_soon: bool,
+    /// Allowed requests not yet counted (counted on the tick).
+    allowed: u64,
+    /// Cache counters already counted.
+    reported_hits: u64,
+    reported_misses: u64,
+    effects: VecDeque<Effect>,
+}
+
+impl Driver {
+    /// A VM's driver for a configuration; asks for a first tick at once.
+    pub fn new(config: Rc<Config>) -> Driver {
+        let core = Core::new(config);
+        let shared_keys = core.jwt_config().map(|j| SharedKeys::for_url(&j.jwks.url));
+        let mut effects = VecDeque::new();
+        effects.push_back(Effect::SetTick(SOON_TICK_MS));
+        Driver {
+            core,
+            shared_keys,
+            waiters: Vec::new(),
+            callout_waiters: HashMap::new(),
+            callout_waiting: 0,
+            ready: VecDeque::new(),
+            queued: Vec::new(),
+            dispatching: HashMap::new(),
+            callouts: HashMap::new(),
+            next_dispatch: 0,
+            tick_soon: false,
+            allowed: 0,
+            reported_hits: 0,
+            reported_misses: 0,
+            effects,
+        }
+    }
+
+    pub fn config(&self) -> &Rc<Config> {
+        &self.core.config
+    }
+
+    /// The next thing to do, in order.
+    pub fn poll(&mut self) -> Option<Effect> {
+        self.effects.pop_front()
+    }
+
+    // ----- events -----
+
+    /// A request's headers arrived. `source_ip` reads the client's address
+    /// without the port (asked only when the quota counts by address);
+    /// `now` is `None` when the host clock failed (the request is refused:
+    /// read as 0 it would accept expired tokens). The request's phase says
+    /// whether it may go on at once once the effects are performed.
+    pub fn on_request_headers(
+        &mut self,
+        req: &RequestHandle,
+        head: &impl RequestHead,
+        source_ip: impl FnOnce() -> Option<String>,
+        now: Option<u64>,
+        store: &dyn SharedStore,
+    ) {
+        let config = self.core.config.clone();
+        let forward = &config.forward;
+        let spoofed: Vec<String> = head
+            .pairs()
+            .filter(|(name, _)| {
+                spells_header(name, &forward.principal_header)
+                    || spells_header(name, &forward.attributes_header)
+            })
+            .filter_map(|(name, _)| std::str::from_utf8(name).ok().map(str::to_string))
+            .collect();
+        let grpc = head.get("content-type").is_some_and(is_grpc);
+        let parked = |facts| Parked {
+            req: req.clone(),
+            facts,
+            spoofed,
+            grpc,
+        };
+        let Some(now) = now else {
+            log::error!("the host clock failed: request refused");
+            self.refuse(&parked(RequestFacts::default()), Denial::Internal);
+            return;
+        };
+        // Envoy joins several Authorization headers into one value (never a
+        // valid token).
+        let authorization = head.get("authorization").map(<[u8]>::to_vec);
+        let debug = log::log_enabled!(log::Level::Debug);
+        if !config.needs_path() && !debug {
+            let facts = RequestFacts {
+                authorization,
+                source_ip: config.counts_by_address("").then(source_ip).flatten(),
+                ..RequestFacts::default()
+            };
+            let step = self.core.decide(&facts, now, store);
+            self.carry_out(parked(facts), step);
+            return;
+        }
+        let raw_path = head.get(":path").unwrap_or_default();
+        let path = match std::str::from_utf8(raw_path)
+            .ok()
+            .map(policy::normalize_path)
+        {
+            Some(Ok(p)) => p,
+            // Read for debug lines only: nothing matches on it, so a path
+            // that cannot be normalised changes no answer.
+            _ if !config.needs_path() => String::new(),
+            // The raw path (and its query) is not logged: it may carry secrets.
+            _ => return self.refuse(&parked(RequestFacts::default()), Denial::BadPath),
+        };
+        // The method matters to route rules and debug lines only.
+        let method = if config.route_rules.is_empty() && !debug {
+            String::new()
+        } else {
+            head.get(":method")
+                .and_then(|m| std::str::from_utf8(m).ok())
+                .unwrap_or_default()
+                .to_string()
+        };
+        let source_ip = config.counts_by_address(&path).then(source_ip).flatten();
+        let (raw_path, headers) = if matches!(config.auth, Some(AuthConfig::Custom(_))) {
+            // The endpoint sees the request as the client sent it, less any
+            // identity headers the client made up (in any spelling).
+            let headers = head
+                .pairs()
+                .filter(|(name, _)| {
+                    !name.eq_ignore_ascii_case(forward.principal_header.as_bytes())
+                        && !name.eq_ignore_ascii_case(forward.attributes_header.as_bytes())
+                        && !spells_header(name, &forward.principal_header)
+                        && !spells_header(name, &forward.attributes_header)
+                })
+                .map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), v.to_vec()))
+                .collect();
+            (String::from_utf8_lossy(raw_path).into_owned(), headers)
+        } else {
+            (String::new(), Vec::new())
+        };
+        let facts = RequestFacts {
+            method,
+            path,
+            authorization,
+            source_ip,
+            raw_path,
+            headers,
+        };
+        let step = self.core.decide(&facts, now, store);
+        self.carry_out(parked(facts), step);
+    }
+
+    /// An identity header could not be written for an allowed request: it
+    /// is refused instead of going on.
+    pub fn forward_failed(&mut self, req: &RequestHandle, grpc: bool) {
+        log::error!("an identity header could not be set: request refused");
+        self.allowed = self.allowed.saturating_sub(1);
+        let parked = Parked {
+            req: req.clone(),
+            facts: RequestFacts::default(),
+            spoofed: Vec::new(),
+            grpc,
+        };
+        self.refuse(&parked, Denial::Internal);
+    }
+
+    /// A request ended (`on_log`): forget it wherever it waits.
+    pub fn on_log(&mut self, req: &RequestHandle) {
+        if req.phase() != Phase::Waiting {
+            return;
+        }
+        let id = req.id;
+        self.waiters.retain(|p| p.req.id != id);
+        let mut removed: usize = 0;
+        for list in self.callout_waiters.values_mut() {
+            let before = list.len();
+            list.retain(|p| p.req.id != id);
+            removed = removed.saturating_add(before.saturating_sub(list.len()));
+        }
+        self.ready.retain(|(p, how)| {
+            let gone = p.req.id == id;
+            if gone && matches!(how, Resume::Finish(_)) {
+                removed = removed.saturating_add(1);
+            }
+            !gone
+        });
+        self.callout_waiting = self.callout_waiting.saturating_sub(removed);
+    }
+
+    /// The glue sent the callout [`Dispatch`] `id`: with the host's token, or
+    /// it could not be sent.
+    pub fn dispatched(
+        &mut self,
+        id: u64,
+        token: Result<u32, ()>,
+        now: u64,
+        store: &dyn SharedStore,
+    ) {
+        let Some(pending) = self.dispatching.remove(&id) else {
+            return;
+        };
+        match (token, pending) {
+            (Ok(token), pending) => {
+                self.callouts.insert(token, pending);
+            }
+            (Err(()), Pending::Jwks { .. }) => {
+                let cluster = self
+                    .core
+                    .jwt_config()
+                    .map(|j| j.jwks.cluster.clone())
+                    .unwrap_or_default();
+                log::error!(
+                    "JWKS fetch could not start (is cluster `{cluster}` defined in Envoy?)"
+                );
+                let record = self.core.jwks.record.failure(FetchError::Unavailable, now);
+                self.finish_fetch(record, store);
+                self.resume_waiters(now, store);
+            }
+            (Err(()), Pending::Provider { key, .. }) => {
+                log::error!(
+                    "a provider callout could not start (is its cluster defined in Envoy?)"
+                );
+                self.complete_callout(key, Answer::NoAnswer, now, store);
+            }
+        }
+    }
+
+    /// The answer to the callout with this token. `now` is `None` when the
+    /// host clock failed: a provider's waiters get 503; a key set fetch is
+    /// retried once its lease runs out.
+    pub fn on_callout_reply(
+        &mut self,
+        token: u32,
+        reply: CalloutReply,
+        now: Option<u64>,
+        store: &dyn SharedStore,
+    ) {
+        let Some(pending) = self.callouts.remove(&token) else {
+            return;
+        };
+        let Some(now) = now else {
+            log::error!("the host clock failed: callout answer dropped");
+            if let Pending::Provider { key, .. } = pending {
+                // Never cached (an error), so the time does not matter.
+                self.complete_callout(key, Answer::NoAnswer, 0, store);
+            }
+            return;
+        };
+        match pending {
+            Pending::Provider {
+                key,
+                started_ms,
+                timeout_ms,
+            } => {
+                let reply = classify(reply, started_ms, timeout_ms, now);
+                let answer = match &reply {
+                    Reply::Response { status, body } => Answer::Response {
+                        status: *status,
+                        body,
+                    },
+                    Reply::TimedOut => Answer::TimedOut,
+                    Reply::NoAnswer | Reply::TooLarge => Answer::NoAnswer,
+                };
+                self.complete_callout(key, answer, now, store);
+            }
+            Pending::Jwks { started_ms } => {
+                let timeout_ms = self.core.jwt_config().map_or(0, |j| j.jwks.timeout_ms);
+                let jw = &mut self.core.jwks;
+                let record = match classify(reply, started_ms, timeout_ms, now) {
+                    Reply::Response { status: 200, body } => jw.fetched(body, now),
+                    Reply::Response { status, .. } => {
+                        log::warn!("JWKS endpoint answered {status}");
+                        jw.record.failure(FetchError::Unavailable, now)
+                    }
+                    Reply::TimedOut => jw.record.failure(FetchError::Timeout, now),
+                    Reply::NoAnswer | Reply::TooLarge => {
+                        jw.record.failure(FetchError::Unavailable, now)
+                    }
+                };
+                self.finish_fetch(record, store);
+                self.resume_waiters(now, store);
+            }
+        }
+    }
+
+    /// The tick: count metrics, carry on ready requests, send queued
+    /// callouts, keep the key set up, and set the next tick.
+    pub fn on_tick(&mut self, now: u64, store: &dyn SharedStore) {
+        self.tick_soon = false;
+        self.report(now);
+        self.drain_ready(now, store);
+        self.dispatch_queued(now);
+        if let Some(j) = self.core.jwt_config().cloned() {
+            if self.tick_jwks(&j, now, store) {
+                self.resume_waiters(now, store);
+            }
+        }
+        if !self.tick_soon {
+            let period = if self.waiters.is_empty() && self.queued.is_empty() {
+                IDLE_TICK_MS
+            } else {
+                POLL_TICK_MS
+            };
+            self.effects.push_back(Effect::SetTick(period));
+        }
+    }
+
+    // ----- carrying decisions out -----
+
+    /// Carries out a decision: allow, deny, or park; records the request's
+    /// new phase.
+    fn carry_out(&mut self, parked: Parked, step: Step) {
+        self.carry_out_as(parked, step, false);
+    }
+
+    fn carry_out_as(&mut self, parked: Parked, step: Step, resumed: bool) {
+        match step {
+            Step::WaitForKeys => {
+                if self.waiters.len().saturating_add(self.ready.len()) >= MAX_WAITERS {
+                    return self.refuse(&parked, Denial::AuthUnavailable);
+                }
+                parked.req.set(Phase::Waiting);
+                self.waiters.push(parked);
+                self.tick_soon();
+            }
+            Step::Callout(c) => {
+                if self.callout_waiting >= MAX_CALLOUT_WAITERS {
+                    return self.refuse(&parked, Denial::AuthUnavailable);
+                }
+                if let Some(list) = self.callout_waiters.get_mut(&c.key) {
+                    parked.req.set(Phase::Waiting);
+                    list.push(parked);
+                } else if self.callout_waiters.len() >= MAX_PROVIDER_CALLOUTS {
+                    return self.refuse(&parked, Denial::AuthUnavailable);
+                } else {
+                    parked.req.set(Phase::Waiting);
+                    self.callout_waiters.insert(c.key, vec![parked]);
+                    self.queued.push(*c);
+                    self.tick_soon();
+                }
+                self.callout_waiting = self.callout_waiting.saturating_add(1);
+            }
+            Step::Allow(allowed) => {
+                self.allowed = self.allowed.saturating_add(1);
+                parked.req.set(Phase::Allowed(allowed.rate_limit));
+                self.effects.push_back(Effect::Allow {
+                    req: parked.req,
+                    identity: allowed.identity,
+                    spoofed: parked.spoofed,
+                    grpc: parked.grpc,
+                    resume: resumed,
+                });
+            }
+            Step::Deny(denial) => self.refuse(&parked, denial),
+        }
+    }
+
+    /// Answers a request locally: the denial, its metric, its debug line.
+    fn refuse(&mut self, parked: &Parked, denial: Denial) {
+        let facts = &parked.facts;
+        log::debug!(
+            "denied {} {}: {} {}",
+            denial.status(),
+            denial.reason(),
+            facts.method,
+            facts.path
+        );
+        parked.req.set(Phase::Answered);
+        self.effects
+            .push_back(Effect::Count(Metric::Denied(denial.reason())));
+        let answer_as = if parked.grpc {
+            let quota = &self.core.config.quota;
+            AnswerAs::Grpc {
+                quota_unavailable: quota
+                    .as_ref()
+                    .is_some_and(|q| !q.rate_limited_as_resource_exhausted),
+            }
+        } else {
+            AnswerAs::Http
+        };
+        self.effects.push_back(Effect::Deny {
+            id: parked.req.id,
+            denial,
+            answer_as,
+        });
+    }
+
+    fn tick_soon(&mut self) {
+        if !self.tick_soon {
+            self.tick_soon = true;
+            self.effects.push_back(Effect::SetTick(SOON_TICK_MS));
+        }
+    }
+
+    /// Queues every request parked for keys to be decided again.
+    fn resume_waiters(&mut self, now: u64, store: &dyn SharedStore) {
+        let waiters = std::mem::take(&mut self.waiters);
+        self.ready
+            .extend(waiters.into_iter().map(|p| (p, Resume::Decide)));
+        self.drain_ready(now, store);
+    }
+
+    /// A provider callout ended: queues every request that waited on it.
+    fn complete_callout(
+        &mut self,
+        key: CacheKey,
+        answer: Answer,
+        now: u64,
+        store: &dyn SharedStore,
+    ) {
+        let result = self.core.provider_answer(key, answer, now);
+        let provider = match self.core.config.auth {
+            Some(AuthConfig::Custom(_)) => "custom",
+            _ => "introspection",
+        };
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(d) if d.status() == 401 => "rejected",
+            Err(_) => "error",
+        };
+        self.effects
+            .push_back(Effect::Count(Metric::Callout { provider, outcome }));
+        let waiting = self.callout_waiters.remove(&key).unwrap_or_default();
+        self.ready.extend(
+            waiting
+                .into_iter()
+                .map(|p| (p, Resume::Finish(result.clone()))),
+        );
+        self.drain_ready(now, store);
+    }
+
+    /// Answers or resumes up to [`RESUME_BATCH`] requests whose wait ended;
+    /// asks for a tick for the rest.
+    fn drain_ready(&mut self, now: u64, store: &dyn SharedStore) {
+        for _ in 0..RESUME_BATCH {
+            let Some((parked, how)) = self.ready.pop_front() else {
+                return;
+            };
+            let step = match how {
+                Resume::Decide => self.core.decide(&parked.facts, now, store),
+                Resume::Finish(result) => {
+                    self.callout_waiting = self.callout_waiting.saturating_sub(1);
+                    self.core.finish(&parked.facts, result, now, store)
+                }
+            };
+            self.carry_out_as(parked, step, true);
+        }
+        if !self.ready.is_empty() {
+            self.tick_soon();
+        }
+    }
+
+    // ----- callouts -----
+
+    fn dispatch(&mut self, pending: Pending, d: Dispatch) {
+        self.dispatching.insert(d.id, pending);
+        self.effects.push_back(Effect::Dispatch(d));
+    }
+
+    fn next_id(&mut self) -> u64 {
+        self.next_dispatch = self.next_dispatch.wrapping_add(1);
+        self.next_dispatch
+    }
+
+    /// Sends the queued provider callouts.
+    fn dispatch_queued(&mut self, now: u64) {
+        for c in std::mem::take(&mut self.queued) {
+            let mut headers = vec![
+                (":method".to_string(), "POST".to_string()),
+                (":path".to_string(), c.upstream.path.clone()),
+                (":authority".to_string(), c.upstream.authority.clone()),
+            ];
+            headers.extend(c.request.headers.iter().cloned());
+            let pending = Pending::Provider {
+                key: c.key,
+                started_ms: now,
+                timeout_ms: c.upstream.timeout_ms,
+            };
+            let d = Dispatch {
+                id: self.next_id(),
+                cluster: c.upstream.cluster.clone(),
+                headers,
+                body: Some(c.request.body.clone()),
+                timeout_ms: c.upstream.timeout_ms,
+            };
+            self.dispatch(pending, d);
+        }
+    }
+
+    /// Ends this VM's fetch: shares the record, gives the lease back, applies it.
+    fn finish_fetch(&mut self, record: jwks::FetchRecord, store: &dyn SharedStore) {
+        if let Some(keys) = &self.shared_keys {
+            if jwks::write_record(store, &keys.record, &record).is_err() {
+                log::warn!("could not share the JWKS with the other workers");
+            }
+            jwks::release_lease(store, &keys.lease);
+        }
+        self.core.jwks.in_flight_since = None;
+        let failed = record.error.is_some();
+        if !failed {
+            log::info!("JWKS fetched ({} bytes)", record.body.len());
+        }
+        self.effects
+            .push_back(Effect::Count(Metric::JwksFetch { failed }));
+        self.core.jwks.apply(record, None);
+    }
+
+    /// Key set upkeep on every tick: take in what another VM fetched, and
+    /// fetch when due and this VM holds the lease. True when parked requests
+    /// should be decided again.
+    fn tick_jwks(&mut self, j: &JwtConfig, now: u64, store: &dyn SharedStore) -> bool {
+        let Some(keys) = self.shared_keys.clone() else {
+            return false;
+        };
+        let jw = &mut self.core.jwks;
+        let mut changed = false;
+        if jw.in_flight_since.is_none() {
+            if let Some((record, cas)) = jwks::read_record(store, &keys.record, jw.record_cas()) {
+                jw.apply(record, Some(cas));
+                changed = true;
+            }
+        }
+        let ttl_ms = j.cache_ttl.saturating_mul(1000);
+        let lease_ms = j.jwks.timeout_ms.saturating_add(LEASE_MARGIN_MS);
+        if !jw.fetch_due(now, ttl_ms) {
+            return changed;
+        }
+        let refresh_due = jw.keys.is_none() || now.saturating_sub(jw.record.fetched) >= ttl_ms;
+        let cooldown_ms = j.refresh_cooldown_seconds.saturating_mul(1000);
+        if !refresh_due && !jw.kid_refresh_allowed(now, cooldown_ms) {
+            // An unknown kid asked, but a fetch started within the cooldown.
+            jw.wanted_since = None;
+            return true;
+        }
+        if jw.in_flight(now, lease_ms)
+            || !jwks::take_lease(store, &keys.lease, now, now.saturating_add(lease_ms))
+        {
+            return changed; // another VM is fetching; its record will tell
+        }
+        let record = jw.record.start(now);
+        if jwks::write_record(store, &keys.record, &record).is_err() {
+            log::warn!("could not share the JWKS fetch state");
+        }
+        jw.apply(record, None);
+        jw.in_flight_since = Some(now);
+        let mut headers = vec![
+            (":method".to_string(), "GET".to_string()),
+            (":path".to_string(), j.jwks.path.clone()),
+            (":authority".to_string(), j.jwks.authority.clone()),
+            ("accept".to_string(), "application/json".to_string()),
+        ];
+        if let Some(t) = &j.jwks_token {
+            headers.push(("authorization".to_string(), format!("Bearer {t}")));
+        }
+        let d = Dispatch {
+            id: self.next_id(),
+            cluster: j.jwks.cluster.clone(),
+            headers,
+            body: None,
+            timeout_ms: j.jwks.timeout_ms,
+        };
+        self.dispatch(Pending::Jwks { started_ms: now }, d);
+        changed
+    }
+
+    /// Counts the allowed requests, the cache counters and the key set's age.
+    fn report(&mut self, now: u64) {
+        let allowed = std::mem::take(&mut self.allowed);
+        if allowed > 0 {
+            self.effects
+                .push_back(Effect::Count(Metric::Allowed(allowed)));
+        }
+        let cache = if self.core.jwt_config().is_some() {
+            "token"
+        } else {
+            "decision"
+        };
+        let (hits, misses) = (self.core.tokens.hits, self.core.tokens.misses);
+        let (new_hits, new_misses) = (
+            hits.saturating_sub(self.reported_hits),
+            misses.saturating_sub(self.reported_misses),
+        );
+        if new_hits > 0 || new_misses > 0 {
+            self.effects.push_back(Effect::Count(Metric::Cache {
+                cache,
+                hits: new_hits,
+                misses: new_misses,
+            }));
+        }
+        self.reported_hits = hits;
+        self.reported_misses = misses;
+        let fetched = self.core.jwks.record.fetched;
+        if fetched > 0 {
+            self.effects.push_back(Effect::Count(Metric::JwksAgeSeconds(
+                now.saturating_sub(fetched) / 1000,
+            )));
+        }
+    }
+}
+
+/// Classifies a callout's answer: no answer (or Envoy's own 504) once the
+/// timeout has run out is a timeout.
+fn classify(reply: CalloutReply, started_ms: u64, timeout_ms: u64, now: u64) -> Reply {
+    let elapsed = now.saturating_sub(started_ms);
+    let out_of_time = elapsed.saturating_add(TIMEOUT_SLACK_MS) >= timeout_ms;
+    let reply = match (reply.status, reply.body) {
+        (None | Some(504), _) if out_of_time => Reply::TimedOut,
+        (None, _) => Reply::NoAnswer,
+        (Some(_), ReplyBody::TooLarge(size)) => {
+            log::warn!("callout answer of {size} bytes is over the {MAX_CALLOUT_BODY}-byte limit");
+            Reply::TooLarge
+        }
+        (Some(status), ReplyBody::Read(body)) => Reply::Response { status, body },
+    };
+    match &reply {
+        Reply::Response { status, .. } => {
+            log::debug!("callout answered {status} after {elapsed} ms")
+        }
+        Reply::TooLarge => {}
+        Reply::NoAnswer => log::warn!("callout got no answer after {elapsed} ms"),
+        Reply::TimedOut => log::warn!("callout timed out after {elapsed} ms"),
+    }
+    reply
+}
+
+/// Whether a client header `name` is another spelling of the identity header
+/// `identity`: equal once lower-cased with `_` read as `-` (as WSGI/CGI,
+/// Rails, PHP and others read header names), but not the same bytes.
+pub fn spells_header(name: &[u8], identity: &str) -> bool {
+    let norm = |b: u8| match b {
+        b'_' => b'-',
+        b => b.to_ascii_lowercase(),
+    };
+    name.len() == identity.len()
+        && name != identity.as_bytes()
+        && name
+            .iter()
+            .zip(identity.bytes())
+            .all(|(&a, b)| norm(a) == norm(b))
+}
+
+#[cfg(test)]
+mod tests {
+    //! Whole scenarios on a virtual clock and a fake shared-data store, as
+    //! the host would drive them.
+    use super::*;
+    use crate::quota::fake::FakeStore;
+
+    const NOW: u64 = 1_700_000_000_000;
+
+    const INTROSPECTION: &str = r#"{"auth": {"provider_type": "oauth2_token", "config": {
+        "introspection": {"url": "http://idp/introspect", "client_id": "c",
+                          "client_secret": "s", "timeout_ms": 10000},
+        "cache_ttl": 30}}}"#;
+
+    const JWKS: &str = r#"{"auth": {"provider_type": "oauth2_token", "config": {
+        "jwks": {"uri": "http://idp/jwks", "cluster": "idp", "token": "jwks-secret"}}}}"#;
+
+    /// Request headers.
+    struct Head(Vec<(&'static str, Vec<u8>)>);
+
+    impl RequestHead for Head {
+        fn get(&self, name: &str) -> Option<&[u8]> {
+            self.0
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.as_slice())
+        }
+        fn pairs(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+            self.0.iter().map(|(k, v)| (k.as_bytes(), v.as_slice()))
+        }
+    }
+
+    /// A well-formed RS256 token whose key (`kid` `k1`) is not known yet.
+    fn unverified_jwt() -> String {
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        use base64::Engine;
+        let part = |json: &str| URL_SAFE_NO_PAD.encode(json);
+        format!(
+            "{}.{}.{}",
+            part(r#"{"alg":"RS256","kid":"k1","typ":"JWT"}"#),
+            part(r#"{"sub":"alice","aud":"llama-stack","exp":4102444800}"#),
+            URL_SAFE_NO_PAD.encode([7u8; 256])
+        )
+    }
+
+    fn bearer(token: &str) -> Head {
+        Head(vec![
+            (":path", b"/v1/models".to_vec()),
+            (":method", b"POST".to_vec()),
+            ("authorization", format!("Bearer {token}").into_bytes()),
+        ])
+    }
+
+    fn driver(config: &str) -> Driver {
+        let mut d = Driver::new(Rc::new(Config::parse(config.as_bytes()).unwrap()));
+        assert!(matches!(d.poll(), Some(Effect::SetTick(SOON_TICK_MS))));
+        d
+    }
+
+    fn drain(d: &mut Driver) -> Vec<Effect> {
+        std::iter::from_fn(|| d.poll()).collect()
+    }
+
+    fn headers(d: &mut Driver, id: u32, head: &Head, store: &FakeStore) -> RequestHandle {
+        let req = RequestHandle::new(id);
+        d.on_request_headers(&req, head, || None, Some(NOW), store);
+        req
+    }
+
+    /// The one dispatch among the queued effects, reported sent as `token`.
+    fn send(d: &mut Driver, token: u32, store: &FakeStore) -> Dispatch {
+        let mut sent: Vec<Dispatch> = drain(d)
+            .into_iter()
+            .filter_map(|e| match e {
+                Effect::Dispatch(x) => Some(x),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(sent.len(), 1, "{sent:?}");
+        let x = sent.remove(0);
+        d.dispatched(x.id, Ok(token), NOW, store);
+        x
+    }
+
+    fn active(sub: &str) -> CalloutReply {
+        let body = format!(r#"{{"active": true, "sub": "{sub}", "exp": 99999999999}}"#);
+        CalloutReply {
+            status: Some(200),
+            body: ReplyBody::Read(body.into_bytes()),
+        }
+    }
+
+    /// Allowed ids and whether resumed; denied ids and their status.
+    type Outcomes = (Vec<(u32, bool)>, Vec<(u32, u32)>);
+
+    fn outcomes(effects: &[Effect]) -> Outcomes {
+        let mut allowed = Vec::new();
+        let mut denied = Vec::new();
+        for e in effects {
+            match e {
+                Effect::Allow { req, resume, .. } => allowed.push((req.id(), *resume)),
+                Effect::Deny { id, denial, .. } => denied.push((*id, denial.status())),
+                _ => {}
+            }
+        }
+        (allowed, denied)
+    }
+
+    #[test]
+    fn requests_with_one_token_share_one_callout_and_are_resumed_by_its_answer() {
+        let store = FakeStore::new();
+        let mut d = driver(INTROSPECTION);
+        let a = headers(&mut d, 1, &bearer("tok"), &store);
+        let b = headers(&mut d, 2, &bearer("tok"), &store);
+        // Parked, bodies held; one tick asked for.
+        assert_eq!((a.phase(), b.phase()), (Phase::Waiting, Phase::Waiting));
+        assert!(!a.may_continue() && !b.may_continue());
+        let effects = drain(&mut d);
+        assert!(matches!(
+            effects.as_slice(),
+            [Effect::SetTick(SOON_TICK_MS)]
+        ));
+        d.on_tick(NOW, &store);
+        let sent = send(&mut d, 7, &store);
+        assert_eq!(sent.cluster, "idp");
+        assert!(sent
+            .headers
+            .contains(&(":path".into(), "/introspect".into())));
+        d.on_callout_reply(7, active("alice"), Some(NOW + 5), &store);
+        let effects = drain(&mut d);
+        assert_eq!(outcomes(&effects), (vec![(1, true), (2, true)], vec![]));
+        assert!(a.may_continue() && b.may_continue());
+        assert!(effects.iter().any(|e| matches!(
+            e,
+            Effect::Count(Metric::Callout {
+                provider: "introspection",
+                outcome: "ok"
+            })
+        )));
+        // Cached now: decided at once, no callout.
+        let c = headers(&mut d, 3, &bearer("tok"), &store);
+        assert_eq!(outcomes(&drain(&mut d)), (vec![(3, false)], vec![]));
+        assert!(c.may_continue());
+    }
+
+    #[test]
+    fn waiters_beyond_the_cap_get_503_at_once() {
+        let store = FakeStore::new();
+        let mut d = driver(INTROSPECTION);
+        for id in 0..MAX_CALLOUT_WAITERS {
+            headers(&mut d, id as u32, &bearer("tok"), &store);
+        }
+        drain(&mut d);
+        let late = headers(&mut d, 99_999, &bearer("tok"), &store);
+        assert_eq!(outcomes(&drain(&mut d)), (vec![], vec![(99_999, 503)]));
+        assert_eq!(late.phase(), Phase::Answered);
+        assert!(!late.may_continue());
+    }
+
+    #[test]
+    fn distinct_callouts_beyond_the_cap_get_503() {
+        let store = FakeStore::new();
+        let mut d = driver(INTROSPECTION);
+        for id in 0..MAX_PROVIDER_CALLOUTS {
+            headers(&mut d, id as u32, &bearer(&format!("tok-{id}")), &store);
+        }
+        drain(&mut d);
+        headers(&mut d, 5000, &bearer("one-more"), &store);
+        assert_eq!(outcomes(&drain(&mut d)), (vec![], vec![(5000, 503)]));
+    }
+
+    #[test]
+    fn waiters_are_answered_a_batch_per_callback() {
+        let store = FakeStore::new();
+        let mut d = driver(INTROSPECTION);
+        let reqs: Vec<RequestHandle> = (0..100)
+            .map(|id| headers(&mut d, id, &bearer("tok"), &store))
+            .collect();
+        drain(&mut d);
+        d.on_tick(NOW, &store);
+        send(&mut d, 1, &store);
+        let refused = CalloutReply {
+            status: Some(200),
+            body: ReplyBody::Read(br#"{"active": false}"#.to_vec()),
+        };
+        d.on_callout_reply(1, refused, Some(NOW), &store);
+        let effects = drain(&mut d);
+        assert_eq!(outcomes(&effects).1.len(), RESUME_BATCH);
+        assert!(effects
+            .iter()
+            .any(|e| matches!(e, Effect::SetTick(SOON_TICK_MS))));
+        d.on_tick(NOW + 1, &store);
+        assert_eq!(outcomes(&drain(&mut d)).1.len(), 100 - RESUME_BATCH);
+        assert!(reqs.iter().all(|r| r.phase() == Phase::Answered));
+    }
+
+    #[test]
+    fn a_request_that_ended_while_waiting_is_forgotten() {
+        let store = FakeStore::new();
+        let mut d = driver(INTROSPECTION);
+        let a = headers(&mut d, 1, &bearer("tok"), &store);
+        headers(&mut d, 2, &bearer("tok"), &store);
+        d.on_log(&a);
+        d.on_tick(NOW, &store);
+        send(&mut d, 3, &store);
+        d.on_callout_reply(3, active("alice"), Some(NOW), &store);
+        assert_eq!(outcomes(&drain(&mut d)), (vec![(2, true)], vec![]));
+        // Both gone: the cap counts nobody.
+        assert_eq!(d.callout_waiting, 0);
+    }
+
+    #[test]
+    fn no_answer_within_the_timeout_is_a_timeout_earlier_it_is_unavailable() {
+        for (after, message) in [
+            (10_000, "Authentication service timeout"),
+            (100, "Authentication service unavailable"),
+        ] {
+            let store = FakeStore::new();
+            let mut d = driver(INTROSPECTION);
+            headers(&mut d, 1, &bearer("tok"), &store);
+            d.on_tick(NOW, &store);
+            send(&mut d, 4, &store);
+            let none = CalloutReply {
+                status: None,
+                body: ReplyBody::Read(Vec::new()),
+            };
+            d.on_callout_reply(4, none, Some(NOW + after), &store);
+            let effects = drain(&mut d);
+            let denial = effects.iter().find_map(|e| match e {
+                Effect::Deny { denial, .. } => Some(denial.to_string()),
+                _ => None,
+            });
+            assert_eq!(denial.as_deref(), Some(message));
+        }
+    }
+
+    #[test]
+    fn a_callout_that_cannot_be_sent_answers_503_and_is_not_cached() {
+        let store = FakeStore::new();
+        let mut d = driver(INTROSPECTION);
+        headers(&mut d, 1, &bearer("tok"), &store);
+        d.on_tick(NOW, &store);
+        let effects = drain(&mut d);
+        let id = effects
+            .iter()
+            .find_map(|e| match e {
+                Effect::Dispatch(x) => Some(x.id),
+                _ => None,
+            })
+            .unwrap();
+        d.dispatched(id, Err(()), NOW, &store);
+        assert_eq!(outcomes(&drain(&mut d)), (vec![], vec![(1, 503)]));
+        headers(&mut d, 2, &bearer("tok"), &store);
+        assert_eq!(outcomes(&drain(&mut d)), (vec![], vec![]));
+    }
+
+    #[test]
+    fn a_failed_clock_refuses_with_500() {
+        let store = FakeStore::new();
+        let mut d = driver(INTROSPECTION);
+        let req = RequestHandle::new(1);
+        d.on_request_headers(&req, &bearer("tok"), || None, None, &store);
+        assert_eq!(outcomes(&drain(&mut d)), (vec![], vec![(1, 500)]));
+        assert_eq!(req.phase(), Phase::Answered);
+    }
+
+    #[test]
+    fn a_failed_identity_header_write_refuses_the_request() {
+        let store = FakeStore::new();
+        let mut d = driver(r#"{}"#);
+        let req = headers(&mut d, 1, &bearer("tok"), &store);
+        assert!(req.may_continue());
+        drain(&mut d);
+        d.forward_failed(&req, false);
+        assert_eq!(outcomes(&drain(&mut d)), (vec![], vec![(1, 500)]));
+        assert!(!req.may_continue());
+    }
+
+    #[test]
+    fn grpc_calls_are_denied_as_grpc_and_other_spellings_are_removed() {
+        let store = FakeStore::new();
+        let mut d = driver(INTROSPECTION);
+        let mut head = bearer("");
+        head.0.push(("content-type", b"application/grpc".to_vec()));
+        headers(&mut d, 1, &head, &store);
+        assert!(drain(&mut d).iter().any(|e| matches!(
+            e,
+            Effect::Deny {
+                answer_as: AnswerAs::Grpc { .. },
+                ..
+            }
+        )));
+        let mut d = driver("{}");
+        let mut head = bearer("tok");
+        head.0.push(("x_auth_principal", b"mallory".to_vec()));
+        head.0.push(("X-Auth_Attributes", b"{}".to_vec()));
+        head.0.push(("x-auth-principal", b"mallory".to_vec()));
+        headers(&mut d, 1, &head, &store);
+        let spoofed = drain(&mut d).into_iter().find_map(|e| match e {
+            Effect::Allow { spoofed, .. } => Some(spoofed),
+            _ => None,
+        });
+        assert_eq!(
+            spoofed,
+            Some(vec![
+                "x_auth_principal".to_string(),
+                "X-Auth_Attributes".to_string()
+            ])
+        );
+    }
+
+    #[test]
+    fn requests_wait_for_the_first_key_set_and_are_decided_when_it_arrives() {
+        let store = FakeStore::new();
+        let mut d = driver(JWKS);
+        let req = headers(&mut d, 1, &bearer(&unverified_jwt()), &store);
+        assert_eq!(req.phase(), Phase::Waiting, "{:?}", drain(&mut d));
+        drain(&mut d);
+        d.on_tick(NOW, &store);
+        let sent = send(&mut d, 9, &store);
+        assert_eq!(sent.cluster, "idp");
+        // The fetch's bearer token never shows in Debug output.
+        assert!(!format!("{sent:?}").contains("jwks-secret"));
+        assert!(sent
+            .headers
+            .contains(&("authorization".into(), "Bearer jwks-secret".into())));
+        let keys = CalloutReply {
+            status: Some(200),
+            body: ReplyBody::Read(br#"{"keys": []}"#.to_vec()),
+        };
+        d.on_callout_reply(9, keys, Some(NOW + 3), &store);
+        let effects = drain(&mut d);
+        assert_eq!(outcomes(&effects), (vec![], vec![(1, 401)]));
+        assert!(effects
+            .iter()
+            .any(|e| matches!(e, Effect::Count(Metric::JwksFetch { failed: false }))));
+    }
+
+    #[test]
+    fn a_key_set_fetch_that_cannot_be_sent_answers_503() {
+        let store = FakeStore::new();
+        let mut d = driver(JWKS);
+        headers(&mut d, 1, &bearer(&unverified_jwt()), &store);
+        d.on_tick(NOW, &store);
+        let id = drain(&mut d)
+            .iter()
+            .find_map(|e| match e {
+                Effect::Dispatch(x) => Some(x.id),
+                _ => None,
+            })
+            .unwrap();
+        d.dispatched(id, Err(()), NOW, &store);
+        let effects = drain(&mut d);
+        assert_eq!(outcomes(&effects), (vec![], vec![(1, 503)]));
+        assert!(effects
+            .iter()
+            .any(|e| matches!(e, Effect::Count(Metric::JwksFetch { failed: true }))));
+    }
+
+    #[test]
+    fn identity_header_spellings() {
+        for name in [
+            "x_auth_principal",
+            "x-auth_principal",
+            "X_Auth_Principal",
+            "X-AUTH-PRINCIPAL",
+        ] {
+            assert!(spells_header(name.as_bytes(), "x-auth-principal"), "{name}");
+        }
+        for name in [
+            "x-auth-principal",
+            "x-auth-principals",
+            "x.auth.principal",
+            "xauthprincipal",
+            "",
+        ] {
+            assert!(
+                !spells_header(name.as_bytes(), "x-auth-principal"),
+                "{name}"
+            );
+        }
+        // A configured name with underscores: dashes spell it too.
+        assert!(spells_header(b"x-user-id", "x_user_id"));
+    }
+}
