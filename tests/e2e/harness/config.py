@@ -34,7 +34,8 @@ def jwt_config(idp_port: int, *, jwks: dict | None = None, forward: dict | None 
                llama_form: bool = False, **auth_config) -> dict:
     """The oauth2_token configuration pointing at the IdP on `idp_port`.
 
-    `jwks` and `forward` are merged into their defaults; other keyword arguments
+    `jwks` and `forward` are merged into their defaults (`forward=OMIT` leaves
+    `forward` out); other keyword arguments
     override keys of `auth.config` (e.g. `issuer=OMIT`, `clock_skew_seconds=0`),
     except `public_paths`, which is top-level. `llama_form=True` writes
     `auth.provider_config` with `type` instead of `provider_type` + `config`."""
@@ -57,15 +58,13 @@ def jwt_config(idp_port: int, *, jwks: dict | None = None, forward: dict | None 
         auth = {"provider_config": {"type": "oauth2_token", **config}}
     else:
         auth = {"provider_type": "oauth2_token", "config": config}
-    out = {
-        "auth": auth,
-        "public_paths": public_paths,
-        "forward": _merge({
+    out = {"auth": auth, "public_paths": public_paths}
+    if forward is not OMIT:
+        out["forward"] = _merge({
             "principal_header": "x-auth-principal",
             "attributes_header": "x-auth-attributes",
             "strip_authorization": False,
-        }, forward),
-    }
+        }, forward)
     if public_paths is OMIT:
         del out["public_paths"]
     return out

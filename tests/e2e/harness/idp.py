@@ -15,6 +15,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 if __package__ in (None, ""):  # run as a script: make `harness` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -40,10 +41,14 @@ class IdP(LoopbackServer):
     """The identity provider. All setters are safe to call while serving."""
 
     def __init__(self, port: int = 0, keys: list[tokens.SigningKey] | None = None,
-                 issuer: str = DEFAULT_ISSUER, audience: str = DEFAULT_AUDIENCE):
+                 issuer: str = DEFAULT_ISSUER, audience: str = DEFAULT_AUDIENCE,
+                 default_claims: Callable[[str], dict] | None = None):
+        """`default_claims(sub)` gives the claims a minted token for `sub`
+        carries unless the caller sets them (e.g. the demo users' scopes)."""
         super().__init__(port)
         self.issuer = issuer
         self.audience = audience
+        self.default_claims = default_claims
         self.keys: list[tokens.SigningKey] = list(keys or [])
         self.jwks_doc: dict | None = None  # when set, served instead of `keys`
         self.down = False  # when True every request is dropped with no answer
@@ -95,6 +100,15 @@ class IdP(LoopbackServer):
         doc = self.jwks_doc if self.jwks_doc is not None else tokens.jwks(*self.keys)
         return Reply(200, doc)
 
+    def mint(self, sub: str = "alice", ttl: int = 3600, **claims) -> str:
+        """A token signed with the first key, valid for `ttl` seconds: this
+        IdP's issuer and audience, then `default_claims(sub)`, then `claims`."""
+        extra = dict(self.default_claims(sub)) if self.default_claims else {}
+        extra.update(claims)
+        aud = extra.pop("aud", self.audience)
+        return self.keys[0].sign(tokens.claims(sub=sub, aud=aud, iss=self.issuer, lifetime=ttl,
+                                               **extra))
+
     def _token(self, req: Request) -> Reply:
         """Mints a token with the first key: ?sub=&scope=&groups=a,b&aud=&ttl=&format=json."""
         if not self.keys:
@@ -105,10 +119,10 @@ class IdP(LoopbackServer):
             extra["scope"] = q["scope"]
         if "groups" in q:
             extra["groups"] = [g for g in q["groups"].split(",") if g]
+        if "aud" in q:
+            extra["aud"] = q["aud"]
         ttl = int(q.get("ttl", "3600"))
-        token = self.keys[0].sign(tokens.claims(
-            sub=q.get("sub", "alice"), aud=q.get("aud", self.audience), iss=self.issuer,
-            lifetime=ttl, **extra))
+        token = self.mint(q.get("sub", "alice"), ttl, **extra)
         if q.get("format") == "json":
             return Reply(200, {"access_token": token, "token_type": "Bearer", "expires_in": ttl})
         return Reply(200, token + "\n", {"content-type": "text/plain"})
@@ -124,12 +138,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="PEM private key to use; created when missing (default: a new key per run)")
     args = ap.parse_args(argv)
 
-    if args.key_file and args.key_file.exists():
-        key = tokens.load_key(args.key_file.read_bytes(), args.kid, "RS256")
+    if args.key_file:
+        key = tokens.key_file(args.key_file, args.kid, "RS256")
     else:
         key = tokens.rsa_key(args.kid, "RS256")
-        if args.key_file:
-            args.key_file.write_bytes(key.private_pem())
 
     idp = IdP(args.port, [key], issuer=args.issuer, audience=args.audience).start()
     print(f"demo IdP on {idp.base_url}: GET /jwks, GET /token?sub=alice&scope=read%20write "

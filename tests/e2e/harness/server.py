@@ -6,7 +6,9 @@ from __future__ import annotations
 import http.server
 import json
 import socket
+import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 from urllib.parse import parse_qs, urlsplit
@@ -21,6 +23,7 @@ class Request:
     headers: dict[str, str]  # lower-case names; repeated headers joined with ", "
     header_list: list[tuple[str, str]]  # every header in order, names lower-case
     body: bytes
+    at: float = field(default_factory=time.time)  # when it was received (epoch seconds)
 
     @property
     def route(self) -> str:
@@ -68,6 +71,11 @@ class _Httpd(http.server.ThreadingHTTPServer):
     def __init__(self, addr, owner: "LoopbackServer"):
         self.owner = owner
         super().__init__(addr, _RequestHandler)
+
+    def handle_error(self, request, client_address):
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return  # the peer hung up, e.g. an Envoy stopped while its answer was on its way
+        super().handle_error(request, client_address)
 
 
 class _RequestHandler(http.server.BaseHTTPRequestHandler):

@@ -8,6 +8,7 @@ import hmac
 import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import jwt
@@ -103,6 +104,28 @@ def ed25519_key(kid: str = "ed-1") -> SigningKey:
 def load_key(pem: bytes, kid: str, alg: str) -> SigningKey:
     """A SigningKey from a PEM private key."""
     return SigningKey(kid, alg, serialization.load_pem_private_key(pem, password=None))
+
+
+def new_key(kid: str, alg: str) -> SigningKey:
+    """A new key for `alg` (RSA 2048 bits, P-256/P-384, Ed25519)."""
+    if alg in RSA_ALGS:
+        return rsa_key(kid, alg)
+    if alg in EC_CURVES:
+        return ec_key(kid, alg)
+    if alg == "EdDSA":
+        return ed25519_key(kid)
+    raise ValueError(f"no key type for {alg}")
+
+
+def key_file(path: Path, kid: str, alg: str) -> SigningKey:
+    """The key kept in `path` (PEM, PKCS#8), made and written there first if missing."""
+    path = Path(path)
+    if path.exists():
+        return load_key(path.read_bytes(), kid, alg)
+    key = new_key(kid, alg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(key.private_pem())
+    return key
 
 
 def jwks(*keys: SigningKey) -> dict:
