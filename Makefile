@@ -110,7 +110,10 @@ fuzz-smoke:
 # each mutant is a small change to the code that the host unit tests should
 # catch; the ones they miss are listed in build/mutants/mutants.out/missed.txt.
 # ~20-40 min; not part of make test. MUTANTS_FILES narrows it (-f per file).
-MUTANTS_FILES ?= src/auth.rs src/claims.rs src/config.rs src/custom.rs src/introspection.rs src/json.rs src/jwks.rs src/jwt.rs src/policy.rs src/quota.rs src/response.rs src/rsa.rs
+MUTANTS_FILES ?= src/alg.rs src/auth.rs src/claims.rs src/config.rs src/json.rs src/jwks_cache.rs \
+  src/jwt.rs src/key_set.rs src/path.rs src/provider/mod.rs src/provider/custom.rs \
+  src/provider/introspection.rs src/quota.rs src/response.rs src/route_rules.rs src/rsa.rs \
+  src/store.rs src/token_cache.rs
 mutants:
 	@command -v cargo-mutants >/dev/null || cargo install cargo-mutants --locked --version 27.1.0
 	cargo mutants --timeout 60 -o build/mutants $(addprefix -f ,$(MUTANTS_FILES))

@@ -14,28 +14,17 @@ use jwt_simple::prelude::*;
 use serde_json::{json, Map, Value};
 use std::hint::black_box;
 use std::time::Instant;
-use tollgate::auth::{Core, RequestFacts, Step, TokenHasher};
+use tollgate::auth::{Core, RequestFacts, Step};
 use tollgate::claims::ClaimsMapping;
-use tollgate::jwks::KeySet;
 use tollgate::jwt::{self, Rules};
-use tollgate::quota::{SharedStore, StoreError};
+use tollgate::key_set::KeySet;
+use tollgate::store::fake::FakeStore;
+use tollgate::token_cache::TokenHasher;
 
 const RSA_PEM: &str = include_str!("../src/testdata/rsa2048.pem");
 const NOW: u64 = 1_700_000_000;
 const TOKENS: usize = 20;
 const ROUNDS: usize = 30;
-
-/// A store that is never used (no quota configured).
-struct NoStore;
-
-impl SharedStore for NoStore {
-    fn get(&self, _: &str) -> Result<(Option<Vec<u8>>, Option<u32>), StoreError> {
-        Ok((None, None))
-    }
-    fn set(&self, _: &str, _: &[u8], _: Option<u32>) -> Result<(), StoreError> {
-        Ok(())
-    }
-}
 
 /// Runs `f` over every token `ROUNDS` times to warm up, then as many times
 /// measured, and prints the mean per call.
@@ -132,29 +121,16 @@ fn main() {
             headers: vec![],
         })
         .collect();
+    // No quota is configured: the store is never used.
+    let unused = FakeStore::new();
     let mut i = 0;
     per("warm Core::decide", &tokens, &mut |_| {
-        let step = core.decide(&facts[i % facts.len()], now_ms, &NoStore);
+        let step = core.decide(&facts[i % facts.len()], now_ms, &unused);
         assert!(matches!(step, Step::Allow(_)), "{step:?}");
         i += 1;
     });
-    // The quota's work around the two shared-data calls (a map stands in).
-    struct MapStore(std::cell::RefCell<std::collections::HashMap<String, (Vec<u8>, u32)>>);
-    impl SharedStore for MapStore {
-        fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), StoreError> {
-            Ok(match self.0.borrow().get(key) {
-                Some((v, c)) => (Some(v.clone()), Some(*c)),
-                None => (None, None),
-            })
-        }
-        fn set(&self, key: &str, value: &[u8], _: Option<u32>) -> Result<(), StoreError> {
-            let mut m = self.0.borrow_mut();
-            let cas = m.get(key).map_or(1, |(_, c)| c + 1);
-            m.insert(key.to_string(), (value.to_vec(), cas));
-            Ok(())
-        }
-    }
-    let store = MapStore(Default::default());
+    // The quota's work around the two shared-data calls (an in-memory store stands in).
+    let store = FakeStore::new();
     let quota = tollgate::quota::QuotaConfig {
         authenticated_max_requests: u64::MAX,
         ..Default::default()

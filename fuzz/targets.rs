@@ -15,18 +15,20 @@
 //! Times are fixed ([`NOW_S`]); fixture keys are `src/testdata/`'s (the
 //! constants below are checked by `cargo run --example make_seeds`).
 
-use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::rc::Rc;
 use tollgate::auth::{Core, RequestFacts, Step};
+use tollgate::claims::Attributes;
 use tollgate::claims::{header_safe, Identity};
 use tollgate::config::{AuthConfig, Config, JwtConfig};
-use tollgate::introspection::{form_urlencode, Answer};
-use tollgate::jwks::{self, FetchRecord, JwksState, KeySet};
+use tollgate::jwks_cache::{self, FetchRecord, JwksState};
 use tollgate::jwt::{self, Rules, TokenError};
-use tollgate::policy::{normalize_path, Attributes};
-use tollgate::quota::{SharedStore, StoreError};
+use tollgate::key_set::KeySet;
+use tollgate::path::normalize_path;
+use tollgate::provider::introspection::form_urlencode;
+use tollgate::provider::Answer;
 use tollgate::response::Denial;
+use tollgate::store::fake::FakeStore;
+use tollgate::store::SharedStore;
 
 /// Field separator of multi-field inputs.
 pub const SEP: [u8; 1] = [0xFF];
@@ -275,7 +277,7 @@ pub fn token(data: &[u8]) {
 /// on the token's signing input and signature, whatever the header.
 fn ec_and_eddsa_agree_with_rustcrypto(token: &str, keys: &KeySet) {
     use p256::ecdsa::signature::Verifier;
-    use tollgate::jwks::PublicKey;
+    use tollgate::key_set::PublicKey;
     let Some((signed, signature)) = signing_input_and_signature(token) else {
         return;
     };
@@ -283,7 +285,7 @@ fn ec_and_eddsa_agree_with_rustcrypto(token: &str, keys: &KeySet) {
     for key in &keys.keys {
         let theirs = match &key.key {
             PublicKey::Ec {
-                alg: jwt::Alg::ES256,
+                alg: tollgate::alg::Alg::ES256,
                 point,
             } => {
                 let vk = p256::ecdsa::VerifyingKey::from_sec1_bytes(point).unwrap();
@@ -291,7 +293,7 @@ fn ec_and_eddsa_agree_with_rustcrypto(token: &str, keys: &KeySet) {
                     .is_ok_and(|s| vk.verify(msg, &s).is_ok())
             }
             PublicKey::Ec {
-                alg: jwt::Alg::ES384,
+                alg: tollgate::alg::Alg::ES384,
                 point,
             } => {
                 let vk = p384::ecdsa::VerifyingKey::from_sec1_bytes(point).unwrap();
@@ -327,7 +329,7 @@ fn signing_input_and_signature(token: &str) -> Option<(&str, Vec<u8>)> {
 /// verdict on the token's signing input and signature, whatever the header.
 fn rsa_agrees_with_ring(token: &str, keys: &KeySet) {
     use ring::signature as sig;
-    use tollgate::jwks::PublicKey;
+    use tollgate::key_set::PublicKey;
     use tollgate::rsa::Hash;
     let Some((signed, signature)) = signing_input_and_signature(token) else {
         return;
@@ -343,9 +345,9 @@ fn rsa_agrees_with_ring(token: &str, keys: &KeySet) {
             continue;
         };
         let (hash, params) = match alg {
-            jwt::Alg::RS256 => (Hash::Sha256, &sig::RSA_PKCS1_2048_8192_SHA256),
-            jwt::Alg::RS384 => (Hash::Sha384, &sig::RSA_PKCS1_2048_8192_SHA384),
-            jwt::Alg::RS512 => (Hash::Sha512, &sig::RSA_PKCS1_2048_8192_SHA512),
+            tollgate::alg::Alg::RS256 => (Hash::Sha256, &sig::RSA_PKCS1_2048_8192_SHA256),
+            tollgate::alg::Alg::RS384 => (Hash::Sha384, &sig::RSA_PKCS1_2048_8192_SHA384),
+            tollgate::alg::Alg::RS512 => (Hash::Sha512, &sig::RSA_PKCS1_2048_8192_SHA512),
             _ => continue,
         };
         let ours = m.verify(hash, signed.as_bytes(), &signature);
@@ -387,11 +389,12 @@ pub fn jwks(data: &[u8]) {
             FetchRecord::decode(&record.encode()).as_ref(),
             Some(&record)
         );
-        let store = MemStore::new(StoreMode::Normal);
-        assert!(jwks::write_record(&store, "r", &record).is_ok());
-        let (read, cas) = jwks::read_record(&store, "r", None).expect("the record reads back");
+        let store = mem_store(StoreMode::Normal);
+        assert!(jwks_cache::write_record(&store, "r", &record).is_ok());
+        let (read, cas) =
+            jwks_cache::read_record(&store, "r", None).expect("the record reads back");
         assert_eq!(read, record);
-        assert!(jwks::read_record(&store, "r", Some(cas)).is_none());
+        assert!(jwks_cache::read_record(&store, "r", Some(cas)).is_none());
         let mut state = JwksState::default();
         state.want(NOW_MS);
         state.apply(record.clone(), Some(cas));
@@ -401,13 +404,13 @@ pub fn jwks(data: &[u8]) {
             let _ = state.kid_refresh_allowed(now, 10_000);
             let _ = state.in_flight(now, 6_000);
         }
-        let failed = record.failure(jwks::FetchError::Timeout, NOW_MS);
+        let failed = record.failure(jwks_cache::FetchError::Timeout, NOW_MS);
         assert_eq!(failed.body, record.body);
         assert!(failed.retry_at > NOW_MS);
         let _ = record.start(NOW_MS).success(data.to_vec(), NOW_MS).encode();
         let until = record.retry_at;
-        let _ = jwks::take_lease(&store, "l", record.started, until);
-        jwks::release_lease(&store, "l");
+        let _ = jwks_cache::take_lease(&store, "l", record.started, until);
+        jwks_cache::release_lease(&store, "l");
     }
 }
 
@@ -428,7 +431,7 @@ pub fn config(data: &[u8]) {
     let _ = format!("{config:?}");
     let mut core = Core::new(config);
     load_keys(&mut core, NOW_MS);
-    let store = MemStore::new(StoreMode::Normal);
+    let store = mem_store(StoreMode::Normal);
     let es256 = format!("Bearer {TOKEN_ES256}");
     let eddsa = format!("Bearer {TOKEN_EDDSA}");
     let unknown_kid = format!("Bearer {TOKEN_UNKNOWN_KID}");
@@ -525,7 +528,7 @@ pub fn provider_answers(data: &[u8]) {
         Ok(id) => check_identity(&id),
         Err(e) => check_denial(&Denial::Provider(e)),
     }
-    let path = tollgate::custom::endpoint_path(&raw_path);
+    let path = tollgate::provider::custom::endpoint_path(&raw_path);
     let request = c.request(&token, &path, &raw_path, &headers);
     assert!(
         tollgate::json::parse_strict(&request.body).is_ok(),
@@ -626,16 +629,7 @@ fn check_normal_form(p: &str) {
 // ---------------------------------------------------------------------------
 // decision
 
-/// A shared-data store with Envoy's semantics (see `tollgate::quota::SharedStore`):
-/// `get` of a missing key is `(None, None)`; CASes are non-zero; `set` with
-/// no CAS is unconditional; a CAS on a missing key creates it; a CAS other
-/// than the key's is a mismatch. Optionally failing.
-pub struct MemStore {
-    map: RefCell<HashMap<String, (Vec<u8>, u32)>>,
-    next_cas: Cell<u32>,
-    mode: StoreMode,
-}
-
+/// How the decision target's shared data behaves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StoreMode {
     Normal,
@@ -645,57 +639,17 @@ pub enum StoreMode {
     Contended,
 }
 
-impl MemStore {
-    pub fn new(mode: StoreMode) -> MemStore {
-        MemStore {
-            map: RefCell::new(HashMap::new()),
-            next_cas: Cell::new(1),
-            mode,
-        }
+/// Shared data with Envoy's semantics (`tollgate::store::fake::FakeStore`),
+/// failing as `mode` says.
+pub fn mem_store(mode: StoreMode) -> FakeStore {
+    let store = FakeStore::new();
+    match mode {
+        StoreMode::Normal => {}
+        StoreMode::FailGet => store.fail_get(true),
+        StoreMode::FailSet => store.fail_set(true),
+        StoreMode::Contended => store.inject_mismatches(u32::MAX),
     }
-
-    fn bump(&self) -> u32 {
-        let cas = self.next_cas.get();
-        self.next_cas.set(cas.wrapping_add(1).max(1));
-        cas
-    }
-
-    /// Writes as another worker would (unconditionally, new CAS).
-    pub fn put(&self, key: &str, value: &[u8]) {
-        let cas = self.bump();
-        self.map
-            .borrow_mut()
-            .insert(key.to_string(), (value.to_vec(), cas));
-    }
-}
-
-impl SharedStore for MemStore {
-    fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), StoreError> {
-        if self.mode == StoreMode::FailGet {
-            return Err(StoreError::Other);
-        }
-        Ok(match self.map.borrow().get(key) {
-            None => (None, None),
-            Some((v, cas)) if v.is_empty() => (None, Some(*cas)),
-            Some((v, cas)) => (Some(v.clone()), Some(*cas)),
-        })
-    }
-
-    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
-        match self.mode {
-            StoreMode::FailSet => return Err(StoreError::Other),
-            StoreMode::Contended => return Err(StoreError::CasMismatch),
-            _ => {}
-        }
-        let cas = cas.unwrap_or(0);
-        if let Some((_, current)) = self.map.borrow().get(key) {
-            if cas != 0 && cas != *current {
-                return Err(StoreError::CasMismatch);
-            }
-        }
-        self.put(key, value);
-        Ok(())
-    }
+    store
 }
 
 /// What the glue does when keys are fetched: a successful fetch of the
@@ -858,7 +812,7 @@ pub fn decision(data: &[u8]) {
         },
     };
 
-    let store = MemStore::new(store_mode);
+    let store = mem_store(store_mode);
     let planted = field(&f, 5);
     if !planted.is_empty() {
         let ip = facts.source_ip.as_deref().unwrap_or("unknown");
@@ -866,7 +820,7 @@ pub fn decision(data: &[u8]) {
             tollgate::quota::Client::Principal("alice"),
             tollgate::quota::Client::Anonymous(ip),
         ] {
-            store.put(&tollgate::quota::key_for(&client), planted);
+            store.put_raw(&tollgate::quota::key_for(&client), planted);
         }
     }
     let mut core = Core::new(config.clone());

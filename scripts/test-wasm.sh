@@ -2,11 +2,12 @@
 # Runs the lib's unit tests inside wasm (wasm32-wasip1 under Node's WASI, see
 # .cargo/config.toml and scripts/wasm-test-runner.mjs) and refuses a run that
 # proves nothing: it fails if cargo fails, if no `test result:` summary
-# appears, if any summary reports 0 passed, or if no `crypto_tests::` test is
-# listed as ok (the signature checks must really have run in wasm).
+# appears, if any summary reports 0 passed, or if no `tests::crypto::` test is
+# listed as ok (the signature checks of src/tests/crypto.rs must really have
+# run in wasm).
 #
 #   bash scripts/test-wasm.sh [cargo test args...] [-- test binary args...]
-#   e.g. bash scripts/test-wasm.sh -- crypto_tests --nocapture
+#   e.g. bash scripts/test-wasm.sh -- tests::crypto --nocapture
 set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
@@ -56,9 +57,9 @@ while read -r n; do
   total=$((total + n))
 done < <(sed -nE 's/^test result: ok\. ([0-9]+) passed.*/\1/p' <<<"$summaries")
 
-crypto_ok="$(grep -cE '^test (tollgate::)?crypto_tests::[^ ]+ \.\.\. ok$' "$log")"
+crypto_ok="$(grep -cE '^test (tollgate::)?tests::crypto::[^ ]+ \.\.\. ok$' "$log")"
 if [ "$crypto_ok" -eq 0 ]; then
-  fail "no crypto_tests:: test ran ok in wasm"
+  fail "no tests::crypto:: test ran ok in wasm"
 fi
 
-echo "test-wasm: ok: $total tests passed in wasm ($crypto_ok crypto_tests), ${elapsed}s"
+echo "test-wasm: ok: $total tests passed in wasm ($crypto_ok in tests::crypto), ${elapsed}s"

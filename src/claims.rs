@@ -3,8 +3,11 @@
 //! carry them to the upstream.
 
 use crate::json::{ConfigError, Obj};
-use crate::policy::Attributes;
 use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+
+/// A user's attributes: category (`scopes`, `roles`, `teams`, …) to values.
+pub type Attributes = BTreeMap<String, Vec<String>>;
 
 /// Claim (dotted path for nested claims) → attribute category.
 #[derive(Debug, Clone, PartialEq, Eq)]

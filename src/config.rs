@@ -6,13 +6,14 @@
 //! `{"auth": {"provider_type": T, "config": {...}}}` and the current
 //! `{"auth": {"provider_config": {"type": T, ...}}}` are accepted.
 
+use crate::alg::{Alg, AlgSet};
 use crate::claims::ClaimsMapping;
-use crate::custom::Custom;
-use crate::introspection::Introspection;
-use crate::json::{ConfigError, Obj};
-use crate::jwt::{Alg, AlgSet};
-use crate::policy::{PublicPaths, RouteRules};
+use crate::json::{is_tchar, ConfigError, Obj};
+use crate::provider::custom::Custom;
+use crate::provider::introspection::{Introspection, IntrospectionConfig};
+use crate::provider::{upstream_with, Upstream, CREDENTIALS_JWKS};
 use crate::quota::QuotaConfig;
+use crate::route_rules::{PublicPaths, RouteRules};
 use serde_json::Value;
 
 /// The whole plugin configuration.
@@ -37,18 +38,6 @@ pub enum AuthConfig {
     Custom(Custom),
 }
 
-/// `oauth2_token` with introspection.
-#[derive(Debug, Clone)]
-pub struct IntrospectionConfig {
-    pub introspection: Introspection,
-    pub claims_mapping: ClaimsMapping,
-    pub clock_skew_seconds: u64,
-    /// Seconds an allowed answer is cached (0: never).
-    pub cache_ttl: u64,
-    /// Named in the 401 for a request without credentials.
-    pub issuer: Option<String>,
-}
-
 /// `oauth2_token` with a JWKS.
 #[derive(Debug, Clone)]
 pub struct JwtConfig {
@@ -68,16 +57,6 @@ pub struct JwtConfig {
     /// How long past `cache_ttl` the last good key set is still used while
     /// refreshes fail.
     pub max_stale_seconds: u64,
-}
-
-/// Where a callout goes: an Envoy cluster and the request's path and authority.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Upstream {
-    pub url: String,
-    pub cluster: String,
-    pub authority: String,
-    pub path: String,
-    pub timeout_ms: u64,
 }
 
 /// Identity forwarded to the upstream.
@@ -272,11 +251,6 @@ fn header_name(o: &mut Obj, key: &str) -> Result<Option<String>, ConfigError> {
     Ok(Some(lower))
 }
 
-/// RFC 9110 `tchar`.
-pub fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
-}
-
 fn parse_auth(mut o: Obj) -> Result<AuthConfig, ConfigError> {
     // Their dumps carry empty lists (no rules); only rules are refused.
     for key in ["access_policy", "route_policy"] {
@@ -459,101 +433,6 @@ fn parse_algorithms(o: &mut Obj, has_introspection: bool) -> Result<AlgSet, Conf
         set = set.with(alg);
     }
     Ok(set)
-}
-
-/// Where the credentials of a URL's userinfo go instead, for the refusal:
-/// the custom endpoint gets none from tollgate.
-pub const CREDENTIALS_NONE: &str = "tollgate sends this endpoint no credentials of its own; TLS and authentication to it are set on the Envoy cluster";
-/// See [`CREDENTIALS_NONE`]: the JWKS endpoint's bearer token.
-pub const CREDENTIALS_JWKS: &str =
-    "send a bearer token to the JWKS endpoint with `jwks.token`; TLS is set on the Envoy cluster";
-/// See [`CREDENTIALS_NONE`]: the introspection client's credentials.
-pub const CREDENTIALS_INTROSPECTION: &str = "set the client's credentials with `introspection.client_id` and `client_secret`; TLS is set on the Envoy cluster";
-
-/// Splits an `http(s)://host[:port]/path` URL that gets no credentials from
-/// tollgate (the custom endpoint); `cluster` defaults to the authority.
-pub fn upstream(
-    url: &str,
-    key: &str,
-    cluster: Option<String>,
-    timeout_ms: u64,
-) -> Result<Upstream, ConfigError> {
-    upstream_with(url, key, cluster, timeout_ms, CREDENTIALS_NONE)
-}
-
-/// [`upstream`] for a URL whose credentials have their own keys, named by
-/// `credentials_go` when the URL carries userinfo (`user:password@`), which is
-/// refused: the authority is shown in 401 messages and logs. The refusal never
-/// repeats the URL.
-pub fn upstream_with(
-    url: &str,
-    key: &str,
-    cluster: Option<String>,
-    timeout_ms: u64,
-    credentials_go: &str,
-) -> Result<Upstream, ConfigError> {
-    let rest = url
-        .strip_prefix("https://")
-        .or_else(|| url.strip_prefix("http://"))
-        .ok_or_else(|| ConfigError::new(key, "must be an http:// or https:// URL"))?;
-    let (authority, path) = match rest.find('/') {
-        Some(i) => rest.split_at(i),
-        None => (rest, "/"),
-    };
-    if authority.contains('@') {
-        return Err(ConfigError::new(
-            key,
-            format!("the URL must not carry credentials (`user:password@` before the host): {credentials_go}"),
-        ));
-    }
-    if !valid_authority(authority) {
-        return Err(ConfigError::new(key, "the URL has no valid host"));
-    }
-    if !path.bytes().all(|b| (0x21..0x7f).contains(&b)) || path.contains('#') {
-        return Err(ConfigError::new(
-            key,
-            "the URL path must be printable ASCII without spaces or fragment",
-        ));
-    }
-    Ok(Upstream {
-        url: url.to_string(),
-        cluster: cluster.unwrap_or_else(|| authority.to_string()),
-        authority: authority.to_string(),
-        path: path.to_string(),
-        timeout_ms,
-    })
-}
-
-/// `host[:port]`: a name or IPv4 address (letters, digits, `-._`) or a
-/// bracketed IPv6 address; the port 1 to 5 digits.
-fn valid_authority(authority: &str) -> bool {
-    let (host_ok, port) = match authority.strip_prefix('[') {
-        Some(inner) => match inner.split_once(']') {
-            Some((ip, port)) => (
-                !ip.is_empty()
-                    && ip
-                        .bytes()
-                        .all(|b| b.is_ascii_hexdigit() || b":.".contains(&b)),
-                port,
-            ),
-            None => return false,
-        },
-        None => {
-            let (host, port) = authority.split_at(authority.find(':').unwrap_or(authority.len()));
-            (
-                !host.is_empty()
-                    && host
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b)),
-                port,
-            )
-        }
-    };
-    let port_ok = port.is_empty()
-        || port
-            .strip_prefix(':')
-            .is_some_and(|p| (1..=5).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()));
-    host_ok && port_ok
 }
 
 #[cfg(test)]

@@ -18,15 +18,16 @@
 //! whether Envoy calls the body callbacks while headers are paused
 //! (`allow_on_headers_stop_iteration`) or not.
 
-use crate::auth::{self, AuthResult, CacheKey, Core, RequestFacts, Step, LEASE_MARGIN_MS};
+use crate::auth::{self, AuthResult, Core, RequestFacts, Step, LEASE_MARGIN_MS};
 use crate::claims::Identity;
 use crate::config::{AuthConfig, Config, JwtConfig};
-use crate::introspection::Answer;
-use crate::jwks::{self, FetchError, SharedKeys};
-use crate::policy;
-use crate::quota::{RateLimit, SharedStore};
-
+use crate::jwks_cache::{self, FetchError, SharedKeys};
+use crate::path::normalize_path;
+use crate::provider::Answer;
+use crate::quota::RateLimit;
 use crate::response::{is_grpc, Denial};
+use crate::store::SharedStore;
+use crate::token_cache::CacheKey;
 use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -368,10 +369,7 @@ impl Driver {
             return;
         }
         let raw_path = head.get(":path").unwrap_or_default();
-        let path = match std::str::from_utf8(raw_path)
-            .ok()
-            .map(policy::normalize_path)
-        {
+        let path = match std::str::from_utf8(raw_path).ok().map(normalize_path) {
             Some(Ok(p)) => p,
             // Read for debug lines only: nothing matches on it, so a path
             // that cannot be normalised changes no answer.
@@ -756,12 +754,12 @@ impl Driver {
     }
 
     /// Ends this VM's fetch: shares the record, gives the lease back, applies it.
-    fn finish_fetch(&mut self, record: jwks::FetchRecord, store: &dyn SharedStore) {
+    fn finish_fetch(&mut self, record: jwks_cache::FetchRecord, store: &dyn SharedStore) {
         if let Some(keys) = &self.shared_keys {
-            if jwks::write_record(store, &keys.record, &record).is_err() {
+            if jwks_cache::write_record(store, &keys.record, &record).is_err() {
                 log::warn!("could not share the JWKS with the other workers");
             }
-            jwks::release_lease(store, &keys.lease);
+            jwks_cache::release_lease(store, &keys.lease);
         }
         self.core.jwks.in_flight_since = None;
         let failed = record.error.is_some();
@@ -783,7 +781,9 @@ impl Driver {
         let jw = &mut self.core.jwks;
         let mut changed = false;
         if jw.in_flight_since.is_none() {
-            if let Some((record, cas)) = jwks::read_record(store, &keys.record, jw.record_cas()) {
+            if let Some((record, cas)) =
+                jwks_cache::read_record(store, &keys.record, jw.record_cas())
+            {
                 jw.apply(record, Some(cas));
                 changed = true;
             }
@@ -801,12 +801,12 @@ impl Driver {
             return true;
         }
         if jw.in_flight(now, lease_ms)
-            || !jwks::take_lease(store, &keys.lease, now, now.saturating_add(lease_ms))
+            || !jwks_cache::take_lease(store, &keys.lease, now, now.saturating_add(lease_ms))
         {
             return changed; // another VM is fetching; its record will tell
         }
         let record = jw.record.start(now);
-        if jwks::write_record(store, &keys.record, &record).is_err() {
+        if jwks_cache::write_record(store, &keys.record, &record).is_err() {
             log::warn!("could not share the JWKS fetch state");
         }
         jw.apply(record, None);
@@ -912,7 +912,7 @@ mod tests {
     //! Whole scenarios on a virtual clock and a fake shared-data store, as
     //! the host would drive them.
     use super::*;
-    use crate::quota::fake::FakeStore;
+    use crate::store::fake::FakeStore;
 
     const NOW: u64 = 1_700_000_000_000;
 

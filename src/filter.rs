@@ -12,8 +12,9 @@ use crate::host::{
     MAP_CALLOUT_RESPONSE_HEADERS, MAP_REQUEST_HEADERS, MAP_RESPONSE_HEADERS,
 };
 use crate::metrics::Metrics;
-use crate::quota::{self, SharedStore, StoreError};
+use crate::quota;
 use crate::response::Denial;
+use crate::store::{SharedStore, StoreError};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 use std::cell::RefCell;

@@ -223,6 +223,11 @@ impl<'a> Obj<'a> {
     }
 }
 
+/// RFC 9110 `tchar`: the bytes of a configured header name or method.
+pub fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
 /// Parses JSON like `serde_json::from_slice`, but refuses duplicate object
 /// keys at any depth (a token whose header or payload repeats a key is
 /// ambiguous: different parsers would read different claims).

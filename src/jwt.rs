@@ -1,5 +1,5 @@
 //! JWT verification: strict structural and claim checks first (cheap, before
-//! any signature work), then the signature (`jwks::PublicKey::verify`), then
+//! any signature work), then the signature ([`crate::key_set::PublicKey::verify`]), then
 //! the identity from the claims.
 //!
 //! Following RFC 8725 and Envoy's `jwt_authn`: only the compact
@@ -8,74 +8,13 @@
 //! and `b64` are refused; duplicate JSON keys are refused; `exp` is required;
 //! times may have fractions (cut off to whole seconds).
 
+use crate::alg::{Alg, AlgSet};
 use crate::claims::{ClaimsMapping, Identity};
-use crate::jwks::KeySet;
+use crate::key_set::KeySet;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use serde_json::{Map, Value};
 use std::fmt;
-
-/// Signature algorithms tollgate accepts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[allow(clippy::upper_case_acronyms)]
-pub enum Alg {
-    RS256,
-    RS384,
-    RS512,
-    PS256,
-    PS384,
-    PS512,
-    ES256,
-    ES384,
-    EdDSA,
-}
-
-impl Alg {
-    /// Parses an `alg` value, exactly as registered (case-sensitive).
-    pub fn parse(s: &str) -> Option<Alg> {
-        Some(match s {
-            "RS256" => Alg::RS256,
-            "RS384" => Alg::RS384,
-            "RS512" => Alg::RS512,
-            "PS256" => Alg::PS256,
-            "PS384" => Alg::PS384,
-            "PS512" => Alg::PS512,
-            "ES256" => Alg::ES256,
-            "ES384" => Alg::ES384,
-            "EdDSA" => Alg::EdDSA,
-            _ => return None,
-        })
-    }
-}
-
-impl Alg {
-    /// Every supported `alg`, in the order of [`Alg::parse`].
-    pub const NAMES: [&'static str; 9] = [
-        "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA",
-    ];
-
-    fn bit(self) -> u16 {
-        1 << (self as u16)
-    }
-}
-
-/// A set of algorithms: the `algorithms` allow-list.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AlgSet(u16);
-
-impl AlgSet {
-    pub const NONE: AlgSet = AlgSet(0);
-    pub const ALL: AlgSet = AlgSet((1 << Alg::NAMES.len()) - 1);
-
-    /// This set and `alg`.
-    pub fn with(self, alg: Alg) -> AlgSet {
-        AlgSet(self.0 | alg.bit())
-    }
-
-    pub fn contains(self, alg: Alg) -> bool {
-        self.0 & alg.bit() != 0
-    }
-}
 
 /// Why a token was refused. Every variant answers 401 "Invalid JWT token";
 /// the variant names the reason in metrics and debug logs.
@@ -384,7 +323,7 @@ fn identity(parsed: Parsed, rules: &Rules) -> Result<Verified, TokenError> {
 #[cfg(test)]
 mod tests {
     //! `parse`'s limits, exactly at and past each bound (signatures are not
-    //! checked here: see `crypto_tests`).
+    //! checked here: see `tests::crypto`).
     use super::*;
     use serde_json::json;
 

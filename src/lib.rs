@@ -2,11 +2,33 @@
 //! introspection, custom endpoint), enforces per-route scopes and counts
 //! per-client quotas, shaped like Llama Stack's `server.auth` / `server.quota`.
 //!
-//! The decisions live in plain modules that know nothing of the host
-//! (`config`, `jwks`, `jwt`, `claims`, `policy`, `quota`, `auth`, `response`);
-//! `driver` owns every request's lifecycle (parking, callouts, the tick),
-//! also without the host; `filter` is the proxy-wasm glue that pumps host
-//! callbacks into the driver and performs its effects, through `host`.
+//! The decisions live in plain modules that know nothing of the host (time is
+//! passed in, shared data is a [`store::SharedStore`]):
+//!
+//! - [`config`]: the plugin configuration, refused naming the key; read
+//!   through [`json`], the strict key-path reader.
+//! - [`path`]: request path normalisation; [`route_rules`]: public paths and
+//!   the scopes and attributes each route requires.
+//! - [`alg`]: the accepted JWS algorithms; [`key_set`]: a parsed JWKS;
+//!   [`rsa`]: RS256/384/512 with per-key precomputation; [`jwt`]: token
+//!   checks and verification; [`jwks_cache`]: when the key set is fetched and
+//!   how it is shared across VMs.
+//! - [`provider`]: what the callout providers share (upstream, request,
+//!   answer, errors), with [`provider::introspection`] (RFC 7662) and
+//!   [`provider::custom`] (Llama Stack's custom endpoint).
+//! - [`claims`]: from claims to an identity and its forwarded headers.
+//! - [`token_cache`]: the per-VM cache of verdicts about tokens.
+//! - [`quota`]: per-client counters in shared data; [`store`]: shared data as
+//!   the core sees it (and the one fake store of the tests).
+//! - [`auth`]: the request decision (credentials → identity → route rules →
+//!   quota); [`response`]: every local answer.
+//! - [`driver`]: every request's lifecycle (parking, callouts, the tick), also
+//!   without the host.
+//!
+//! The host glue: `filter` pumps proxy-wasm callbacks into the driver and
+//! performs its effects, every host call through `host`; [`metrics`] defines
+//! and updates the Prometheus metrics. Tests that span modules live in
+//! `src/tests/`.
 #![cfg_attr(
     not(test),
     deny(
@@ -17,24 +39,28 @@
     )
 )]
 
+pub mod alg;
 pub mod auth;
 pub mod claims;
 pub mod config;
-#[cfg(test)]
-mod crypto_tests;
-pub mod custom;
 pub mod driver;
 pub mod filter;
 mod host;
-pub mod introspection;
 pub mod json;
-pub mod jwks;
+pub mod jwks_cache;
 pub mod jwt;
+pub mod key_set;
 pub mod metrics;
-pub mod policy;
+pub mod path;
+pub mod provider;
 pub mod quota;
 pub mod response;
+pub mod route_rules;
 pub mod rsa;
+pub mod store;
+#[cfg(test)]
+mod tests;
+pub mod token_cache;
 
 #[cfg(target_arch = "wasm32")]
 proxy_wasm::main! {{

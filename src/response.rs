@@ -3,10 +3,10 @@
 //! `Denial`'s `Display` is the exact message the caller sees; [`Denial::response`]
 //! turns it into status, headers and the JSON body `{"error":{"message":M}}`.
 
-use crate::introspection::ProviderError;
 use crate::jwt::TokenError;
-use crate::policy::AccessDenied;
+use crate::provider::ProviderError;
 use crate::quota::RateLimit;
+use crate::route_rules::AccessDenied;
 use std::fmt;
 
 /// Why a request is not passed to the upstream.
@@ -203,7 +203,7 @@ mod tests {
 
     #[test]
     fn grpc_callers_get_grpc_statuses_and_plain_messages() {
-        use crate::introspection::ProviderError;
+        use crate::provider::ProviderError;
         for (d, code) in [
             (
                 Denial::MissingCredentials("m".into()),
@@ -274,7 +274,7 @@ mod tests {
 
     #[test]
     fn provider_denials_challenge_only_on_401() {
-        use crate::introspection::ProviderError;
+        use crate::provider::ProviderError;
         let invalid = Some("Bearer error=\"invalid_token\"".to_string());
         assert_eq!(
             challenge(&Denial::Provider(ProviderError::NotActive)),

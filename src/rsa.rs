@@ -165,7 +165,7 @@ fn expected_encoding(hash: Hash, message: &[u8], k: usize) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crypto_tests::{pkcs1_n_e, RSA_PEM};
+    use crate::tests::fixtures::{pkcs1_n_e, RSA_PEM};
 
     fn fixed() -> (Fixed<{ U2048::LIMBS }>, Vec<u8>) {
         let (n, _) = pkcs1_n_e(RSA_PEM);

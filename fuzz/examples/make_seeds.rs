@@ -70,7 +70,7 @@ fn ed_jwk(k: &Keys) -> Value {
 
 type TokenClaims = JWTClaims<Map<String, Value>>;
 
-/// alice's claims, as in `src/crypto_tests.rs`.
+/// alice's claims, as in `src/tests/fixtures.rs`.
 fn claims() -> TokenClaims {
     claims_with(json!({
         "groups": ["admins", "ops"],

@@ -1,6 +1,8 @@
 //! OAuth 2.0 token introspection (RFC 7662), as Llama Stack's `oauth2_token`
-//! provider does it with `introspection` configured; and the types shared by
-//! the callout providers (this module and [`crate::custom`]).
+//! provider does it with `introspection` configured: its settings
+//! ([`Introspection`], [`IntrospectionConfig`]), its request and its reading of
+//! the answer. The types it shares with [`crate::provider::custom`] are
+//! [`crate::provider`]'s.
 //!
 //! A sans-IO core: [`Introspection::request`] says what to send,
 //! [`Introspection::interpret`] reads what came back. The glue dispatches the
@@ -11,164 +13,16 @@
 //! The client secret is never logged and never shown by `Debug`.
 
 use crate::claims::{ClaimsMapping, Identity};
-use crate::config::{upstream_with, Upstream, CREDENTIALS_INTROSPECTION};
 use crate::json::{ConfigError, Obj};
 use crate::jwt::Verified;
+use crate::provider::{
+    http_outcome, timeout_ms, upstream_with, Answer, CalloutRequest, ProviderError, ProviderKind,
+    Upstream, CREDENTIALS_INTROSPECTION,
+};
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use serde_json::{Map, Value};
 use std::fmt;
-
-/// Default callout timeout of both callout providers (Llama Stack's 10 s).
-pub const DEFAULT_TIMEOUT_MS: u64 = 10_000;
-/// Longest callout timeout accepted.
-pub const MAX_TIMEOUT_MS: u64 = 600_000;
-
-/// What to send to a provider: the regular headers and the body. The glue adds
-/// the pseudo-headers (`:method` `POST`, `:path`, `:authority` from the
-/// provider's [`Upstream`]); Envoy sets `content-length` from the body.
-#[derive(Clone, PartialEq, Eq)]
-pub struct CalloutRequest {
-    pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
-}
-
-/// Redacts the `authorization` header and the body (both may carry secrets or
-/// the caller's token).
-impl fmt::Debug for CalloutRequest {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let headers: Vec<(&str, &str)> = self
-            .headers
-            .iter()
-            .map(|(k, v)| {
-                if k.eq_ignore_ascii_case("authorization") {
-                    (k.as_str(), "<redacted>")
-                } else {
-                    (k.as_str(), v.as_str())
-                }
-            })
-            .collect();
-        f.debug_struct("CalloutRequest")
-            .field("headers", &headers)
-            .field("body", &format_args!("<{} bytes>", self.body.len()))
-            .finish()
-    }
-}
-
-/// Outcome of a provider callout, before HTTP: everything the glue saw.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Answer<'a> {
-    /// An HTTP answer (any status) and its body.
-    Response { status: u16, body: &'a [u8] },
-    /// No answer: connection refused or reset, unknown cluster, dispatch
-    /// failure, body too large to read.
-    NoAnswer,
-    /// Nothing within the configured timeout.
-    TimedOut,
-}
-
-/// Which provider refused, for the message of [`ProviderError::UnsafeIdentity`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProviderKind {
-    Introspection,
-    Custom,
-}
-
-/// Why a callout provider refused a token. `Display` is the exact message the
-/// caller sees.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ProviderError {
-    /// 401 "Token not active": `active` is not `true`.
-    NotActive,
-    /// 401 "Token not active": the answer's `exp` (plus skew) is past.
-    Expired,
-    /// 401 "Token introspection error": a 200 that is not a JSON object, or
-    /// has no principal, or a malformed `exp` (or `aud`, when checked).
-    IntrospectionError,
-    /// 401 "Token audience not accepted": `audience` is configured and the
-    /// active answer's `aud` names none of its values.
-    WrongAudience,
-    /// 401 "Token introspection failed: <status>": a non-200, non-5xx answer.
-    IntrospectionFailed(u16),
-    /// 401 "Authentication failed: <status>" (custom endpoint).
-    AuthFailed(u16),
-    /// 401 "Invalid authentication response format" (custom endpoint).
-    InvalidResponse,
-    /// 503 "Authentication service unavailable": 5xx or no answer.
-    Unavailable,
-    /// 503 "Authentication service timeout".
-    Timeout,
-    /// 401 with the provider's generic message: the identity would carry
-    /// control characters into a header.
-    UnsafeIdentity(ProviderKind),
-}
-
-impl ProviderError {
-    /// The HTTP status of the local answer.
-    pub fn status(&self) -> u32 {
-        match self {
-            ProviderError::Unavailable | ProviderError::Timeout => 503,
-            _ => 401,
-        }
-    }
-
-    /// The reason label used in metrics and logs.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            ProviderError::Expired => "expired",
-            ProviderError::WrongAudience => "wrong_audience",
-            ProviderError::Unavailable => "auth_unavailable",
-            ProviderError::Timeout => "auth_timeout",
-            _ => "invalid_token",
-        }
-    }
-}
-
-impl fmt::Display for ProviderError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ProviderError::NotActive | ProviderError::Expired => f.write_str("Token not active"),
-            ProviderError::IntrospectionError
-            | ProviderError::UnsafeIdentity(ProviderKind::Introspection) => {
-                f.write_str("Token introspection error")
-            }
-            ProviderError::WrongAudience => f.write_str("Token audience not accepted"),
-            ProviderError::IntrospectionFailed(s) => write!(f, "Token introspection failed: {s}"),
-            ProviderError::AuthFailed(s) => write!(f, "Authentication failed: {s}"),
-            ProviderError::InvalidResponse
-            | ProviderError::UnsafeIdentity(ProviderKind::Custom) => {
-                f.write_str("Invalid authentication response format")
-            }
-            ProviderError::Unavailable => f.write_str("Authentication service unavailable"),
-            ProviderError::Timeout => f.write_str("Authentication service timeout"),
-        }
-    }
-}
-
-/// The transport-level part of interpreting an answer: timeouts, no answer
-/// and 5xx are the same for every provider. Returns the status and body of
-/// any other answer.
-pub(crate) fn http_outcome<'a>(answer: Answer<'a>) -> Result<(u16, &'a [u8]), ProviderError> {
-    match answer {
-        Answer::TimedOut => Err(ProviderError::Timeout),
-        Answer::NoAnswer => Err(ProviderError::Unavailable),
-        Answer::Response { status, .. } if (500..=599).contains(&status) => {
-            Err(ProviderError::Unavailable)
-        }
-        Answer::Response { status, body } => Ok((status, body)),
-    }
-}
-
-/// Reads the callout timeout (`timeout_ms`, default 10 s, 1 ms to 600 s).
-pub(crate) fn timeout_ms(o: &mut Obj) -> Result<u64, ConfigError> {
-    let t = o
-        .u64_max("timeout_ms", MAX_TIMEOUT_MS)?
-        .unwrap_or(DEFAULT_TIMEOUT_MS);
-    if t == 0 {
-        return Err(ConfigError::new(o.path("timeout_ms"), "must be at least 1"));
-    }
-    Ok(t)
-}
 
 /// `application/x-www-form-urlencoded` serialisation of one name or value
 /// (WHATWG URL standard): ASCII alphanumerics and `*-._` are kept, space is
@@ -225,6 +79,18 @@ impl fmt::Debug for Introspection {
             .field("audiences", &self.audiences)
             .finish()
     }
+}
+
+/// `oauth2_token` with introspection.
+#[derive(Debug, Clone)]
+pub struct IntrospectionConfig {
+    pub introspection: Introspection,
+    pub claims_mapping: ClaimsMapping,
+    pub clock_skew_seconds: u64,
+    /// Seconds an allowed answer is cached (0: never).
+    pub cache_ttl: u64,
+    /// Named in the 401 for a request without credentials.
+    pub issuer: Option<String>,
 }
 
 impl Introspection {
@@ -385,27 +251,8 @@ fn nonempty_str<'a>(m: &'a Map<String, Value>, key: &str) -> Option<&'a str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::provider::DEFAULT_TIMEOUT_MS;
     use serde_json::json;
-
-    #[test]
-    fn debug_output_hides_credentials_and_body() {
-        let r = CalloutRequest {
-            headers: vec![
-                ("Authorization".into(), "Basic c2VjcmV0".into()),
-                (
-                    "content-type".into(),
-                    "application/x-www-form-urlencoded".into(),
-                ),
-            ],
-            body: b"token=the.caller.token".to_vec(),
-        };
-        let shown = format!("{r:?}");
-        assert_eq!(
-            shown,
-            "CalloutRequest { headers: [(\"Authorization\", \"<redacted>\"), \
-             (\"content-type\", \"application/x-www-form-urlencoded\")], body: <22 bytes> }"
-        );
-    }
 
     fn parse(v: Value) -> Result<Introspection, ConfigError> {
         Introspection::parse(Obj::new(&v, "auth.config.introspection").unwrap())

@@ -10,7 +10,7 @@
 //!              "params": {"limit": ["10"], ...}}}
 //! ```
 //!
-//! - `path` is the request's normalised path (`policy::normalize_path`: no
+//! - `path` is the request's normalised path (`path::normalize_path`: no
 //!   query, dot segments resolved, slashes merged, `;` parameters kept),
 //!   percent-decoded like the ASGI `scope["path"]` Llama Stack reads (`+`
 //!   stays `+`; bytes that do not form UTF-8 become U+FFFD): see
@@ -28,13 +28,13 @@
 //! [`Custom::interpret`] reads Llama Stack's `AuthResponse`
 //! `{"principal": ..., "attributes": {...}, "message": ...}`.
 
+use crate::claims::Attributes;
 use crate::claims::Identity;
-use crate::config::{upstream, Upstream};
-use crate::introspection::{
-    http_outcome, timeout_ms, Answer, CalloutRequest, ProviderError, ProviderKind,
-};
 use crate::json::{ConfigError, Obj};
-use crate::policy::Attributes;
+use crate::provider::{
+    http_outcome, timeout_ms, upstream, Answer, CalloutRequest, ProviderError, ProviderKind,
+    Upstream,
+};
 use serde_json::{json, Map, Value};
 
 /// Default seconds an endpoint's answer is reused for the same token.
@@ -147,7 +147,7 @@ impl Custom {
 }
 
 /// The `path` the endpoint is sent for a request whose normalised path (see
-/// `policy::normalize_path`) is `normalized_path`: that path percent-decoded,
+/// [`crate::path::normalize_path`]) is `normalized_path`: that path percent-decoded,
 /// as ASGI's `scope["path"]`.
 pub fn endpoint_path(normalized_path: &str) -> String {
     percent_decode(normalized_path, false)
@@ -419,7 +419,7 @@ mod tests {
     #[test]
     fn path_is_percent_decoded_without_plus() {
         let raw = "/v1/files/a%3Bb+c%20d%C3%A9;v=1?x=1%2B1";
-        let path = endpoint_path(&crate::policy::normalize_path(raw).unwrap());
+        let path = endpoint_path(&crate::path::normalize_path(raw).unwrap());
         assert_eq!(path, "/v1/files/a;b+c d\u{e9};v=1");
         let b = body(&example().request("t", &path, raw, &[]));
         assert_eq!(b["request"]["path"], "/v1/files/a;b+c d\u{e9};v=1");
@@ -434,7 +434,7 @@ mod tests {
             "/v1/x/../admin/x?p=1",
             "/v1/%61dmin/./x?p=1",
         ] {
-            let path = endpoint_path(&crate::policy::normalize_path(raw).unwrap());
+            let path = endpoint_path(&crate::path::normalize_path(raw).unwrap());
             assert_eq!(path, "/v1/admin/x", "{raw}");
             let b = body(&example().request("t", &path, raw, &[]));
             assert_eq!(b["request"]["path"], "/v1/admin/x", "{raw}");

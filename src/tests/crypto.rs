@@ -1,256 +1,14 @@
-//! End-to-end tests of token verification with real keys and real
-//! signatures: tokens minted by jwt-simple (and a few built by hand) are
-//! checked by the filter's own code (`jwks::KeySet::parse`, `jwt::verify`,
-//! `claims::ClaimsMapping`), natively with `cargo test --lib` and inside wasm
-//! with `scripts/test-wasm.sh`, where the same pure-Rust crypto runs as in
-//! Envoy.
-//!
-//! Every time is fixed ([`NOW`]); fixture keys are in `src/testdata/`. RSA
-//! signing is slow in an unoptimised wasm build, so each RSA token is minted
-//! once ([`OnceLock`]); the claim checks use the cheap ES256 and EdDSA keys.
+//! Token verification with real keys and real signatures: good tokens per
+//! algorithm, key selection, signatures, claims, and `crate::rsa` against
+//! ring.
 
-use crate::claims::ClaimsMapping;
-use crate::jwks::{JwksError, KeySet};
-use crate::jwt::{self, Rules, TokenError, Verified};
-use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use super::fixtures::*;
+use crate::jwt::{self, Rules, TokenError};
+use crate::key_set::{JwksError, KeySet};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use jwt_simple::prelude::*;
-use serde_json::{json, Map, Value};
-use std::sync::OnceLock;
-
-pub(crate) const RSA_PEM: &str = include_str!("testdata/rsa2048.pem");
-const RSA_1024_PEM: &str = include_str!("testdata/rsa1024.pem");
-const RSA_1024_TOKEN: &str = include_str!("testdata/rsa1024_rs256.jwt");
-const EC_PEM: &str = include_str!("testdata/ec_p256.pem");
-const ED_PEM: &str = include_str!("testdata/ed25519.pem");
-
-/// "Now" for every test (2023-11-14T22:13:20Z).
-const NOW: u64 = 1_700_000_000;
-/// Tokens are issued a minute before [`NOW`] and expire an hour after.
-const IAT: u64 = NOW - 60;
-const EXP: u64 = NOW + 3600;
-const SKEW: u64 = 30;
-const ISSUER: &str = "https://issuer.example";
-const AUDIENCE: &str = "llama-stack";
-
-// ---------------------------------------------------------------------------
-// Fixtures
-
-struct Keys {
-    rs256: RS256KeyPair,
-    ps256: PS256KeyPair,
-    es256: ES256KeyPair,
-    ed25519: Ed25519KeyPair,
-}
-
-fn keys() -> &'static Keys {
-    static KEYS: OnceLock<Keys> = OnceLock::new();
-    KEYS.get_or_init(|| Keys {
-        rs256: RS256KeyPair::from_pem(RSA_PEM)
-            .unwrap()
-            .with_key_id("rsa-1"),
-        ps256: PS256KeyPair::from_pem(RSA_PEM)
-            .unwrap()
-            .with_key_id("rsa-1"),
-        es256: ES256KeyPair::from_pem(EC_PEM).unwrap().with_key_id("ec-1"),
-        ed25519: Ed25519KeyPair::from_pem(ED_PEM)
-            .unwrap()
-            .with_key_id("ed-1"),
-    })
-}
-
-fn b64(bytes: impl AsRef<[u8]>) -> String {
-    URL_SAFE_NO_PAD.encode(bytes)
-}
-
-fn rsa_jwk(kid: &str, n: &[u8], e: &[u8], alg: Option<&str>) -> Value {
-    let mut jwk = json!({"kty": "RSA", "kid": kid, "use": "sig", "n": b64(n), "e": b64(e)});
-    if let Some(alg) = alg {
-        jwk["alg"] = json!(alg);
-    }
-    jwk
-}
-
-fn rsa_2048_jwk(alg: Option<&str>) -> Value {
-    let c = keys().rs256.public_key().to_components();
-    rsa_jwk("rsa-1", &c.n, &c.e, alg)
-}
-
-/// The uncompressed SEC1 point (`04 || x || y`) of the fixture EC key.
-fn ec_point() -> Vec<u8> {
-    let point = keys()
-        .es256
-        .public_key()
-        .public_key()
-        .to_bytes_uncompressed();
-    assert_eq!((point.len(), point[0]), (65, 4));
-    point
-}
-
-fn ec_jwk(kid: &str, point: &[u8]) -> Value {
-    json!({"kty": "EC", "crv": "P-256", "kid": kid,
-           "x": b64(&point[1..33]), "y": b64(&point[33..65])})
-}
-
-fn ed_jwk(kid: &str, x: &[u8]) -> Value {
-    json!({"kty": "OKP", "crv": "Ed25519", "kid": kid, "alg": "EdDSA", "x": b64(x)})
-}
-
-/// The JWKS a well-behaved issuer would publish for the fixture keys.
-fn standard_jwks() -> Vec<Value> {
-    vec![
-        rsa_2048_jwk(None),
-        ec_jwk("ec-1", &ec_point()),
-        ed_jwk("ed-1", &keys().ed25519.public_key().to_bytes()),
-    ]
-}
-
-fn key_set(jwks: Vec<Value>) -> KeySet {
-    KeySet::parse(json!({ "keys": jwks }).to_string().as_bytes()).unwrap()
-}
-
-fn standard_keys() -> &'static KeySet {
-    static SET: OnceLock<KeySet> = OnceLock::new();
-    SET.get_or_init(|| key_set(standard_jwks()))
-}
-
-/// `n` and `e` of a PKCS#1 `RSAPrivateKey` PEM, read by hand: jwt-simple
-/// refuses to load keys under 2048 bits.
-pub(crate) fn pkcs1_n_e(pem: &str) -> (Vec<u8>, Vec<u8>) {
-    fn read<'a>(der: &mut &'a [u8], tag: u8) -> &'a [u8] {
-        assert_eq!(der[0], tag, "unexpected DER tag");
-        let (len, header) = match der[1] {
-            l if l < 0x80 => (usize::from(l), 2),
-            0x81 => (usize::from(der[2]), 3),
-            0x82 => ((usize::from(der[2]) << 8) | usize::from(der[3]), 4),
-            other => panic!("DER length form {other:#x}"),
-        };
-        let value = &der[header..header + len];
-        *der = &der[header + len..];
-        value
-    }
-    assert!(pem.starts_with("-----BEGIN RSA PRIVATE KEY-----"));
-    let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
-    let der = STANDARD.decode(body).unwrap();
-    let mut outer = der.as_slice();
-    let mut seq = read(&mut outer, 0x30);
-    let _version = read(&mut seq, 0x02);
-    let strip = |x: &[u8]| x[x.iter().position(|&b| b != 0).unwrap()..].to_vec();
-    let n = strip(read(&mut seq, 0x02));
-    let e = strip(read(&mut seq, 0x02));
-    (n, e)
-}
-
-fn weak_rsa_jwk() -> Value {
-    let (n, e) = pkcs1_n_e(RSA_1024_PEM);
-    assert_eq!(n.len(), 128, "the weak fixture key is RSA 1024");
-    assert_eq!(e, [1, 0, 1]);
-    rsa_jwk("weak", &n, &e, None)
-}
-
-fn rules() -> Rules<'static> {
-    static AUDIENCES: OnceLock<Vec<String>> = OnceLock::new();
-    static MAPPING: OnceLock<ClaimsMapping> = OnceLock::new();
-    Rules {
-        audiences: AUDIENCES.get_or_init(|| vec!["other-service".into(), AUDIENCE.into()]),
-        issuer: Some(ISSUER),
-        clock_skew_seconds: SKEW,
-        claims_mapping: MAPPING.get_or_init(ClaimsMapping::llama_stack_default),
-    }
-}
-
-type TokenClaims = JWTClaims<Map<String, Value>>;
-
-/// alice's claims: issued a minute ago, valid for an hour, with the claims
-/// Llama Stack's default mapping reads.
-fn claims() -> TokenClaims {
-    let custom = json!({
-        "groups": ["admins", "ops"],
-        "project": "llama",
-        "tenant": "acme",
-        "scope": "models:read models:write",
-        "unmapped": "ignored",
-    });
-    let mut c = Claims::with_custom_claims(
-        custom.as_object().unwrap().clone(),
-        Duration::from_secs(3600),
-    )
-    .with_audience(AUDIENCE)
-    .with_issuer(ISSUER)
-    .with_subject("alice");
-    c.issued_at = Some(UnixTimeStamp::from_secs(IAT));
-    c.invalid_before = Some(UnixTimeStamp::from_secs(IAT));
-    c.expires_at = Some(UnixTimeStamp::from_secs(EXP));
-    c
-}
-
-fn rs256_token() -> &'static str {
-    static T: OnceLock<String> = OnceLock::new();
-    T.get_or_init(|| keys().rs256.sign(claims()).unwrap())
-}
-
-fn ps256_token() -> &'static str {
-    static T: OnceLock<String> = OnceLock::new();
-    T.get_or_init(|| keys().ps256.sign(claims()).unwrap())
-}
-
-fn es256(c: TokenClaims) -> String {
-    keys().es256.sign(c).unwrap()
-}
-
-fn eddsa(c: TokenClaims) -> String {
-    keys().ed25519.sign(c).unwrap()
-}
-
-fn verify(token: &str) -> Result<Verified, TokenError> {
-    verify_at(token, NOW)
-}
-
-fn verify_at(token: &str, now: u64) -> Result<Verified, TokenError> {
-    jwt::verify(token, standard_keys(), &rules(), now)
-}
-
-fn parts(token: &str) -> (String, String, String) {
-    let mut it = token.split('.').map(str::to_string);
-    let t = (it.next().unwrap(), it.next().unwrap(), it.next().unwrap());
-    assert!(it.next().is_none());
-    t
-}
-
-fn decode_json(part: &str) -> Value {
-    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(part).unwrap()).unwrap()
-}
-
-/// A token with any header and payload bytes, signed with the fixture
-/// Ed25519 key: for payloads jwt-simple would never produce.
-fn eddsa_raw(header: &str, payload: &str) -> String {
-    let input = format!("{}.{}", b64(header), b64(payload));
-    let sig = keys()
-        .ed25519
-        .key_pair()
-        .as_ref()
-        .sk
-        .sign(input.as_bytes(), None);
-    format!("{input}.{}", b64(*sig))
-}
-
-fn good_payload_json() -> String {
-    format!(r#"{{"iss":"{ISSUER}","aud":"{AUDIENCE}","sub":"alice","iat":{IAT},"exp":{EXP}}}"#)
-}
-
-fn assert_alice(v: &Verified) {
-    assert_eq!(v.identity.principal, "alice");
-    assert_eq!(v.exp, EXP);
-    let a = &v.identity.attributes;
-    assert_eq!(a["roles"], ["alice"]);
-    assert_eq!(a["teams"], ["admins", "ops"]);
-    assert_eq!(a["projects"], ["llama"]);
-    assert_eq!(a["namespaces"], ["acme"]);
-    assert_eq!(a["scopes"], ["models:read", "models:write"]);
-    assert_eq!(a.len(), 5, "{a:?}");
-    let header: Value = serde_json::from_str(&v.identity.attributes_header).unwrap();
-    assert_eq!(header["teams"], json!(["admins", "ops"]));
-}
+use serde_json::{json, Value};
 
 // ---------------------------------------------------------------------------
 // Good tokens, one per algorithm
@@ -498,7 +256,12 @@ fn rsa_key_restricted_to_rs256_cannot_verify_ps256() {
         Err(TokenError::NoKey)
     );
     // An alg-less RSA JWK serves every RSA algorithm.
-    assert_eq!(standard_keys().candidates(jwt::Alg::PS512, None).count(), 1);
+    assert_eq!(
+        standard_keys()
+            .candidates(crate::alg::Alg::PS512, None)
+            .count(),
+        1
+    );
 }
 
 #[test]
@@ -805,18 +568,18 @@ fn control_characters_in_the_identity_are_refused() {
 
 const RSA_WIDE: [(&str, &str, &str); 3] = [
     (
-        include_str!("testdata/rsa2560.pem"),
-        include_str!("testdata/rsa2560_rs256.jwt"),
+        include_str!("../testdata/rsa2560.pem"),
+        include_str!("../testdata/rsa2560_rs256.jwt"),
         "rsa2560",
     ),
     (
-        include_str!("testdata/rsa3072.pem"),
-        include_str!("testdata/rsa3072_rs384.jwt"),
+        include_str!("../testdata/rsa3072.pem"),
+        include_str!("../testdata/rsa3072_rs384.jwt"),
         "rsa3072",
     ),
     (
-        include_str!("testdata/rsa4096.pem"),
-        include_str!("testdata/rsa4096_rs512.jwt"),
+        include_str!("../testdata/rsa4096.pem"),
+        include_str!("../testdata/rsa4096_rs512.jwt"),
         "rsa4096",
     ),
 ];
@@ -889,7 +652,7 @@ fn wide_rsa_keys_verify_their_tokens_through_the_key_set() {
         // Every entry of an alg-less JWK got the prepared modulus.
         assert!(set.keys.iter().all(|k| matches!(
             &k.key,
-            crate::jwks::PublicKey::Rsa {
+            crate::key_set::PublicKey::Rsa {
                 modulus: Some(_),
                 ..
             }
@@ -966,233 +729,4 @@ fn prepared_modulus_refuses_what_it_does_not_handle() {
     assert!(crate::rsa::Modulus::new(&weak_n, &weak_e).is_none());
     assert!(crate::rsa::Modulus::new(&[0xff; 513], &e).is_none());
     assert!(crate::rsa::Modulus::new(&[], &e).is_none());
-}
-
-// ---------------------------------------------------------------------------
-// The request decision (`auth::Core`) with real tokens: the verified-token cache.
-
-mod core_cache {
-    use super::*;
-    use crate::auth::{Core, RequestFacts, Step};
-    use crate::config::Config;
-    use crate::quota::fake::FakeStore;
-    use crate::response::Denial;
-    use std::rc::Rc;
-
-    fn core() -> Core {
-        let config = json!({"auth": {"provider_config": {"type": "oauth2_token",
-            "jwks": {"uri": "http://idp/jwks", "cache_ttl": 3600},
-            "audience": AUDIENCE, "issuer": ISSUER, "clock_skew_seconds": SKEW}}});
-        let mut core = Core::new(Rc::new(
-            Config::parse(config.to_string().as_bytes()).unwrap(),
-        ));
-        install(&mut core, standard_jwks(), NOW);
-        core
-    }
-
-    /// The key set `jwks`, as fetched by this VM at `now_s`.
-    fn install(core: &mut Core, jwks: Vec<Value>, now_s: u64) {
-        let body = json!({ "keys": jwks }).to_string().into_bytes();
-        let record = core.jwks.fetched(body, now_s * 1000);
-        core.jwks.apply(record, None);
-    }
-
-    /// Decides at `now_s` (plus 999 ms: the cache works in whole seconds).
-    fn decide(core: &mut Core, token: &str, now_s: u64) -> Step {
-        let req = RequestFacts {
-            path: "/v1/models".into(),
-            authorization: Some(format!("Bearer {token}").into_bytes()),
-            ..RequestFacts::default()
-        };
-        core.decide(&req, now_s * 1000 + 999, &FakeStore::new())
-    }
-
-    #[test]
-    fn a_verified_token_is_served_from_the_cache_until_it_expires() {
-        let mut core = core();
-        let token = eddsa(claims());
-        assert_eq!(decide(&mut core, &token, NOW).principal(), Some("alice"));
-        assert_eq!((core.tokens.hits, core.tokens.misses), (0, 1));
-        assert_eq!(
-            decide(&mut core, &token, NOW + 1).principal(),
-            Some("alice")
-        );
-        // Cached up to `exp` + clock skew, to the second.
-        assert_eq!(
-            decide(&mut core, &token, EXP + SKEW).principal(),
-            Some("alice")
-        );
-        assert_eq!((core.tokens.hits, core.tokens.misses), (2, 1));
-        assert_eq!(
-            decide(&mut core, &token, EXP + SKEW + 1),
-            Step::Deny(Denial::InvalidToken(TokenError::Expired))
-        );
-        assert_eq!((core.tokens.hits, core.tokens.misses), (2, 2));
-    }
-
-    #[test]
-    fn a_new_key_set_empties_the_cache() {
-        let mut core = core();
-        let token = eddsa(claims());
-        assert_eq!(decide(&mut core, &token, NOW).principal(), Some("alice"));
-        // The issuer drops the Ed25519 key: the cached answer goes with it.
-        install(&mut core, vec![rsa_2048_jwk(None)], NOW + 1);
-        let step = decide(&mut core, &token, NOW + 2);
-        assert_eq!(step.principal(), None, "{step:?}");
-        assert_eq!((core.tokens.hits, core.tokens.misses), (0, 2));
-        // And back: verified again, then cached again.
-        install(&mut core, standard_jwks(), NOW + 3);
-        assert_eq!(
-            decide(&mut core, &token, NOW + 4).principal(),
-            Some("alice")
-        );
-        assert_eq!(
-            decide(&mut core, &token, NOW + 5).principal(),
-            Some("alice")
-        );
-        assert_eq!((core.tokens.hits, core.tokens.misses), (1, 3));
-    }
-
-    /// The document `body`, answered 200 to this VM's fetch at `now_s`.
-    fn fetched(core: &mut Core, body: &[u8], now_s: u64) {
-        let started = core.jwks.record.start(now_s * 1000);
-        core.jwks.apply(started, None);
-        let record = core.jwks.fetched(body.to_vec(), now_s * 1000);
-        core.jwks.apply(record, None);
-    }
-
-    fn unknown_kid() -> Step {
-        Step::Deny(Denial::InvalidToken(TokenError::UnknownKid))
-    }
-
-    #[test]
-    fn a_removed_key_is_revoked_at_once_the_others_keep_working() {
-        let mut core = core();
-        let (ed, es) = (eddsa(claims()), es256(claims()));
-        for now in [NOW, NOW + 1] {
-            assert_eq!(decide(&mut core, &ed, now).principal(), Some("alice"));
-            assert_eq!(decide(&mut core, &es, now).principal(), Some("alice"));
-        }
-        assert_eq!(core.tokens.hits, 2, "both tokens cached");
-        // The issuer removes the Ed25519 key (the refresh cooldown runs).
-        install(
-            &mut core,
-            vec![rsa_2048_jwk(None), ec_jwk("ec-1", &ec_point())],
-            NOW + 2,
-        );
-        for now in [NOW + 2, NOW + 3] {
-            assert_eq!(decide(&mut core, &ed, now), unknown_kid());
-            assert_eq!(decide(&mut core, &es, now).principal(), Some("alice"));
-        }
-    }
-
-    #[test]
-    fn a_set_without_usable_keys_revokes_every_key() {
-        let no_kid = eddsa_raw(r#"{"alg":"EdDSA"}"#, &good_payload_json());
-        for empty in [
-            json!({"keys": []}),
-            json!({"keys": [{"kty": "oct", "kid": "ed-1", "k": b64(b"secret")}]}),
-        ] {
-            let mut core = core();
-            let ed = eddsa(claims());
-            assert_eq!(decide(&mut core, &ed, NOW).principal(), Some("alice"));
-            assert_eq!(decide(&mut core, &no_kid, NOW).principal(), Some("alice"));
-            fetched(&mut core, empty.to_string().as_bytes(), NOW + 1);
-            assert_eq!(decide(&mut core, &ed, NOW + 1), unknown_kid());
-            assert_eq!(
-                decide(&mut core, &no_kid, NOW + 1),
-                Step::Deny(Denial::InvalidToken(TokenError::NoKey))
-            );
-            // Once the cooldown has run, an unknown kid asks for one refresh...
-            assert_eq!(decide(&mut core, &ed, NOW + 10), unknown_kid());
-            assert_eq!(decide(&mut core, &ed, NOW + 11), Step::WaitForKeys);
-            // ...which still has no key: 401, not another wait.
-            fetched(&mut core, empty.to_string().as_bytes(), NOW + 12);
-            assert_eq!(decide(&mut core, &ed, NOW + 12), unknown_kid());
-            // Garbage afterwards keeps the empty set; a good set brings keys back.
-            fetched(&mut core, b"garbage", NOW + 13);
-            assert_eq!(decide(&mut core, &ed, NOW + 13), unknown_kid());
-            install(&mut core, standard_jwks(), NOW + 14);
-            assert_eq!(decide(&mut core, &ed, NOW + 14).principal(), Some("alice"));
-        }
-    }
-
-    #[test]
-    fn a_first_set_without_keys_answers_401_not_503() {
-        let config = json!({"auth": {"provider_config": {"type": "oauth2_token",
-            "jwks": {"uri": "http://idp/jwks"}, "audience": AUDIENCE, "issuer": ISSUER}}});
-        let mut core = Core::new(Rc::new(
-            Config::parse(config.to_string().as_bytes()).unwrap(),
-        ));
-        let ed = eddsa(claims());
-        assert_eq!(decide(&mut core, &ed, NOW), Step::WaitForKeys);
-        fetched(&mut core, br#"{"keys": []}"#, NOW);
-        assert_eq!(decide(&mut core, &ed, NOW), unknown_kid());
-    }
-
-    #[test]
-    fn a_set_that_is_no_jwks_keeps_the_old_keys() {
-        let mut core = core();
-        let ed = eddsa(claims());
-        assert_eq!(decide(&mut core, &ed, NOW).principal(), Some("alice"));
-        for garbage in [
-            &b"not json"[..],
-            b"[]",
-            br#"{"keys": {}}"#,
-            br#"{"kid": "x"}"#,
-        ] {
-            fetched(&mut core, garbage, NOW + 1);
-            assert_eq!(decide(&mut core, &ed, NOW + 1).principal(), Some("alice"));
-        }
-        assert_eq!(core.tokens.misses, 1, "still cached: nothing changed");
-    }
-
-    #[test]
-    fn bad_signatures_are_never_cached_as_good() {
-        let mut core = core();
-        let good = eddsa(claims());
-        let (signed, _) = good.rsplit_once('.').unwrap();
-        let (_, other_sig) = eddsa(claims().with_subject("mallory"))
-            .rsplit_once('.')
-            .map(|(a, b)| (a.to_string(), b.to_string()))
-            .unwrap();
-        let forged = format!("{signed}.{other_sig}");
-        assert_eq!(decide(&mut core, &good, NOW).principal(), Some("alice"));
-        for _ in 0..2 {
-            assert_eq!(
-                decide(&mut core, &forged, NOW),
-                Step::Deny(Denial::InvalidToken(TokenError::BadSignature))
-            );
-        }
-        assert_eq!((core.tokens.hits, core.tokens.misses), (0, 3));
-    }
-
-    /// The cache is looked up by the token's raw bytes: a cached token with a
-    /// non-UTF-8 byte added (or in place of one of its own) is another token,
-    /// and refused.
-    #[test]
-    fn a_cached_token_with_a_non_utf8_byte_is_refused() {
-        let mut core = core();
-        let good = eddsa(claims());
-        assert_eq!(decide(&mut core, &good, NOW).principal(), Some("alice"));
-        let mut appended = format!("Bearer {good}").into_bytes();
-        appended.push(0xff);
-        let mut replaced = format!("Bearer {good}").into_bytes();
-        if let Some(last) = replaced.last_mut() {
-            *last = 0xff;
-        }
-        for authorization in [appended, replaced] {
-            let req = RequestFacts {
-                path: "/v1/models".into(),
-                authorization: Some(authorization),
-                ..RequestFacts::default()
-            };
-            assert_eq!(
-                core.decide(&req, NOW * 1000, &FakeStore::new()),
-                Step::Deny(Denial::InvalidToken(TokenError::Malformed))
-            );
-        }
-        assert_eq!(decide(&mut core, &good, NOW).principal(), Some("alice"));
-        assert_eq!((core.tokens.hits, core.tokens.misses), (1, 3));
-    }
 }
