@@ -16,10 +16,12 @@
 //! constants below are checked by `cargo run --example make_seeds`).
 
 use std::rc::Rc;
-use tollgate::auth::{Core, RequestFacts, Step};
 use tollgate::claims::Attributes;
 use tollgate::claims::{header_safe, Identity};
 use tollgate::config::{AuthConfig, Config, JwtConfig};
+use tollgate::driver::{
+    CalloutReply, Driver, Effect, Phase, ReplyBody, RequestHandle, RequestHead,
+};
 use tollgate::jwks_cache::{self, FetchRecord, JwksState};
 use tollgate::jwt::{self, Rules, TokenError};
 use tollgate::key_set::KeySet;
@@ -28,7 +30,6 @@ use tollgate::provider::introspection::form_urlencode;
 use tollgate::provider::Answer;
 use tollgate::response::Denial;
 use tollgate::store::fake::FakeStore;
-use tollgate::store::SharedStore;
 
 /// Field separator of multi-field inputs.
 pub const SEP: [u8; 1] = [0xFF];
@@ -429,8 +430,8 @@ pub fn config(data: &[u8]) {
         }
     };
     let _ = format!("{config:?}");
-    let mut core = Core::new(config);
-    load_keys(&mut core, NOW_MS);
+    let mut driver = Driver::new(config);
+    while driver.poll().is_some() {}
     let store = mem_store(StoreMode::Normal);
     let es256 = format!("Bearer {TOKEN_ES256}");
     let eddsa = format!("Bearer {TOKEN_EDDSA}");
@@ -443,20 +444,18 @@ pub fn config(data: &[u8]) {
         ("GET", "/v1/models", Some(&unknown_kid)),
     ];
     let answer = br#"{"active": true, "principal": "alice", "sub": "alice", "scope": "admin"}"#;
-    for (method, path, authorization) in requests {
-        let facts = RequestFacts {
-            method: method.to_string(),
-            path: normalize_path(path).unwrap_or_default(),
-            authorization: authorization.map(|a| a.as_bytes().to_vec()),
-            source_ip: Some("192.0.2.1".into()),
-            raw_path: path.to_string(),
-            headers: vec![("x-request-id".into(), b"1".to_vec())],
-        };
-        let answer = Answer::Response {
-            status: 200,
-            body: answer,
-        };
-        run_to_end(&mut core, &facts, NOW_MS, &store, answer);
+    for (id, (method, path, authorization)) in (1..).zip(requests) {
+        let mut head = vec![
+            (b":method".to_vec(), method.as_bytes().to_vec()),
+            (b":path".to_vec(), path.as_bytes().to_vec()),
+            (b"x-request-id".to_vec(), b"1".to_vec()),
+        ];
+        if let Some(a) = authorization {
+            head.push((b"authorization".to_vec(), a.as_bytes().to_vec()));
+        }
+        let answers = Answers::Response(200, answer);
+        let ip = Some("192.0.2.1".to_string());
+        run_to_end(&mut driver, id, &Head(head), ip, NOW_MS, &store, answers);
     }
 }
 
@@ -652,16 +651,18 @@ pub fn mem_store(mode: StoreMode) -> FakeStore {
     store
 }
 
-/// What the glue does when keys are fetched: a successful fetch of the
-/// fixture JWKS at `now_ms`.
-fn load_keys(core: &mut Core, now_ms: u64) {
-    if core.jwt_config().is_some() {
-        let record = core
-            .jwks
-            .record
-            .start(now_ms)
-            .success(JWKS.as_bytes().to_vec(), now_ms);
-        core.jwks.apply(record, None);
+/// Request headers as the driver reads them.
+struct Head(Vec<(Vec<u8>, Vec<u8>)>);
+
+impl RequestHead for Head {
+    fn get(&self, name: &str) -> Option<&[u8]> {
+        self.0
+            .iter()
+            .find(|(k, _)| k.as_slice() == name.as_bytes())
+            .map(|(_, v)| v.as_slice())
+    }
+    fn pairs(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.0.iter().map(|(k, v)| (k.as_slice(), v.as_slice()))
     }
 }
 
@@ -677,59 +678,134 @@ fn bearer(value: &[u8]) -> Option<&str> {
     std::str::from_utf8(token.trim_ascii()).ok()
 }
 
-/// Decides a request to the end, doing what the glue does for a parked one
-/// (fetch keys, or make the callout and take `answer`). Returns the identity
-/// of an allowed request (`Some(None)` when anonymous), `None` when denied.
-fn run_to_end(
-    core: &mut Core,
-    facts: &RequestFacts,
-    now_ms: u64,
-    store: &dyn SharedStore,
-    answer: Answer,
-) -> Option<Option<Rc<Identity>>> {
-    let mut step = core.decide(facts, now_ms, store);
-    let mut fetched = false;
-    let mut called = false;
-    loop {
-        step = match step {
-            Step::WaitForKeys => {
-                // A request waits for one fetch at most: once it has ended,
-                // it is decided with what it brought.
-                assert!(!fetched, "parked for keys again after a fetch");
-                fetched = true;
-                load_keys(core, now_ms);
-                core.decide(facts, now_ms, store)
-            }
-            Step::Callout(c) => {
-                assert!(!called, "a second callout for one request");
-                called = true;
-                assert!(
-                    tollgate::json::parse_strict(&c.request.body).is_ok()
-                        || c.request.body.starts_with(b"token=")
-                );
-                let result = core.provider_answer(c.key, answer, now_ms);
-                core.finish(facts, result, now_ms, store)
-            }
-            Step::Allow(a) => {
-                if let Some(id) = &a.identity {
-                    check_identity(id);
-                }
-                for (k, v) in a.rate_limit.iter().flat_map(|r| r.headers()) {
-                    assert!(header_safe(k) && v.bytes().all(|b| b.is_ascii_digit()));
-                }
-                return Some(a.identity);
-            }
-            Step::Deny(d) => {
-                check_denial(&d);
-                return None;
-            }
-        }
-    }
+/// How the fuzzed provider answers a callout.
+#[derive(Debug, Clone, Copy)]
+enum Answers<'a> {
+    Response(u16, &'a [u8]),
+    NoAnswer,
+    TimedOut,
 }
 
-/// A whole request decision (`Core::decide`, then what the glue does for a
-/// parked request), repeated on the same core for up to four rounds (caches,
-/// quota counting).
+/// Runs one request through the driver to its end, doing what the glue and
+/// the host would: performing dispatches, answering the key set fetch with
+/// the fixture JWKS and provider callouts with `answers`, ticking when asked
+/// (a tick with nothing to answer is a second later: a request stuck waiting
+/// must be refused in time). Returns the identity of an allowed request
+/// (`Some(None)` when anonymous) and when it was allowed, `None` when denied.
+fn run_to_end(
+    driver: &mut Driver,
+    id: u32,
+    head: &Head,
+    source_ip: Option<String>,
+    now_ms: u64,
+    store: &FakeStore,
+    answers: Answers,
+) -> Option<(Option<Rc<Identity>>, u64)> {
+    let req = RequestHandle::new(id);
+    let mut now = now_ms;
+    driver.on_request_headers(&req, head, || source_ip, Some(now_ms), store);
+    let (mut jwks_fetches, mut provider_calls) = (0, 0);
+    let mut token = 0u32;
+    for _ in 0..32 {
+        let mut tick = false;
+        let mut sent = Vec::new();
+        while let Some(effect) = driver.poll() {
+            match effect {
+                Effect::Allow {
+                    req: r, identity, ..
+                } => {
+                    assert_eq!(r.id(), id);
+                    assert!(req.may_continue(), "allowed but its body is held");
+                    if let Some(id) = &identity {
+                        check_identity(id);
+                    }
+                    if let Phase::Allowed(Some(rl)) = req.phase() {
+                        for (k, v) in rl.headers() {
+                            assert!(header_safe(k) && v.bytes().all(|b| b.is_ascii_digit()));
+                        }
+                    }
+                    return Some((identity, now));
+                }
+                Effect::Deny {
+                    id: denied, denial, ..
+                } => {
+                    assert_eq!(denied, id);
+                    assert!(!req.may_continue(), "denied but its body may go on");
+                    check_denial(&denial);
+                    return None;
+                }
+                Effect::Dispatch(d) => {
+                    token += 1;
+                    driver.dispatched(d.id, Ok(token), now, store);
+                    sent.push((token, d));
+                }
+                Effect::SetTick(_) => tick = true,
+                Effect::Count(_) => {}
+            }
+        }
+        assert_eq!(req.phase(), Phase::Waiting, "undecided without waiting");
+        assert!(!req.may_continue(), "a waiting request's body may go on");
+        let idle = sent.is_empty();
+        for (token, d) in sent {
+            let is_jwks = d.headers.iter().any(|(k, v)| k == ":method" && v == "GET");
+            let (reply, at) = if is_jwks {
+                jwks_fetches += 1;
+                let body = ReplyBody::Read(JWKS.as_bytes().to_vec());
+                (
+                    CalloutReply {
+                        status: Some(200),
+                        body,
+                    },
+                    now,
+                )
+            } else {
+                provider_calls += 1;
+                let body = d.body.as_deref().unwrap_or_default();
+                assert!(tollgate::json::parse_strict(body).is_ok() || body.starts_with(b"token="));
+                match answers {
+                    Answers::Response(status, body) => {
+                        let body = ReplyBody::Read(body.to_vec());
+                        (
+                            CalloutReply {
+                                status: Some(status),
+                                body,
+                            },
+                            now,
+                        )
+                    }
+                    Answers::NoAnswer => (
+                        CalloutReply {
+                            status: None,
+                            body: ReplyBody::Read(Vec::new()),
+                        },
+                        now,
+                    ),
+                    Answers::TimedOut => (
+                        CalloutReply {
+                            status: None,
+                            body: ReplyBody::Read(Vec::new()),
+                        },
+                        now + d.timeout_ms,
+                    ),
+                }
+            };
+            driver.on_callout_reply(token, reply, Some(at), store);
+        }
+        // A request waits for one fetch and one callout at most.
+        assert!(jwks_fetches <= 1 && provider_calls <= 1, "waited twice");
+        if idle {
+            now += 1000;
+        }
+        if tick || idle {
+            driver.on_tick(now, store);
+        }
+    }
+    panic!("a request was never decided");
+}
+
+/// A whole request through the driver (`Driver::on_request_headers`, then
+/// what the glue and the host do for a parked request), repeated on the same
+/// driver for up to four rounds (caches, quota counting).
 ///
 /// Input: two control bytes, then fields: method, raw `:path`,
 /// `Authorization` value, source IP, provider answer body, a value planted
@@ -743,11 +819,12 @@ fn run_to_end(
 ///   contended, else works); bits 3-4: rounds - 1; bits 5-7: time between
 ///   rounds (0, 1 ms, 999 ms, 1 s, 1 min, 1 h, 1 day, 10 days).
 ///
-/// Properties: allowed identities are header-safe and every answer is
-/// well-formed; a request waits for keys or a callout at most once; with the
-/// JWT provider an allowed caller's token verifies at that time (the token
-/// cache never admits what verification refuses); at one instant, no client
-/// is allowed more requests than its quota.
+/// Properties: every request ends allowed or denied (never left waiting),
+/// its body held until it is allowed; allowed identities are header-safe and
+/// every answer is well-formed; a request waits for keys or a callout at
+/// most once; with the JWT provider an allowed caller's token verifies at
+/// that time (the token cache never admits what verification refuses); at
+/// one instant, no client is allowed more requests than its quota.
 pub fn decision(data: &[u8]) {
     let (ctl, rest) = data.split_at_checked(2).unwrap_or((&[0, 0], data));
     let (c0, c1) = (ctl[0], ctl[1]);
@@ -763,59 +840,40 @@ pub fn decision(data: &[u8]) {
     let step_ms: u64 =
         [0, 1, 999, 1000, 60_000, 3_600_000, 86_400_000, 864_000_000][usize::from(c1 >> 5)];
     let body = field(&f, 4);
-    let answer = match c0 >> 4 {
-        0..=7 => Answer::Response { status: 200, body },
-        8 => Answer::Response { status: 401, body },
-        9 => Answer::Response { status: 403, body },
-        10 => Answer::Response { status: 404, body },
-        11 => Answer::Response { status: 500, body },
-        12 => Answer::Response { status: 503, body },
-        13 => Answer::Response { status: 302, body },
-        14 => Answer::NoAnswer,
-        _ => Answer::TimedOut,
+    let answers = match c0 >> 4 {
+        0..=7 => Answers::Response(200, body),
+        8 => Answers::Response(401, body),
+        9 => Answers::Response(403, body),
+        10 => Answers::Response(404, body),
+        11 => Answers::Response(500, body),
+        12 => Answers::Response(503, body),
+        13 => Answers::Response(302, body),
+        14 => Answers::NoAnswer,
+        _ => Answers::TimedOut,
     };
 
     let config = config_of(kind);
-    let raw_path = field(&f, 1);
     let authorization = (c0 & 4 != 0).then(|| field(&f, 2).to_vec());
     let source_ip = (c0 & 8 != 0).then(|| text(field(&f, 3)));
-    let headers: Vec<(String, Vec<u8>)> = f
-        .get(6..)
-        .unwrap_or_default()
-        .chunks(2)
-        .map(|kv| (text(kv[0]), kv.get(1).copied().unwrap_or_default().to_vec()))
-        .collect();
-
-    // As the glue reads a request: a path that is not UTF-8 or cannot be
-    // normalised is answered 400 before any decision.
-    let path = match std::str::from_utf8(raw_path).map(normalize_path) {
-        Ok(Ok(p)) => p,
-        _ => {
-            check_denial(&Denial::BadPath);
-            return;
-        }
-    };
-    let facts = RequestFacts {
-        method: String::from_utf8(field(&f, 0).to_vec()).unwrap_or_default(),
-        path,
-        authorization,
-        source_ip: if config.quota.is_some() {
-            source_ip
-        } else {
-            None
-        },
-        raw_path: text(raw_path),
-        headers: if matches!(config.auth, Some(AuthConfig::Custom(_))) {
-            headers
-        } else {
-            Vec::new()
-        },
-    };
+    let mut head = vec![
+        (b":method".to_vec(), field(&f, 0).to_vec()),
+        (b":path".to_vec(), field(&f, 1).to_vec()),
+    ];
+    if let Some(a) = &authorization {
+        head.push((b"authorization".to_vec(), a.clone()));
+    }
+    head.extend(f.get(6..).unwrap_or_default().chunks(2).map(|kv| {
+        (
+            kv[0].to_ascii_lowercase(),
+            kv.get(1).copied().unwrap_or_default().to_vec(),
+        )
+    }));
+    let head = Head(head);
 
     let store = mem_store(store_mode);
     let planted = field(&f, 5);
     if !planted.is_empty() {
-        let ip = facts.source_ip.as_deref().unwrap_or("unknown");
+        let ip = source_ip.as_deref().unwrap_or("unknown");
         for client in [
             tollgate::quota::Client::Principal("alice"),
             tollgate::quota::Client::Anonymous(ip),
@@ -823,24 +881,33 @@ pub fn decision(data: &[u8]) {
             store.put_raw(&tollgate::quota::key_for(&client), planted);
         }
     }
-    let mut core = Core::new(config.clone());
-    load_keys(&mut core, NOW_MS);
+    let mut driver = Driver::new(config.clone());
+    while driver.poll().is_some() {}
 
     let (mut authenticated, mut anonymous) = (0, 0);
     for round in 0..rounds {
         let now_ms = NOW_MS + step_ms * round as u64;
-        let Some(identity) = run_to_end(&mut core, &facts, now_ms, &store, answer) else {
+        let id = u32::try_from(round).unwrap_or(0) + 1;
+        let Some((identity, decided_ms)) = run_to_end(
+            &mut driver,
+            id,
+            &head,
+            source_ip.clone(),
+            now_ms,
+            &store,
+            answers,
+        ) else {
             continue;
         };
         match &identity {
             Some(_) => authenticated += 1,
             None => anonymous += 1,
         }
-        if let (Some(id), Some(j)) = (&identity, core.jwt_config()) {
-            let token = facts.authorization.as_deref().and_then(bearer);
+        if let (Some(id), Some(AuthConfig::Jwt(j))) = (&identity, &config.auth) {
+            let token = authorization.as_deref().and_then(bearer);
             let token = token.expect("allowed with a JWT provider but no bearer token");
             let keys = KEYS.with(|k| k.0.clone());
-            let v = jwt::verify(token, &keys, &rules(j), now_ms / 1000);
+            let v = jwt::verify(token, &keys, &rules(j), decided_ms / 1000);
             let v = v.expect("allowed a token that does not verify now");
             assert_eq!(v.identity.principal, id.principal);
         }

@@ -225,6 +225,8 @@ enum Resume {
     Decide,
     /// Its provider callout answered.
     Finish(AuthResult),
+    /// It waited too long: refuse it.
+    Refuse(Denial),
 }
 
 /// A request parked until a callout ends.
@@ -235,6 +237,8 @@ struct Parked {
     spoofed: Vec<String>,
     /// A gRPC call: denials are answered with gRPC statuses.
     grpc: bool,
+    /// When its headers arrived (ms).
+    arrived: u64,
 }
 
 /// What a sent callout is for.
@@ -348,6 +352,7 @@ impl Driver {
             facts,
             spoofed,
             grpc,
+            arrived: now.unwrap_or_default(),
         };
         let Some(now) = now else {
             log::error!("the host clock failed: request refused");
@@ -426,6 +431,7 @@ impl Driver {
             facts: RequestFacts::default(),
             spoofed: Vec::new(),
             grpc,
+            arrived: 0,
         };
         self.refuse(&parked, Denial::Internal);
     }
@@ -554,6 +560,7 @@ impl Driver {
     pub fn on_tick(&mut self, now: u64, store: &dyn SharedStore) {
         self.tick_soon = false;
         self.report(now);
+        self.expire_waiters(now);
         self.drain_ready(now, store);
         self.dispatch_queued(now);
         if let Some(j) = self.core.jwt_config().cloned() {
@@ -651,6 +658,33 @@ impl Driver {
         });
     }
 
+    /// Requests that waited for keys longer than [`key_wait_limit_ms`] are
+    /// refused (503): whatever happened to the fetch (a lease never freed,
+    /// shared data failing), no request waits for keys without end.
+    fn expire_waiters(&mut self, now: u64) {
+        let Some(limit) = self.core.jwt_config().map(key_wait_limit_ms) else {
+            return;
+        };
+        if self.waiters.is_empty() {
+            return;
+        }
+        let (expired, kept): (Vec<Parked>, Vec<Parked>) = std::mem::take(&mut self.waiters)
+            .into_iter()
+            .partition(|p| now.saturating_sub(p.arrived) > limit);
+        self.waiters = kept;
+        if !expired.is_empty() {
+            log::warn!(
+                "{} requests waited over {limit} ms for keys: refused",
+                expired.len()
+            );
+        }
+        self.ready.extend(
+            expired
+                .into_iter()
+                .map(|p| (p, Resume::Refuse(Denial::AuthUnavailable))),
+        );
+    }
+
     fn tick_soon(&mut self) {
         if !self.tick_soon {
             self.tick_soon = true;
@@ -708,6 +742,7 @@ impl Driver {
                     self.callout_waiting = self.callout_waiting.saturating_sub(1);
                     self.core.finish(&parked.facts, result, now, store)
                 }
+                Resume::Refuse(denial) => Step::Deny(denial),
             };
             self.carry_out_as(parked, step, true);
         }
@@ -864,6 +899,15 @@ impl Driver {
             )));
         }
     }
+}
+
+/// The longest a request waits for keys: two fetches' leases (one by a VM
+/// that may have died holding it, then ours).
+pub fn key_wait_limit_ms(j: &JwtConfig) -> u64 {
+    j.jwks
+        .timeout_ms
+        .saturating_add(LEASE_MARGIN_MS)
+        .saturating_mul(2)
 }
 
 /// Classifies a callout's answer: no answer (or Envoy's own 504) once the
@@ -1264,6 +1308,25 @@ mod tests {
         assert!(effects
             .iter()
             .any(|e| matches!(e, Effect::Count(Metric::JwksFetch { failed: true }))));
+    }
+
+    #[test]
+    fn no_request_waits_for_keys_without_end() {
+        // Every write loses its race: no VM ever holds the fetch lease.
+        let store = FakeStore::new();
+        store.inject_mismatches(u32::MAX);
+        let mut d = driver(JWKS);
+        let req = headers(&mut d, 1, &bearer(&unverified_jwt()), &store);
+        let limit = key_wait_limit_ms(d.core.jwt_config().unwrap());
+        d.on_tick(NOW, &store);
+        d.on_tick(NOW + limit, &store);
+        let effects = drain(&mut d);
+        assert!(!effects.iter().any(|e| matches!(e, Effect::Dispatch(_))));
+        assert_eq!(outcomes(&effects), (vec![], vec![]));
+        assert_eq!(req.phase(), Phase::Waiting);
+        d.on_tick(NOW + limit + 1, &store);
+        assert_eq!(outcomes(&drain(&mut d)), (vec![], vec![(1, 503)]));
+        assert_eq!(req.phase(), Phase::Answered);
     }
 
     #[test]
