@@ -4,7 +4,7 @@
 //! that have to wait for them.
 
 use crate::claims::Identity;
-use crate::config::{AuthConfig, Config, JwtConfig};
+use crate::config::{AuthConfig, CalloutProvider, Config, JwtConfig};
 use crate::jwks_cache::{FetchError, JwksState};
 use crate::jwt::{self, Rules, TokenError};
 use crate::provider::{Answer, CalloutRequest, ProviderError, Upstream};
@@ -134,21 +134,13 @@ fn credentials(value: Option<&[u8]>) -> Credentials<'_> {
     Credentials::Bearer(token.trim_ascii())
 }
 
-/// The 401 message for a request without a token (OAuth2 providers).
-const OAUTH2_MISSING: &str = "Authentication required. Please provide a valid OAuth2 Bearer token";
-
 impl Core {
     pub fn new(config: Rc<Config>) -> Core {
-        let oauth2 = |issuer: &Option<String>| match issuer {
-            Some(iss) => format!("{OAUTH2_MISSING} from {iss}"),
-            None => OAUTH2_MISSING.to_string(),
-        };
-        let missing_message = match &config.auth {
-            Some(AuthConfig::Jwt(j)) => oauth2(&j.issuer),
-            Some(AuthConfig::Introspection(i)) => oauth2(&i.issuer),
-            Some(AuthConfig::Custom(c)) => c.missing_message(),
-            None => String::new(),
-        };
+        let missing_message = config
+            .auth
+            .as_ref()
+            .map(AuthConfig::missing_message)
+            .unwrap_or_default();
         Core {
             config,
             jwks: JwksState::default(),
@@ -160,10 +152,7 @@ impl Core {
 
     /// The JWT settings, when that is the provider.
     pub fn jwt_config(&self) -> Option<&JwtConfig> {
-        match &self.config.auth {
-            Some(AuthConfig::Jwt(j)) => Some(j),
-            _ => None,
-        }
+        self.config.auth.as_ref().and_then(AuthConfig::jwt)
     }
 
     /// Decides a request at `now_ms`. Idempotent until it allows: a request
@@ -173,18 +162,18 @@ impl Core {
         let identity = if config.public_paths.matches(&req.path) {
             None
         } else {
-            match &config.auth {
-                None => None,
-                Some(AuthConfig::Jwt(j)) => {
-                    match self.authenticate_jwt(j, req.authorization.as_deref(), now_ms) {
-                        Ok(id) => Some(id),
-                        Err(step) => return step,
-                    }
-                }
-                Some(_) => match self.authenticate_by_callout(req, now_ms) {
-                    Ok(id) => Some(id),
-                    Err(step) => return step,
-                },
+            let auth = config.auth.as_ref();
+            let result = match (
+                auth.and_then(AuthConfig::jwt),
+                auth.and_then(AuthConfig::callout),
+            ) {
+                (Some(j), _) => self.authenticate_jwt(j, req.authorization.as_deref(), now_ms),
+                (None, Some(p)) => self.authenticate_by_callout(p, req, now_ms),
+                (None, None) => return self.finish(req, Ok(None), now_ms, store),
+            };
+            match result {
+                Ok(id) => Some(id),
+                Err(step) => return step,
             }
         };
         self.finish(req, Ok(identity), now_ms, store)
@@ -274,6 +263,7 @@ impl Core {
     /// is shared and no answer found again.
     fn authenticate_by_callout(
         &mut self,
+        provider: CalloutProvider,
         req: &RequestFacts,
         now_ms: u64,
     ) -> Result<Rc<Identity>, Step> {
@@ -282,14 +272,13 @@ impl Core {
             // Nothing to ask the provider about.
             return Err(Step::Deny(Denial::InvalidHeaderFormat));
         }
-        let config = self.config.clone();
-        let (key, upstream, request) = match &config.auth {
-            Some(AuthConfig::Introspection(i)) => (
+        let (key, upstream, request) = match provider {
+            CalloutProvider::Introspection(i) => (
                 self.hasher.key(&[token.as_bytes()]),
                 &i.introspection.endpoint,
                 i.introspection.request(token),
             ),
-            Some(AuthConfig::Custom(c)) => {
+            CalloutProvider::Custom(c) => {
                 let path = crate::provider::custom::endpoint_path(&req.path);
                 let key = if c.cache_ttl == 0 {
                     use std::sync::atomic::{AtomicU64, Ordering};
@@ -302,7 +291,6 @@ impl Core {
                 let request = c.request(token, &path, &req.raw_path, &req.headers);
                 (key, &c.endpoint, request)
             }
-            _ => return Err(Step::Deny(Denial::AuthUnavailable)),
         };
         match self.tokens.get(&key, 0, now_ms / 1000) {
             Some(Ok(id)) => Ok(id),
@@ -321,8 +309,9 @@ impl Core {
     pub fn provider_answer(&mut self, key: CacheKey, answer: Answer, now_ms: u64) -> AuthResult {
         let now_s = now_ms / 1000;
         let config = self.config.clone();
-        let (result, ttl) = match &config.auth {
-            Some(AuthConfig::Introspection(i)) => {
+        let provider = config.auth.as_ref().and_then(AuthConfig::callout);
+        let (result, ttl) = match provider {
+            Some(CalloutProvider::Introspection(i)) => {
                 match i.introspection.interpret(
                     answer,
                     &i.claims_mapping,
@@ -339,7 +328,7 @@ impl Core {
                     Err(e) => (Err(e), None),
                 }
             }
-            Some(AuthConfig::Custom(c)) => match c.interpret(answer, "") {
+            Some(CalloutProvider::Custom(c)) => match c.interpret(answer, "") {
                 Ok(id) => (
                     Ok(Rc::new(id)),
                     Some((c.cache_ttl, now_s.saturating_add(c.cache_ttl))),
@@ -370,7 +359,7 @@ impl Core {
                         | ProviderError::AuthFailed(401 | 403)
                 );
                 let uncached =
-                    matches!(&config.auth, Some(AuthConfig::Custom(c)) if c.cache_ttl == 0);
+                    matches!(provider, Some(CalloutProvider::Custom(c)) if c.cache_ttl == 0);
                 if definite && !uncached {
                     self.tokens.put(
                         key,

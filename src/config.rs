@@ -38,6 +38,80 @@ pub enum AuthConfig {
     Custom(Custom),
 }
 
+/// The 401 message for a request without a token (OAuth2 providers).
+const OAUTH2_MISSING: &str = "Authentication required. Please provide a valid OAuth2 Bearer token";
+
+/// A provider that answers through a callout.
+#[derive(Debug, Clone, Copy)]
+pub enum CalloutProvider<'a> {
+    Introspection(&'a IntrospectionConfig),
+    Custom(&'a Custom),
+}
+
+impl CalloutProvider<'_> {
+    /// Its name in metrics (`provider` label).
+    pub fn name(self) -> &'static str {
+        match self {
+            CalloutProvider::Introspection(_) => "introspection",
+            CalloutProvider::Custom(_) => "custom",
+        }
+    }
+}
+
+/// The one place `AuthConfig` is taken apart: what the rest of the filter
+/// asks of the provider.
+impl AuthConfig {
+    /// The JWT settings, when that is the provider.
+    pub fn jwt(&self) -> Option<&JwtConfig> {
+        match self {
+            AuthConfig::Jwt(j) => Some(j),
+            _ => None,
+        }
+    }
+
+    /// The callout provider, when it is one.
+    pub fn callout(&self) -> Option<CalloutProvider<'_>> {
+        match self {
+            AuthConfig::Jwt(_) => None,
+            AuthConfig::Introspection(i) => Some(CalloutProvider::Introspection(i)),
+            AuthConfig::Custom(c) => Some(CalloutProvider::Custom(c)),
+        }
+    }
+
+    /// The claims mapping (the custom endpoint names attributes itself).
+    pub fn claims_mapping(&self) -> Option<&ClaimsMapping> {
+        match self {
+            AuthConfig::Jwt(j) => Some(&j.claims_mapping),
+            AuthConfig::Introspection(i) => Some(&i.claims_mapping),
+            AuthConfig::Custom(_) => None,
+        }
+    }
+
+    /// The issuer named in the 401 for a missing token (OAuth2 providers).
+    pub fn issuer(&self) -> Option<&str> {
+        match self {
+            AuthConfig::Jwt(j) => j.issuer.as_deref(),
+            AuthConfig::Introspection(i) => i.issuer.as_deref(),
+            AuthConfig::Custom(_) => None,
+        }
+    }
+
+    /// The 401 message for a request without a token.
+    pub fn missing_message(&self) -> String {
+        match (self, self.issuer()) {
+            (AuthConfig::Custom(c), _) => c.missing_message(),
+            (_, Some(iss)) => format!("{OAUTH2_MISSING} from {iss}"),
+            (_, None) => OAUTH2_MISSING.to_string(),
+        }
+    }
+
+    /// Whether the provider is sent the request's path, query and headers
+    /// (the custom endpoint).
+    pub fn sees_request(&self) -> bool {
+        matches!(self, AuthConfig::Custom(_))
+    }
+}
+
 /// `oauth2_token` with a JWKS.
 #[derive(Debug, Clone)]
 pub struct JwtConfig {
@@ -96,7 +170,7 @@ impl Config {
     pub fn needs_path(&self) -> bool {
         !self.public_paths.is_empty()
             || !self.route_rules.is_empty()
-            || matches!(self.auth, Some(AuthConfig::Custom(_)))
+            || self.auth.as_ref().is_some_and(AuthConfig::sees_request)
     }
 
     /// Whether a request to this (normalised) path is counted by the
@@ -173,10 +247,8 @@ impl Config {
 /// parsed): a rule requiring `roles` while the default `claims_mapping`,
 /// which maps the caller's own name into `roles`, is in force.
 fn rule_warnings(auth: Option<&AuthConfig>, route_scopes: Option<&Value>) -> Vec<String> {
-    let mapping = match auth {
-        Some(AuthConfig::Jwt(j)) => &j.claims_mapping,
-        Some(AuthConfig::Introspection(i)) => &i.claims_mapping,
-        _ => return Vec::new(),
+    let Some(mapping) = auth.and_then(AuthConfig::claims_mapping) else {
+        return Vec::new();
     };
     if !mapping.is_default() {
         return Vec::new();

@@ -20,7 +20,7 @@
 
 use crate::auth::{self, AuthResult, Core, RequestFacts, Step, LEASE_MARGIN_MS};
 use crate::claims::Identity;
-use crate::config::{AuthConfig, Config, JwtConfig};
+use crate::config::{AuthConfig, CalloutProvider, Config, JwtConfig};
 use crate::jwks_cache::{self, FetchError, SharedKeys};
 use crate::path::normalize_path;
 use crate::provider::Answer;
@@ -392,7 +392,7 @@ impl Driver {
                 .to_string()
         };
         let source_ip = config.counts_by_address(&path).then(source_ip).flatten();
-        let (raw_path, headers) = if matches!(config.auth, Some(AuthConfig::Custom(_))) {
+        let (raw_path, headers) = if config.auth.as_ref().is_some_and(AuthConfig::sees_request) {
             // The endpoint sees the request as the client sent it, less any
             // identity headers the client made up (in any spelling).
             let headers = head
@@ -709,10 +709,13 @@ impl Driver {
         store: &dyn SharedStore,
     ) {
         let result = self.core.provider_answer(key, answer, now);
-        let provider = match self.core.config.auth {
-            Some(AuthConfig::Custom(_)) => "custom",
-            _ => "introspection",
-        };
+        let provider = self
+            .core
+            .config
+            .auth
+            .as_ref()
+            .and_then(AuthConfig::callout)
+            .map_or("introspection", CalloutProvider::name);
         let outcome = match &result {
             Ok(_) => "ok",
             Err(d) if d.status() == 401 => "rejected",
