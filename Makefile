@@ -50,6 +50,17 @@ wrk:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q wrk; }
 
+# The global-quota engine for the tests (tests/rls-server/README.md): Debian's
+# redis-server and the rate-limit service of tests/rls-server (its own workspace and
+# lock; target dir under build/, apart from tollgate's target/). ~2 min clean build.
+RLS_TARGET := build/rls-server-target
+.PHONY: rls-server
+rls-server:
+	@command -v redis-server >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q redis-server; }
+	cd tests/rls-server && CARGO_TARGET_DIR=$(CURDIR)/$(RLS_TARGET) cargo build --release --locked
+
 SCHEMAS := build/schema-check/node_modules/.package-lock.json
 
 # Istio's CRD schemas (npm `@kubernetes-models/istio`) and TypeScript, for
@@ -61,7 +72,7 @@ $(SCHEMAS): deploy/schema-check/package.json deploy/schema-check/package-lock.js
 	cd build/schema-check && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-setup: rust-target $(STAMP) $(LLAMA_STAMP) $(OIDC) $(SCHEMAS) wrk
+setup: rust-target $(STAMP) $(LLAMA_STAMP) $(OIDC) $(SCHEMAS) wrk rls-server
 
 build: rust-target
 	cargo build --release --target $(TARGET)
@@ -72,6 +83,7 @@ run: build $(STAMP)
 
 lint: rust-target
 	cargo fmt --check
+	cd tests/rls-server && cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
 	cargo clippy --release --target $(TARGET) -- -D warnings
 
