@@ -739,6 +739,8 @@ fn run_to_end(
                     driver.dispatched(d.id, Ok(token), now, store);
                     sent.push((token, d));
                 }
+                // No fixture counts remotely; a call would find no service.
+                Effect::DispatchGrpc(d) => driver.dispatched_grpc(d.id, Err(()), now, store),
                 Effect::SetTick(_) => tick = true,
                 Effect::Count(_) => {}
             }

@@ -51,6 +51,16 @@ pub enum Step {
     /// Park the request until this provider callout answers, then finish it
     /// with [`Core::provider_answer`] and [`Core::finish`].
     Callout(Box<Callout>),
+    /// Authenticated and past the route rules: park the request until the
+    /// rate-limit service counted it, then end it with [`Core::counted`].
+    Count(Box<Counting>),
+}
+
+/// A request the rate-limit service must count (`quota.backend`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Counting {
+    pub identity: Option<Rc<Identity>>,
+    pub count: quota::RemoteCount,
 }
 
 #[cfg(test)]
@@ -201,42 +211,86 @@ impl Core {
                 return Step::Deny(Denial::Forbidden(why));
             }
         }
-        let mut rate_limit = None;
-        if let Some(q) = &config.quota {
-            let client = match (&identity, &req.source_ip) {
-                (Some(id), _) => Client::Principal(&id.principal),
-                (None, Some(ip)) => Client::Anonymous(ip),
-                (None, None) => Client::Anonymous("unknown"),
-            };
-            // Only when the quota sends the `RateLimit-*` headers.
-            let values = |limit: u64, remaining: u64, reset: u64| {
-                q.headers.then_some(RateLimit {
-                    limit,
-                    remaining,
-                    reset,
-                })
-            };
-            match quota::check(q, store, &client, now_ms / 1000) {
-                QuotaDecision::Allowed {
-                    limit,
-                    remaining,
-                    reset,
-                } => rate_limit = values(limit, remaining, reset),
-                QuotaDecision::Exceeded { limit, reset } => {
-                    log::debug!("quota of {limit} used up by {client:?}");
-                    return Step::Deny(Denial::QuotaExceeded {
-                        retry_after: reset,
-                        rate_limit: values(limit, 0, reset),
-                    });
-                }
-                QuotaDecision::Contended => return Step::Deny(Denial::QuotaContended),
-                QuotaDecision::Unavailable => return Step::Deny(Denial::QuotaUnavailable),
-            }
+        let Some(q) = &config.quota else {
+            return Step::Allow(Allowed {
+                identity,
+                rate_limit: None,
+            });
+        };
+        let client = match (&identity, &req.source_ip) {
+            (Some(id), _) => Client::Principal(&id.principal),
+            (None, Some(ip)) => Client::Anonymous(ip),
+            (None, None) => Client::Anonymous("unknown"),
+        };
+        if q.backend.is_some() {
+            let count = quota::RemoteCount::new(q, &client, now_ms / 1000);
+            return Step::Count(Box::new(Counting { identity, count }));
         }
-        Step::Allow(Allowed {
-            identity,
-            rate_limit,
-        })
+        let decision = quota::check(q, store, &client, now_ms / 1000);
+        self.quota_step(identity, decision)
+    }
+
+    /// The step for a quota decision (counted here or by the service).
+    pub fn quota_step(&self, identity: Option<Rc<Identity>>, decision: QuotaDecision) -> Step {
+        let headers = self.config.quota.as_ref().is_some_and(|q| q.headers);
+        // Only when the quota sends the `RateLimit-*` headers.
+        let values = |limit: u64, remaining: u64, reset: u64| {
+            headers.then_some(RateLimit {
+                limit,
+                remaining,
+                reset,
+            })
+        };
+        match decision {
+            QuotaDecision::Allowed {
+                limit,
+                remaining,
+                reset,
+            } => Step::Allow(Allowed {
+                identity,
+                rate_limit: values(limit, remaining, reset),
+            }),
+            QuotaDecision::Exceeded { limit, reset } => {
+                log::debug!("quota of {limit} used up");
+                Step::Deny(Denial::QuotaExceeded {
+                    retry_after: reset,
+                    rate_limit: values(limit, 0, reset),
+                })
+            }
+            QuotaDecision::Contended => Step::Deny(Denial::QuotaContended),
+            QuotaDecision::Unavailable => Step::Deny(Denial::QuotaUnavailable),
+        }
+    }
+
+    /// Ends a request the rate-limit service was asked to count: with its
+    /// answer, or (`None`: no usable answer) as `quota.backend.failure_mode`
+    /// says — 503, or counted in this Envoy's shared data.
+    pub fn counted(
+        &mut self,
+        req: &RequestFacts,
+        counting: Counting,
+        verdict: Option<crate::rls::Verdict>,
+        now_ms: u64,
+        store: &dyn SharedStore,
+    ) -> Step {
+        let Counting { identity, count } = counting;
+        let config = self.config.clone();
+        let Some(q) = &config.quota else {
+            return Step::Deny(Denial::QuotaUnavailable);
+        };
+        let decision = match (verdict, q.backend.as_ref().map(|b| b.failure_mode)) {
+            (Some(v), _) => count.decide(&v),
+            (None, Some(quota::FailureMode::Local)) => {
+                let client = match (&identity, &req.source_ip) {
+                    (Some(id), _) => Client::Principal(&id.principal),
+                    (None, Some(ip)) => Client::Anonymous(ip),
+                    (None, None) => Client::Anonymous("unknown"),
+                };
+                quota::check(q, store, &client, now_ms / 1000)
+            }
+            (None, _) => QuotaDecision::Unavailable,
+        };
+        self.quota_step(identity, decision)
     }
 
     /// The bearer token, or the denial for a missing or malformed header.

@@ -18,7 +18,7 @@
 //! whether Envoy calls the body callbacks while headers are paused
 //! (`allow_on_headers_stop_iteration`) or not.
 
-use crate::auth::{self, AuthResult, Core, RequestFacts, Step, LEASE_MARGIN_MS};
+use crate::auth::{self, AuthResult, Core, Counting, RequestFacts, Step, LEASE_MARGIN_MS};
 use crate::claims::Identity;
 use crate::config::{AuthConfig, CalloutProvider, Config, JwtConfig};
 use crate::jwks_cache::{self, FetchError, SharedKeys};
@@ -40,6 +40,8 @@ pub const MAX_WAITERS: usize = 4096;
 /// Most requests parked per VM on provider callouts (all callouts together);
 /// more get 503.
 pub const MAX_CALLOUT_WAITERS: usize = 4096;
+/// Most requests per VM waiting for the rate-limit service; more get 503.
+pub const MAX_COUNT_WAITERS: usize = 4096;
 /// Most distinct provider callouts (introspection, custom) queued or under way
 /// per VM; requests needing another one get 503 until one ends.
 pub const MAX_PROVIDER_CALLOUTS: usize = 256;
@@ -148,6 +150,16 @@ impl fmt::Debug for Dispatch {
     }
 }
 
+/// A unary gRPC call to the rate-limit service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrpcDispatch {
+    pub id: u64,
+    /// A serialized `GrpcService` naming the cluster.
+    pub service: Vec<u8>,
+    pub message: Vec<u8>,
+    pub timeout_ms: u64,
+}
+
 /// What a metric should count.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Metric {
@@ -166,6 +178,8 @@ pub enum Metric {
         misses: u64,
     },
     JwksAgeSeconds(u64),
+    /// A request counted locally because the rate-limit service failed.
+    QuotaFallback,
 }
 
 /// What the glue must do.
@@ -190,6 +204,9 @@ pub enum Effect {
     },
     /// Send a callout, then report its token with [`Driver::dispatched`].
     Dispatch(Dispatch),
+    /// Send a gRPC call to the rate-limit service from the current
+    /// callback, then report its token with [`Driver::dispatched_grpc`].
+    DispatchGrpc(GrpcDispatch),
     /// Call `on_tick` every this many milliseconds.
     SetTick(u32),
     Count(Metric),
@@ -276,6 +293,10 @@ pub struct Driver {
     dispatching: HashMap<u64, Pending>,
     /// Callouts under way, by the host's token.
     callouts: HashMap<u32, Pending>,
+    /// Requests waiting for the rate-limit service: by [`GrpcDispatch::id`]
+    /// until the glue reports the token, then by token.
+    counting_sent: HashMap<u64, (Parked, Counting)>,
+    counting: HashMap<u32, (Parked, Counting)>,
     next_dispatch: u64,
     tick_soon: bool,
     /// Allowed requests not yet counted (counted on the tick).
@@ -303,6 +324,8 @@ impl Driver {
             queued: Vec::new(),
             dispatching: HashMap::new(),
             callouts: HashMap::new(),
+            counting_sent: HashMap::new(),
+            counting: HashMap::new(),
             next_dispatch: 0,
             tick_soon: false,
             allowed: 0,
@@ -457,6 +480,8 @@ impl Driver {
             !gone
         });
         self.callout_waiting = self.callout_waiting.saturating_sub(removed);
+        self.counting_sent.retain(|_, (p, _)| p.req.id != id);
+        self.counting.retain(|_, (p, _)| p.req.id != id);
     }
 
     /// The glue sent the callout [`Dispatch`] `id`: with the host's token, or
@@ -625,7 +650,123 @@ impl Driver {
                 });
             }
             Step::Deny(denial) => self.refuse(&parked, denial),
+            Step::Count(counting) => self.count_remotely(parked, *counting),
         }
+    }
+
+    /// Asks the rate-limit service to count a request, which waits for it.
+    fn count_remotely(&mut self, parked: Parked, counting: Counting) {
+        let config = self.core.config.clone();
+        let Some((q, backend)) = config
+            .quota
+            .as_ref()
+            .and_then(|q| q.backend.as_ref().map(|b| (q, b)))
+        else {
+            return self.refuse(&parked, Denial::QuotaUnavailable);
+        };
+        if self.counting_sent.len().saturating_add(self.counting.len()) >= MAX_COUNT_WAITERS {
+            return self.refuse(&parked, Denial::QuotaUnavailable);
+        }
+        let c = &counting.count;
+        let message = crate::rls::request(
+            &backend.domain,
+            c.key,
+            &c.value,
+            c.limit,
+            q.period.seconds(),
+        );
+        let id = self.next_id();
+        parked.req.set(Phase::Waiting);
+        self.counting_sent.insert(id, (parked, counting));
+        self.effects.push_back(Effect::DispatchGrpc(GrpcDispatch {
+            id,
+            service: crate::rls::grpc_service(&backend.cluster),
+            message,
+            timeout_ms: backend.timeout_ms,
+        }));
+    }
+
+    /// The glue sent the rate-limit call [`GrpcDispatch`] `id`: with the
+    /// host's token, or it could not be sent (counted as a failed call).
+    pub fn dispatched_grpc(
+        &mut self,
+        id: u64,
+        token: Result<u32, ()>,
+        now: u64,
+        store: &dyn SharedStore,
+    ) {
+        let Some(waiting) = self.counting_sent.remove(&id) else {
+            return;
+        };
+        match token {
+            Ok(token) => {
+                self.counting.insert(token, waiting);
+            }
+            Err(()) => self.end_count(waiting, None, now, store),
+        }
+    }
+
+    /// The rate-limit service's answer to the call with this token: gRPC
+    /// `status` (0 OK; Envoy's own for a timeout or a refused connection)
+    /// and the message. `now` is `None` when the host clock failed.
+    pub fn on_grpc_reply(
+        &mut self,
+        token: u32,
+        status: u32,
+        message: &[u8],
+        now: Option<u64>,
+        store: &dyn SharedStore,
+    ) {
+        let Some(waiting) = self.counting.remove(&token) else {
+            return;
+        };
+        let verdict = match status {
+            0 => crate::rls::read(message)
+                .map_err(|e| log::warn!("rate-limit service: unusable answer: {e:?}"))
+                .ok(),
+            status => {
+                log::warn!("rate-limit service: gRPC status {status}");
+                None
+            }
+        };
+        let Some(now) = now else {
+            log::error!("the host clock failed: request refused");
+            return self.refuse(&waiting.0, Denial::Internal);
+        };
+        self.end_count(waiting, verdict, now, store);
+    }
+
+    fn end_count(
+        &mut self,
+        (parked, counting): (Parked, Counting),
+        verdict: Option<crate::rls::Verdict>,
+        now: u64,
+        store: &dyn SharedStore,
+    ) {
+        let outcome = match verdict {
+            Some(v) if v.over_limit => "rejected",
+            Some(_) => "ok",
+            None => "error",
+        };
+        self.effects.push_back(Effect::Count(Metric::Callout {
+            provider: "rls",
+            outcome,
+        }));
+        let local = self
+            .core
+            .config
+            .quota
+            .as_ref()
+            .and_then(|q| q.backend.as_ref())
+            .is_some_and(|b| b.failure_mode == crate::quota::FailureMode::Local);
+        if verdict.is_none() && local {
+            log::warn!("rate-limit service failed: counted in this Envoy instead");
+            self.effects.push_back(Effect::Count(Metric::QuotaFallback));
+        }
+        let step = self
+            .core
+            .counted(&parked.facts, counting, verdict, now, store);
+        self.carry_out_as(parked, step, true);
     }
 
     /// Answers a request locally: the denial, its metric, its debug line.
@@ -1330,6 +1471,178 @@ mod tests {
         d.on_tick(NOW + limit + 1, &store);
         assert_eq!(outcomes(&drain(&mut d)), (vec![], vec![(1, 503)]));
         assert_eq!(req.phase(), Phase::Answered);
+    }
+
+    fn rls_config(failure_mode: &str) -> String {
+        format!(
+            r#"{{"quota": {{"anonymous_max_requests": 5, "period": "minute",
+                "backend": {{"type": "rls", "cluster": "ratelimit", "domain": "tollgate",
+                             "failure_mode": "{failure_mode}"}}}}}}"#
+        )
+    }
+
+    fn anonymous() -> Head {
+        Head(vec![(":path", b"/v1/models".to_vec())])
+    }
+
+    /// Sends the request's rate-limit call (reported as `token`); the call.
+    fn send_grpc(d: &mut Driver, token: u32, store: &FakeStore) -> GrpcDispatch {
+        let call = drain(d)
+            .into_iter()
+            .find_map(|e| match e {
+                Effect::DispatchGrpc(g) => Some(g),
+                _ => None,
+            })
+            .expect("a rate-limit call");
+        d.dispatched_grpc(call.id, Ok(token), NOW, store);
+        call
+    }
+
+    fn rls_answer(code: i32, remaining: u32, reset_s: i64) -> Vec<u8> {
+        use crate::rls::{DescriptorStatus, Duration, RateLimit, RateLimitResponse};
+        use prost::Message;
+        RateLimitResponse {
+            overall_code: code,
+            statuses: vec![DescriptorStatus {
+                code,
+                current_limit: Some(RateLimit {
+                    requests_per_unit: 5,
+                    unit: 2,
+                }),
+                limit_remaining: remaining,
+                duration_until_reset: Some(Duration {
+                    seconds: reset_s,
+                    nanos: 0,
+                }),
+            }],
+        }
+        .encode_to_vec()
+    }
+
+    #[test]
+    fn the_rate_limit_service_counts_and_its_answer_decides() {
+        let store = FakeStore::new();
+        let mut d = driver(&rls_config("deny"));
+        let head = Head(vec![(":path", b"/v1/models".to_vec())]);
+        let req = RequestHandle::new(1);
+        d.on_request_headers(
+            &req,
+            &head,
+            || Some("2001:db8:1:2::9".into()),
+            Some(NOW),
+            &store,
+        );
+        assert_eq!(req.phase(), Phase::Waiting);
+        let call = send_grpc(&mut d, 11, &store);
+        assert_eq!(call.service, crate::rls::grpc_service("ratelimit"));
+        let sent =
+            <crate::rls::RateLimitRequest as prost::Message>::decode(call.message.as_slice())
+                .unwrap();
+        let entry = &sent.descriptors[0].entries[0];
+        assert_eq!(
+            (entry.key.as_str(), entry.value.as_str()),
+            ("tollgate_anonymous", "2001:db8:1:2::/64")
+        );
+        assert_eq!(
+            sent.descriptors[0]
+                .limit
+                .as_ref()
+                .unwrap()
+                .requests_per_unit,
+            5
+        );
+        d.on_grpc_reply(11, 0, &rls_answer(1, 3, 42), Some(NOW + 1), &store);
+        assert_eq!(outcomes(&drain(&mut d)), (vec![(1, true)], vec![]));
+        assert_eq!(
+            req.phase(),
+            Phase::Allowed(Some(RateLimit {
+                limit: 5,
+                remaining: 3,
+                reset: 42
+            }))
+        );
+        // Over the limit: 429 with the service's reset.
+        let req = RequestHandle::new(2);
+        d.on_request_headers(&req, &anonymous(), || None, Some(NOW), &store);
+        send_grpc(&mut d, 12, &store);
+        d.on_grpc_reply(12, 0, &rls_answer(2, 0, 7), Some(NOW), &store);
+        let effects = drain(&mut d);
+        assert_eq!(outcomes(&effects), (vec![], vec![(2, 429)]));
+        assert!(effects.iter().any(|e| matches!(
+            e,
+            Effect::Deny {
+                denial: Denial::QuotaExceeded { retry_after: 7, .. },
+                ..
+            }
+        )));
+        // Nothing was counted here.
+        assert_eq!(store.entries(), 0);
+    }
+
+    #[test]
+    fn a_failing_rate_limit_service_denies_or_falls_back_as_configured() {
+        for (mode, expected) in [
+            ("deny", (vec![], vec![(1, 503)])),
+            ("local", (vec![(1, true)], vec![])),
+        ] {
+            // A gRPC error, garbage, an unknown code, a call that cannot start.
+            for failure in 0..4 {
+                let store = FakeStore::new();
+                let mut d = driver(&rls_config(mode));
+                let req = RequestHandle::new(1);
+                d.on_request_headers(
+                    &req,
+                    &anonymous(),
+                    || Some("192.0.2.1".into()),
+                    Some(NOW),
+                    &store,
+                );
+                match failure {
+                    0 => {
+                        send_grpc(&mut d, 5, &store);
+                        d.on_grpc_reply(5, 14, b"", Some(NOW), &store);
+                    }
+                    1 => {
+                        send_grpc(&mut d, 5, &store);
+                        d.on_grpc_reply(5, 0, b"\xff\xff", Some(NOW), &store);
+                    }
+                    2 => {
+                        send_grpc(&mut d, 5, &store);
+                        d.on_grpc_reply(5, 0, &rls_answer(0, 1, 1), Some(NOW), &store);
+                    }
+                    _ => {
+                        let id = drain(&mut d)
+                            .into_iter()
+                            .find_map(|e| match e {
+                                Effect::DispatchGrpc(g) => Some(g.id),
+                                _ => None,
+                            })
+                            .unwrap();
+                        d.dispatched_grpc(id, Err(()), NOW, &store);
+                    }
+                }
+                let effects = drain(&mut d);
+                assert_eq!(outcomes(&effects), expected, "{mode} {failure}");
+                let fell_back = effects
+                    .iter()
+                    .any(|e| matches!(e, Effect::Count(Metric::QuotaFallback)));
+                assert_eq!(fell_back, mode == "local", "{mode} {failure}");
+                // Counted locally only when falling back.
+                assert_eq!(store.entries() > 0, mode == "local", "{mode} {failure}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_request_that_ended_while_counted_is_forgotten() {
+        let store = FakeStore::new();
+        let mut d = driver(&rls_config("deny"));
+        let req = headers(&mut d, 1, &anonymous(), &store);
+        send_grpc(&mut d, 9, &store);
+        d.on_log(&req);
+        d.on_grpc_reply(9, 0, &rls_answer(1, 1, 1), Some(NOW), &store);
+        assert_eq!(outcomes(&drain(&mut d)), (vec![], vec![]));
+        assert!(d.counting.is_empty() && d.counting_sent.is_empty());
     }
 
     #[test]

@@ -14,6 +14,7 @@ use crate::host::{
 use crate::metrics::Metrics;
 use crate::quota;
 use crate::response::Denial;
+use crate::rls;
 use crate::store::{SharedStore, StoreError};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
@@ -85,6 +86,16 @@ fn perform(vm: &mut Vm, current: Option<u32>, now: u64) {
                     d.timeout_ms,
                 );
                 vm.driver.dispatched(d.id, token, now, &HostStore);
+            }
+            Effect::DispatchGrpc(d) => {
+                let token = host::dispatch_grpc_call(
+                    &d.service,
+                    rls::SERVICE,
+                    rls::METHOD,
+                    &d.message,
+                    d.timeout_ms,
+                );
+                vm.driver.dispatched_grpc(d.id, token, now, &HostStore);
             }
             Effect::SetTick(ms) => {
                 host::set_tick_period_ms(ms);
@@ -161,6 +172,27 @@ fn read_reply(num_headers: usize, body_size: usize) -> CalloutReply {
     CalloutReply { status, body }
 }
 
+/// A rate-limit service's answer (gRPC `status` 0) as the host has it.
+fn read_grpc_reply(status: u32, size: usize) -> Vec<u8> {
+    if status != 0 || size > MAX_CALLOUT_BODY {
+        return Vec::new();
+    }
+    host::buffer(host::BUFFER_GRPC_RECEIVE, size).unwrap_or_default()
+}
+
+/// Delivers a rate-limit answer to the driver and performs what follows.
+fn grpc_reply(vm: &Shared, current: Option<u32>, token: u32, status: u32, size: usize) {
+    let now = now_ms();
+    let mut guard = vm.borrow_mut();
+    let Some(vm) = guard.as_mut() else {
+        return;
+    };
+    let message = read_grpc_reply(status, size);
+    vm.driver
+        .on_grpc_reply(token, status, &message, now, &HostStore);
+    perform(vm, current, now.unwrap_or_default());
+}
+
 /// The root context: configuration, callouts, the tick.
 pub struct Root {
     vm: Shared,
@@ -184,6 +216,10 @@ impl Context for Root {
         let reply = read_reply(headers, body_size);
         vm.driver.on_callout_reply(token, reply, now, &HostStore);
         perform(vm, None, now.unwrap_or_default());
+    }
+
+    fn on_grpc_call_response(&mut self, token: u32, status: u32, size: usize) {
+        grpc_reply(&self.vm, None, token, status, size);
     }
 }
 
@@ -258,7 +294,12 @@ fn source_ip() -> Option<String> {
     Some(host::strip_port(&s).to_string())
 }
 
-impl Context for Request {}
+impl Context for Request {
+    /// A rate-limit call sent while this request's callback ran.
+    fn on_grpc_call_response(&mut self, token: u32, status: u32, size: usize) {
+        grpc_reply(&self.vm, Some(self.req.id()), token, status, size);
+    }
+}
 
 impl HttpContext for Request {
     fn on_http_request_headers(&mut self, _n: usize, _eos: bool) -> Action {

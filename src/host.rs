@@ -194,6 +194,7 @@ pub const MAP_REQUEST_HEADERS: u32 = 0;
 pub const MAP_RESPONSE_HEADERS: u32 = 2;
 pub const MAP_CALLOUT_RESPONSE_HEADERS: u32 = 6;
 pub const BUFFER_CALLOUT_RESPONSE_BODY: u32 = 4;
+pub const BUFFER_GRPC_RECEIVE: u32 = 5;
 pub const BUFFER_PLUGIN_CONFIGURATION: u32 = 7;
 /// proxy-wasm metric kinds.
 pub const METRIC_COUNTER: u32 = 0;
@@ -401,6 +402,30 @@ impl crate::driver::RequestHead for HeaderPairs<'_> {
     }
 }
 
+/// Sends a unary gRPC call through the SDK (its dispatcher must learn the
+/// token, as for [`dispatch_http_call`]) to the service named by `service`
+/// (a serialized `GrpcService`); the host's token, or `Err` when Envoy
+/// refused (logged: usually an undefined cluster).
+pub fn dispatch_grpc_call(
+    service: &[u8],
+    service_name: &str,
+    method: &str,
+    message: &[u8],
+    timeout_ms: u64,
+) -> Result<u32, ()> {
+    let upstream =
+        std::str::from_utf8(service).map_err(|_| log::error!("gRPC service name is not text"))?;
+    proxy_wasm::hostcalls::dispatch_grpc_call(
+        upstream,
+        service_name,
+        method,
+        vec![],
+        Some(message),
+        std::time::Duration::from_millis(timeout_ms),
+    )
+    .map_err(|e| log::error!("gRPC call to {service_name} could not start: {e:?}"))
+}
+
 /// Sends a callout through the SDK (its dispatcher must learn the token, or
 /// it traps on the answer); the host's token, or `Err` when Envoy refused
 /// (logged: usually an undefined cluster).
@@ -427,9 +452,9 @@ pub fn dispatch_http_call(
 #[cfg(all(test, not(target_arch = "wasm32")))]
 mod tests {
     /// The SDK's host-call wrappers `panic!` on statuses they do not expect
-    /// (a trap in the VM): outside this module only `dispatch_http_call` may
-    /// be called through the SDK, and no SDK context method that calls the
-    /// host may be used at all.
+    /// (a trap in the VM): only `dispatch_http_call` and `dispatch_grpc_call`
+    /// may be called through the SDK (from this module), and no SDK context
+    /// method that calls the host may be used at all.
     #[test]
     fn only_dispatch_http_call_goes_through_the_sdk() {
         let mut files = Vec::new();
@@ -457,7 +482,8 @@ mod tests {
                 for (n, _) in line.match_indices("hostcalls::") {
                     let rest = &line[n + "hostcalls::".len()..];
                     assert!(
-                        rest.starts_with("dispatch_http_call"),
+                        rest.starts_with("dispatch_http_call")
+                            || rest.starts_with("dispatch_grpc_call"),
                         "{at}: an SDK host call that can trap: {line}"
                     );
                 }

@@ -55,6 +55,7 @@ pub mod path;
 pub mod provider;
 pub mod quota;
 pub mod response;
+pub mod rls;
 pub mod route_rules;
 pub mod rsa;
 pub mod store;

@@ -55,7 +55,8 @@ pub fn all_names() -> Vec<String> {
         names.push(format!("tollgate_cache_hits_total.cache.{cache}"));
         names.push(format!("tollgate_cache_misses_total.cache.{cache}"));
     }
-    for provider in ["introspection", "custom"] {
+    names.push("tollgate_quota_fallbacks_total".to_string());
+    for provider in ["introspection", "custom", "rls"] {
         for outcome in CALLOUT_OUTCOMES {
             names.push(format!(
                 "tollgate_callouts_total.provider.{provider}.outcome.{outcome}"
@@ -142,6 +143,7 @@ impl Metrics {
                 misses,
             } => self.cache(cache, hits, misses),
             Metric::JwksAgeSeconds(s) => self.set_gauge("tollgate_jwks_age_seconds", s),
+            Metric::QuotaFallback => self.inc("tollgate_quota_fallbacks_total"),
         }
     }
 

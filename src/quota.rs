@@ -122,6 +122,9 @@ pub struct QuotaConfig {
     pub anonymous_ipv6_prefix: u8,
     /// Slots in the anonymous table (1–[`MAX_SLOTS`]).
     pub anonymous_slots: u64,
+    /// Where requests are counted: `None` in this Envoy's shared data; with a
+    /// backend, in a rate-limit service shared by every Envoy.
+    pub backend: Option<Backend>,
     /// Not configuration: this VM's copy of the anonymous table's hash key,
     /// read once from shared data. Leave it at its default.
     pub table_key: KeyCache,
@@ -160,8 +163,169 @@ impl Default for QuotaConfig {
             anonymous_ipv4_prefix: 32,
             anonymous_ipv6_prefix: 64,
             anonymous_slots: 65_536,
+            backend: None,
             table_key: KeyCache::default(),
         }
+    }
+}
+
+/// `quota.backend`: a rate-limit service (`envoy.service.ratelimit.v3`, e.g.
+/// envoyproxy/ratelimit on Redis) counting for every Envoy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backend {
+    /// The Envoy cluster of the service (HTTP/2).
+    pub cluster: String,
+    /// The rate-limit domain.
+    pub domain: String,
+    pub timeout_ms: u64,
+    pub failure_mode: FailureMode,
+}
+
+/// What a request gets when the service cannot answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureMode {
+    /// 503 `Quota service unavailable`.
+    Deny,
+    /// Counted in this Envoy's shared data instead (logged and counted).
+    Local,
+}
+
+/// Default `quota.backend.timeout_ms` (as Envoy's `ratelimit` filter).
+pub const DEFAULT_BACKEND_TIMEOUT_MS: u64 = 20;
+
+impl Backend {
+    fn parse(v: &Value, key: &str) -> Result<Backend, ConfigError> {
+        let mut o = Obj::new(v, key)?;
+        match o.str("type")? {
+            Some("rls") => {}
+            Some(other) => {
+                return Err(ConfigError::new(
+                    o.path("type"),
+                    format!("must be \"rls\", found {other:?}"),
+                ))
+            }
+            None => return Err(ConfigError::new(o.path("type"), "is required (\"rls\")")),
+        }
+        let cluster = o
+            .str("cluster")?
+            .ok_or_else(|| ConfigError::new(o.path("cluster"), "is required"))?
+            .to_string();
+        if cluster.is_empty() || cluster.len() > 120 || !cluster.is_ascii() {
+            return Err(ConfigError::new(
+                o.path("cluster"),
+                "must be an ASCII cluster name of 1 to 120 bytes",
+            ));
+        }
+        let domain = o
+            .str("domain")?
+            .ok_or_else(|| ConfigError::new(o.path("domain"), "is required"))?
+            .to_string();
+        if domain.is_empty() {
+            return Err(ConfigError::new(o.path("domain"), "must not be empty"));
+        }
+        let timeout_ms = match o.u64_max("timeout_ms", 60_000)? {
+            None => DEFAULT_BACKEND_TIMEOUT_MS,
+            Some(0) => return Err(ConfigError::new(o.path("timeout_ms"), "must be at least 1")),
+            Some(n) => n,
+        };
+        let failure_mode = match o.str("failure_mode")? {
+            None | Some("deny") => FailureMode::Deny,
+            Some("local") => FailureMode::Local,
+            Some(other) => {
+                return Err(ConfigError::new(
+                    o.path("failure_mode"),
+                    format!("must be \"deny\" or \"local\", found {other:?}"),
+                ))
+            }
+        };
+        o.finish()?;
+        Ok(Backend {
+            cluster,
+            domain,
+            timeout_ms,
+            failure_mode,
+        })
+    }
+}
+
+/// A request to count in the rate-limit service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteCount {
+    /// The descriptor entry: [`crate::rls::PRINCIPAL_KEY`] or
+    /// [`crate::rls::ANONYMOUS_KEY`], and the client.
+    pub key: &'static str,
+    pub value: String,
+    pub limit: u64,
+    /// Seconds to the window's end, when the service does not say.
+    pub reset: u64,
+}
+
+impl RemoteCount {
+    pub fn new(cfg: &QuotaConfig, client: &Client, now_secs: u64) -> RemoteCount {
+        let (key, value) = match client {
+            Client::Principal(p) => (crate::rls::PRINCIPAL_KEY, p.to_string()),
+            Client::Anonymous(ip) => (crate::rls::ANONYMOUS_KEY, anonymous_prefix(cfg, ip)),
+        };
+        let start = cfg.period.window_start(now_secs);
+        RemoteCount {
+            key,
+            value,
+            limit: cfg.limit_for(client),
+            reset: reset_after(start, cfg.period, now_secs),
+        }
+    }
+
+    /// What the service's answer means for the request.
+    pub fn decide(&self, v: &crate::rls::Verdict) -> QuotaDecision {
+        let reset = v.reset.unwrap_or(self.reset).max(1);
+        if v.over_limit {
+            return QuotaDecision::Exceeded {
+                limit: self.limit,
+                reset,
+            };
+        }
+        // Without numbers, the best tollgate knows: one used.
+        let remaining = v
+            .remaining
+            .unwrap_or(self.limit.saturating_sub(1))
+            .min(self.limit);
+        QuotaDecision::Allowed {
+            limit: self.limit,
+            remaining,
+            reset,
+        }
+    }
+}
+
+/// An anonymous client's address prefix as text (`2001:db8:1:2::/64`,
+/// `192.0.2.7/32`, or `unknown`): the service's descriptor value.
+pub fn anonymous_prefix(cfg: &QuotaConfig, ip: &str) -> String {
+    let c = anonymous_client(cfg, ip);
+    let (family, bytes) = c.split_first().unwrap_or((&0, &[]));
+    match family {
+        4 => {
+            let a: [u8; 4] = bytes
+                .get(..4)
+                .and_then(|b| b.try_into().ok())
+                .unwrap_or([0; 4]);
+            format!(
+                "{}/{}",
+                std::net::Ipv4Addr::from(a),
+                cfg.anonymous_ipv4_prefix
+            )
+        }
+        6 => {
+            let a: [u8; 16] = bytes
+                .get(..16)
+                .and_then(|b| b.try_into().ok())
+                .unwrap_or([0; 16]);
+            format!(
+                "{}/{}",
+                std::net::Ipv6Addr::from(a),
+                cfg.anonymous_ipv6_prefix
+            )
+        }
+        _ => "unknown".to_string(),
     }
 }
 
@@ -206,6 +370,10 @@ impl QuotaConfig {
             }
             Some(n) => n,
         };
+        let backend = match o.get("backend") {
+            Some(v) => Some(Backend::parse(v, &o.path("backend"))?),
+            None => None,
+        };
         // Llama Stack keeps counts in a kvstore; here they live in Envoy's
         // shared data. Accepted so its settings move over unchanged.
         if o.obj("kvstore")?.is_some() {
@@ -224,6 +392,7 @@ impl QuotaConfig {
             anonymous_ipv4_prefix,
             anonymous_ipv6_prefix,
             anonymous_slots,
+            backend,
             table_key: KeyCache::default(),
         })
     }
@@ -2026,6 +2195,7 @@ mod tests {
                 anonymous_ipv4_prefix: 32,
                 anonymous_ipv6_prefix: 64,
                 anonymous_slots: 65_536,
+                backend: None,
                 table_key: KeyCache::default(),
             }
         );
@@ -2069,6 +2239,7 @@ mod tests {
                 anonymous_ipv4_prefix: 24,
                 anonymous_ipv6_prefix: 48,
                 anonymous_slots: 1000,
+                backend: None,
                 table_key: KeyCache::default(),
             }
         );
