@@ -40,10 +40,17 @@ def demo_claims(sub: str) -> dict:
     return {"scope": " ".join(USERS.get(sub, [])), "groups": ["demo"]}
 
 
-def main():
+def start_backends() -> tuple[IdP, EchoServer]:
+    """The demo IdP and the echo upstream (which shows the forwarded
+    identity), started; docker-compose.yaml's demo service runs just these."""
     idp = IdP(IDP_PORT, [tokens.rsa_key(KID, "RS256")], issuer=ISSUER, audience="llama-stack",
               default_claims=demo_claims).start()
-    upstream = EchoServer(UPSTREAM_PORT, pretty=True).start()  # shows the forwarded identity
+    upstream = EchoServer(UPSTREAM_PORT, pretty=True).start()
+    return idp, upstream
+
+
+def main():
+    idp, upstream = start_backends()
     log_path = ROOT / "build" / "envoy-demo.log"
     envoy = None
 
