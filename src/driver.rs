@@ -1179,6 +1179,17 @@ mod tests {
         x
     }
 
+    /// The id of the one callout among the queued effects (not reported sent).
+    fn dispatch_id(d: &mut Driver) -> u64 {
+        drain(d)
+            .iter()
+            .find_map(|e| match e {
+                Effect::Dispatch(x) => Some(x.id),
+                _ => None,
+            })
+            .unwrap()
+    }
+
     fn active(sub: &str) -> CalloutReply {
         let body = format!(r#"{{"active": true, "sub": "{sub}", "exp": 99999999999}}"#);
         CalloutReply {
@@ -1337,14 +1348,7 @@ mod tests {
         let mut d = driver(INTROSPECTION);
         headers(&mut d, 1, &bearer("tok"), &store);
         d.on_tick(NOW, &store);
-        let effects = drain(&mut d);
-        let id = effects
-            .iter()
-            .find_map(|e| match e {
-                Effect::Dispatch(x) => Some(x.id),
-                _ => None,
-            })
-            .unwrap();
+        let id = dispatch_id(&mut d);
         d.dispatched(id, Err(()), NOW, &store);
         assert_eq!(outcomes(&drain(&mut d)), (vec![], vec![(1, 503)]));
         headers(&mut d, 2, &bearer("tok"), &store);
@@ -1439,13 +1443,7 @@ mod tests {
         let mut d = driver(JWKS);
         headers(&mut d, 1, &bearer(&unverified_jwt()), &store);
         d.on_tick(NOW, &store);
-        let id = drain(&mut d)
-            .iter()
-            .find_map(|e| match e {
-                Effect::Dispatch(x) => Some(x.id),
-                _ => None,
-            })
-            .unwrap();
+        let id = dispatch_id(&mut d);
         d.dispatched(id, Err(()), NOW, &store);
         let effects = drain(&mut d);
         assert_eq!(outcomes(&effects), (vec![], vec![(1, 503)]));
