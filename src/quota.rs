@@ -190,8 +190,11 @@ pub enum FailureMode {
     Local,
 }
 
-/// Default `quota.backend.timeout_ms` (as Envoy's `ratelimit` filter).
-pub const DEFAULT_BACKEND_TIMEOUT_MS: u64 = 20;
+/// Default `quota.backend.timeout_ms`: Envoy's `ratelimit` filter uses 20,
+/// but the first call of each Envoy worker also opens the HTTP/2 connection,
+/// which took longer than 20 ms on a busy 2-core machine (a 503 with
+/// `failure_mode: deny`).
+pub const DEFAULT_BACKEND_TIMEOUT_MS: u64 = 100;
 
 impl Backend {
     fn parse(v: &Value, key: &str) -> Result<Backend, ConfigError> {

@@ -159,6 +159,10 @@ pub enum BadAnswer {
     UnknownCode(i32),
     /// Not exactly one status for the one descriptor sent.
     Statuses(usize),
+    /// A status without a limit: the service did not apply the one sent
+    /// (envoyproxy/ratelimit ignores overrides for a domain it has no
+    /// configuration for, and would let everything pass).
+    LimitIgnored,
 }
 
 /// Reads an answer to a [`request`] with one descriptor. Anything but a
@@ -172,12 +176,12 @@ pub fn read(answer: &[u8]) -> Result<Verdict, BadAnswer> {
     };
     // envoyproxy/ratelimit sends one status per descriptor; an empty list
     // (Limitador) carries no numbers but still decides.
-    let status = match r.statuses.as_slice() {
+    let limited = match r.statuses.as_slice() {
         [] => None,
+        [s] if s.current_limit.is_none() => return Err(BadAnswer::LimitIgnored),
         [s] => Some(s),
         more => return Err(BadAnswer::Statuses(more.len())),
     };
-    let limited = status.filter(|s| s.current_limit.is_some());
     let remaining = limited.map(|s| u64::from(s.limit_remaining));
     let reset = limited
         .and_then(|s| s.duration_until_reset.as_ref())
@@ -279,6 +283,13 @@ mod tests {
         assert_eq!(read(b"\xff\xff\xff"), Err(BadAnswer::Undecodable));
         // Empty bytes decode as code 0: unknown.
         assert_eq!(read(b""), Err(BadAnswer::UnknownCode(0)));
+        // A status without a limit: the override was not applied.
+        let mut ignored = status(1, 0, (0, 0));
+        ignored.current_limit = None;
+        assert_eq!(
+            read(&answer(1, vec![ignored])),
+            Err(BadAnswer::LimitIgnored)
+        );
         // A negative reset is no reset.
         let v = read(&answer(1, vec![status(1, 1, (-5, 0))])).unwrap();
         assert_eq!(v.reset, Some(0));

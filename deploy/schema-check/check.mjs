@@ -1,5 +1,6 @@
-// Validates Istio manifests against Istio's published CRD schemas (and core
-// objects, e.g. a ConfigMap, against npm `kubernetes-models` 5.1.0), as
+// Validates Istio manifests against Istio's published CRD schemas (and
+// Kubernetes objects, e.g. a ConfigMap or a Deployment, against npm
+// `kubernetes-models` 5.1.0), as
 // packaged in npm `@kubernetes-models/istio` 3.0.1 (generated from
 // istio/istio 1.29.2 manifests/charts/base/files/crd-all.gen.yaml):
 //   1. the package's validators (compiled from the CRDs' OpenAPI schemas:
@@ -22,6 +23,8 @@ const problems = [];
 function modulePath(doc) {
   if (!doc.apiVersion.includes("/")) return `kubernetes-models/${doc.apiVersion}/${doc.kind}`;
   const [group, version] = doc.apiVersion.split("/");
+  // Istio's groups; any other (apps/v1: Deployment) is a Kubernetes one.
+  if (!group.endsWith("istio.io")) return `kubernetes-models/${group}/${version}/${doc.kind}`;
   return `@kubernetes-models/istio/${group}/${version}/${doc.kind}`;
 }
 

@@ -43,6 +43,11 @@ ENVOY_YAML = REPO_ROOT / "envoy/envoy.yaml"
 ISTIO_HELM = REPO_ROOT / "envoy/istio-wasmplugin.yaml"
 ISTIO_ISTIOCTL = REPO_ROOT / "envoy/istio-wasmplugin-istioctl.yaml"
 GATEWAY = REPO_ROOT / "envoy/envoy-gateway.yaml"
+# quota.backend: the rate-limit service (Kubernetes objects only) and the gateway side.
+RLS_SERVICE = REPO_ROOT / "envoy/ratelimit-service.yaml"
+LIMITADOR_SERVICE = REPO_ROOT / "envoy/limitador-service.yaml"
+ISTIO_RLS = REPO_ROOT / "envoy/istio-ratelimit.yaml"
+GATEWAY_RLS = REPO_ROOT / "envoy/envoy-gateway-ratelimit.yaml"
 CHECK_SRC = REPO_ROOT / "deploy/schema-check/check.mjs"
 CHECK_DIR = REPO_ROOT / "build/schema-check"
 
@@ -96,6 +101,46 @@ def test_istio_manifests_match_istio_crd_schemas(style):
     r = schema_check(docs)
     assert r.returncode == 0, f"{path.name}:\n{r.stdout}{r.stderr}"
     assert f"{len(docs)} objects valid" in r.stdout
+
+
+@pytest.mark.parametrize("path", [ISTIO_RLS, RLS_SERVICE, LIMITADOR_SERVICE], ids=lambda p: p.name)
+def test_ratelimit_manifests_match_their_schemas(path):
+    """The global-quota manifests: Istio's DestinationRule against Istio's CRD
+    schema, ConfigMap/Service/Deployment against Kubernetes' (kubernetes-models)."""
+    docs = load_all(path)
+    r = schema_check(docs)
+    assert r.returncode == 0, f"{path.name}:\n{r.stdout}{r.stderr}"
+    assert f"{len(docs)} objects valid" in r.stdout
+
+
+def test_schema_check_refuses_bad_kubernetes_fields():
+    """Not vacuous for Kubernetes objects either: a misspelt Deployment field
+    and a Service port that is not a number are refused."""
+    bad = copy.deepcopy(load_all(RLS_SERVICE))
+    [d for d in bad if d["kind"] == "Deployment"][0]["spec"]["replica"] = 2
+    [d for d in bad if d["kind"] == "Service"][0]["spec"]["ports"][0]["port"] = "grpc"
+    r = schema_check(bad)
+    assert r.returncode == 1, r.stdout
+    assert "replica" in r.stdout and "port" in r.stdout, r.stdout
+
+
+def test_istio_ratelimit_stays_in_the_gateway_namespace():
+    (dr,) = load_all(ISTIO_RLS)
+    assert dr["metadata"]["namespace"] == ISTIO_STYLES["helm"][1]
+    assert dr["spec"]["exportTo"] == ["."]
+    assert dr["spec"]["trafficPolicy"]["connectionPool"]["http"]["h2UpgradePolicy"] == "UPGRADE"
+
+
+def test_envoy_gateway_ratelimit_fields_exist_in_the_api():
+    (epp,) = load_all(GATEWAY_RLS)
+    assert epp["apiVersion"] == "gateway.envoyproxy.io/v1alpha1" and epp["kind"] == "EnvoyPatchPolicy"
+    assert set(epp) == {"apiVersion", "kind", "metadata", "spec"}
+    assert set(epp["spec"]) <= EG_FIELDS["EnvoyPatchPolicy.spec"] and epp["spec"]["type"] == "JSONPatch"
+    for p in epp["spec"]["jsonPatches"]:
+        assert set(p) <= EG_FIELDS["EnvoyJSONPatchConfig"]
+        assert set(p["operation"]) <= EG_FIELDS["JSONPatchOperation"]
+    assert epp["metadata"]["namespace"] == by_kind(load_all(GATEWAY), "EnvoyPatchPolicy")["metadata"]["namespace"]
+    assert "namespace" not in epp["spec"]["targetRef"]
 
 
 def test_istio_schema_check_refuses_bad_fields():
@@ -383,7 +428,7 @@ def dashboard_queries() -> list[str]:
 
 def test_dashboard_queries_name_only_exported_metrics():
     names = exported_metrics()
-    assert "tollgate_requests_denied_total" in names and len(names) == 11, names
+    assert "tollgate_requests_denied_total" in names and len(names) == 12, names  # + quota_fallbacks (#18)
     readme = (REPO_ROOT / "README.md").read_text()
     used = set()
     for expr in dashboard_queries():

@@ -1,5 +1,5 @@
-"""Deployment packaging: the Istio, Envoy Gateway and global-rate-limit
-examples in envoy/, the Dockerfile, docker-compose.yaml and scripts/oci.sh.
+"""Deployment packaging: the Istio, Envoy Gateway, global-rate-limit and
+global-quota (quota.backend) examples in envoy/, the Dockerfile, docker-compose.yaml and scripts/oci.sh.
 
 envoy/envoy.yaml is the reference: its plugin configuration is the one the
 e2e tests and `make run` exercise. Every other example must carry the same
@@ -37,6 +37,15 @@ ISTIO = REPO_ROOT / "envoy/istio-wasmplugin.yaml"
 ISTIO_ISTIOCTL = REPO_ROOT / "envoy/istio-wasmplugin-istioctl.yaml"  # test_deploy: same as ISTIO
 GATEWAY = REPO_ROOT / "envoy/envoy-gateway.yaml"
 RATELIMIT = REPO_ROOT / "envoy/ratelimit-global.yaml"
+# quota.backend (README "Quotas across replicas"): the Envoy example, the engines' own
+# configuration and the Kubernetes manifests.
+ENVOY_RLS = REPO_ROOT / "envoy/envoy-rls.yaml"
+RLS_CONFIG = REPO_ROOT / "envoy/ratelimit-config.yaml"
+RLS_SERVICE = REPO_ROOT / "envoy/ratelimit-service.yaml"
+LIMITADOR_LIMITS = REPO_ROOT / "envoy/limitador-limits.yaml"
+LIMITADOR_SERVICE = REPO_ROOT / "envoy/limitador-service.yaml"
+ISTIO_RLS = REPO_ROOT / "envoy/istio-ratelimit.yaml"
+GATEWAY_RLS = REPO_ROOT / "envoy/envoy-gateway-ratelimit.yaml"
 COMPOSE = REPO_ROOT / "docker-compose.yaml"
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 OCI_SH = REPO_ROOT / "scripts/oci.sh"
@@ -205,8 +214,9 @@ def with_plugin_config(config_json: str) -> dict:
 # ---------------------------------------------------------------- the YAML files
 
 
-@pytest.mark.parametrize("path", [ENVOY_YAML, ISTIO, ISTIO_ISTIOCTL, GATEWAY, RATELIMIT, COMPOSE],
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [ENVOY_YAML, ISTIO, ISTIO_ISTIOCTL, GATEWAY, RATELIMIT, COMPOSE,
+                                  ENVOY_RLS, RLS_CONFIG, RLS_SERVICE, LIMITADOR_SERVICE, ISTIO_RLS,
+                                  GATEWAY_RLS], ids=lambda p: p.name)
 def test_parses_as_yaml(path):
     docs = load_all(path)
     assert docs and all(isinstance(d, dict) for d in docs)
@@ -362,6 +372,217 @@ def test_ratelimit_global_is_envoy_yaml_plus_the_three_additions():
 
 def test_ratelimit_global_loads_in_envoy(tmp_path):
     envoy_validate(load_all(RATELIMIT)[0], tmp_path, "ratelimit-global")
+
+
+# ---------------------------------------------------------------- quota.backend (global quotas)
+
+
+def backend_of(config: dict) -> dict:
+    return config["quota"]["backend"]
+
+
+def without_backend(config: dict) -> dict:
+    out = copy.deepcopy(config)
+    del out["quota"]["backend"]
+    return out
+
+
+def envoy_rls_bootstrap() -> dict:
+    return load_all(ENVOY_RLS)[0]
+
+
+def envoy_rls_config() -> dict:
+    return json.loads(plugin_of(envoy_rls_bootstrap())["configuration"]["value"])
+
+
+def test_envoy_rls_is_envoy_yaml_plus_the_backend_and_its_cluster():
+    """envoy/envoy-rls.yaml = envoy/envoy.yaml + quota.backend + the HTTP/2
+    `ratelimit` cluster, on its own ports: the example keeps in step."""
+    b = envoy_rls_bootstrap()
+    config = envoy_rls_config()
+    backend = backend_of(config)
+    assert backend == {"type": "rls", "cluster": "ratelimit", "domain": "tollgate",
+                       "timeout_ms": 100, "failure_mode": "deny"}
+    assert without_backend(config) == reference_config()
+    (cluster,) = [c for c in b["static_resources"]["clusters"] if c["name"] == backend["cluster"]]
+    assert "http2_protocol_options" in json.dumps(cluster), "gRPC needs HTTP/2"
+    assert cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"][
+        "socket_address"] == {"address": "127.0.0.1", "port_value": 8081}
+    ref = reference_bootstrap()
+    b["static_resources"]["clusters"].remove(cluster)
+    plugin_of(b)["configuration"]["value"] = plugin_of(ref)["configuration"]["value"]
+    ports = (b["admin"]["address"]["socket_address"]["port_value"],
+             b["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"])
+    assert ports == (9911, 10001), "beside make run's Envoy (9901, 10000), as README says"
+    b["admin"] = ref["admin"]
+    b["static_resources"]["listeners"][0]["address"] = ref["static_resources"]["listeners"][0]["address"]
+    if b != ref:
+        pytest.fail("envoy/envoy-rls.yaml drifted from envoy/envoy.yaml:\n"
+                    + "\n".join(difflib_lines(ref, b)))
+    # The README's sed line makes the second Envoy's file.
+    text = ENVOY_RLS.read_text()
+    assert "s/port_value: 10001/port_value: 10002/" in text and "s/port_value: 9911/port_value: 9912/" in text
+    code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    assert code.count("port_value: 10001") == 1 and code.count("port_value: 9911") == 1
+
+
+def test_envoy_rls_loads_in_envoy(tmp_path):
+    envoy_validate(envoy_rls_bootstrap(), tmp_path, "envoy-rls")
+
+
+def quota_limits() -> tuple[int, int, str]:
+    q = reference_config()["quota"]
+    return q["authenticated_max_requests"], q["anonymous_max_requests"], q["period"]
+
+
+def test_ratelimit_config_configures_the_domain_with_tollgate_s_limits():
+    """envoyproxy/ratelimit applies tollgate's limit overrides only for a
+    configured domain; the file's own rules (the fallback) equal the quota."""
+    doc = load_all(RLS_CONFIG)[0]
+    backend = backend_of(envoy_rls_config())
+    assert doc["domain"] == backend["domain"]
+    authenticated, anonymous, period = quota_limits()
+    assert doc["descriptors"] == [
+        {"key": "tollgate_principal", "rate_limit": {"unit": period, "requests_per_unit": authenticated}},
+        {"key": "tollgate_anonymous", "rate_limit": {"unit": period, "requests_per_unit": anonymous}}]
+    # The keys tollgate sends (src/rls.rs).
+    rls_rs = (REPO_ROOT / "src/rls.rs").read_text()
+    for d in doc["descriptors"]:
+        assert f'"{d["key"]}"' in rls_rs, d["key"]
+
+
+PERIOD_SECONDS = {"minute": 60, "hour": 3600, "day": 86400}
+
+
+def test_limitador_limits_hold_tollgate_s_limits():
+    """Limitador ignores the override: its file must carry the same numbers."""
+    limits = yaml.safe_load(LIMITADOR_LIMITS.read_text())
+    authenticated, anonymous, period = quota_limits()
+    domain = backend_of(envoy_rls_config())["domain"]
+    by_var = {tuple(lim["variables"]): lim for lim in limits}
+    assert set(by_var) == {("descriptors[0]['tollgate_principal']",),
+                           ("descriptors[0]['tollgate_anonymous']",)}
+    for (var,), lim in by_var.items():
+        assert lim["namespace"] == domain and lim["conditions"] == []
+        assert lim["seconds"] == PERIOD_SECONDS[period]
+        assert lim["max_value"] == (authenticated if "principal" in var else anonymous)
+        assert set(lim) == {"name", "namespace", "max_value", "seconds", "conditions", "variables"}
+
+
+def k8s_docs(path: Path) -> list[dict]:
+    docs = load_all(path)
+    assert len({d["metadata"]["namespace"] for d in docs}) == 1, f"{path.name}: one namespace"
+    return docs
+
+
+def named(docs: list[dict], kind: str, name: str) -> dict:
+    (d,) = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    return d
+
+
+def check_service_manifest(path: Path, app: str, config_key: str, config_file: Path) -> dict:
+    """Redis + the engine: selectors match, the ConfigMap holds the shipped
+    file, the gRPC port is declared as gRPC (Istio: HTTP/2 cluster)."""
+    docs = k8s_docs(path)
+    ns = docs[0]["metadata"]["namespace"]
+    assert {(d["kind"], d["metadata"]["name"]) for d in docs} >= {
+        ("Deployment", "redis"), ("Service", "redis"), ("Deployment", app), ("Service", app)}
+    for name in ("redis", app):
+        dep, svc = named(docs, "Deployment", name), named(docs, "Service", name)
+        labels = dep["spec"]["template"]["metadata"]["labels"]
+        assert dep["spec"]["selector"]["matchLabels"] == labels == svc["spec"]["selector"]
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    assert yaml.safe_load(cm["data"][config_key]) == yaml.safe_load(config_file.read_text()), \
+        f"{path.name}: the ConfigMap differs from {config_file.name}"
+    (port,) = named(docs, "Service", app)["spec"]["ports"]
+    assert port["name"] == "grpc" and port["appProtocol"] == "grpc" and port["port"] == 8081
+    pod = named(docs, "Deployment", app)["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert {"name": "grpc", "containerPort": 8081} in container["ports"]
+    (volume,) = pod["volumes"]
+    assert volume["configMap"]["name"] == cm["metadata"]["name"]
+    assert named(docs, "Deployment", app)["spec"]["replicas"] >= 2
+    redis_host = f"redis.{ns}.svc.cluster.local:6379"
+    assert redis_host in json.dumps(container), f"{app} must count in the Redis of this file"
+    return {"docs": docs, "namespace": ns, "container": container, "volume": volume}
+
+
+def test_ratelimit_service_manifest():
+    m = check_service_manifest(RLS_SERVICE, "ratelimit", "tollgate.yaml", RLS_CONFIG)
+    c = m["container"]
+    env = {e["name"]: e["value"] for e in c["env"]}
+    assert env["REDIS_SOCKET_TYPE"] == "tcp" and env["USE_STATSD"] == "false"
+    # The file is read from RUNTIME_ROOT/RUNTIME_SUBDIRECTORY/config/ (settings.go:100-103).
+    (mount,) = c["volumeMounts"]
+    assert mount["mountPath"] == f'{env["RUNTIME_ROOT"]}/{env["RUNTIME_SUBDIRECTORY"]}/config'
+    assert env["RUNTIME_IGNOREDOTFILES"] == "true"
+    assert re.fullmatch(r"envoyproxy/ratelimit:[0-9a-f]{8}", c["image"])
+
+
+def test_limitador_service_manifest():
+    m = check_service_manifest(LIMITADOR_SERVICE, "limitador", "limits.yaml", LIMITADOR_LIMITS)
+    c = m["container"]
+    (mount,) = c["volumeMounts"]
+    # limitador-server <LIMITS_FILE> redis <URL>: never redis_cached (not exact).
+    cmd = c["command"]
+    assert cmd[0] == "limitador-server" and cmd[1] == mount["mountPath"] and cmd[2] == "redis"
+    assert cmd[3] == f"redis://redis.{m['namespace']}.svc.cluster.local:6379"
+
+
+BLOCK = r"^# --- {0} ---\n(.*?)^# --- end {0} ---"
+
+
+def commented_block(path: Path, title: str) -> dict:
+    m = re.search(BLOCK.format(re.escape(title)), path.read_text(), re.M | re.S)
+    assert m, f"{path.name}: the commented block '{title}' is missing"
+    return yaml.safe_load("\n".join(line[2:] if line.startswith("# ") else line[1:]
+                                    for line in m.group(1).splitlines()))
+
+
+def service_host(path: Path, app: str) -> str:
+    docs = load_all(path)
+    svc = named(docs, "Service", app)
+    return f"{app}.{svc['metadata']['namespace']}.svc.cluster.local"
+
+
+def test_istio_backend_names_the_service_cluster(tmp_path):
+    backend = commented_block(ISTIO_RLS, "pluginConfig.quota.backend")["backend"]
+    host = service_host(RLS_SERVICE, "ratelimit")
+    assert backend["cluster"] == f"outbound|8081||{host}"
+    assert backend["domain"] == load_all(RLS_CONFIG)[0]["domain"]
+    (dr,) = load_all(ISTIO_RLS)
+    assert dr["kind"] == "DestinationRule" and dr["spec"]["host"] == host
+    assert dr["spec"]["exportTo"] == ["."]
+    assert dr["metadata"]["namespace"] == by_kind(ISTIO, "WasmPlugin")["metadata"]["namespace"]
+    # The WasmPlugin's configuration with the backend: Envoy accepts it.
+    config = copy.deepcopy(by_kind(ISTIO, "WasmPlugin")["spec"]["pluginConfig"])
+    config["quota"]["backend"] = backend
+    envoy_validate(with_plugin_config(struct_json(config)), tmp_path, "istio-rls")
+
+
+def test_envoy_gateway_backend_names_the_patched_cluster(tmp_path):
+    backend = commented_block(GATEWAY_RLS, "config.quota.backend")["backend"]
+    (patch_policy,) = load_all(GATEWAY_RLS)
+    (p,) = patch_policy["spec"]["jsonPatches"]
+    assert p["operation"]["op"] == "add" and p["operation"]["path"] == ""
+    cluster = p["operation"]["value"]
+    assert cluster["name"] == p["name"] == backend["cluster"]
+    assert "http2_protocol_options" in json.dumps(cluster), "gRPC needs HTTP/2"
+    (lb,) = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    assert lb["endpoint"]["address"]["socket_address"] == {
+        "address": service_host(RLS_SERVICE, "ratelimit"), "port_value": 8081}
+    assert backend["domain"] == load_all(RLS_CONFIG)[0]["domain"]
+    # Same Gateway and namespace as envoy/envoy-gateway.yaml's patch policy.
+    idp_policy = by_kind(GATEWAY, "EnvoyPatchPolicy")
+    assert patch_policy["spec"]["targetRef"] == idp_policy["spec"]["targetRef"]
+    assert patch_policy["metadata"]["namespace"] == idp_policy["metadata"]["namespace"]
+    # The policy's configuration with the backend, and the cluster: Envoy accepts both.
+    (wasm,) = by_kind(GATEWAY, "EnvoyExtensionPolicy")["spec"]["wasm"]
+    config = copy.deepcopy(wasm["config"])
+    config["quota"]["backend"] = backend
+    b = with_plugin_config(json.dumps(config))
+    b["static_resources"]["clusters"].append(cluster)
+    envoy_validate(b, tmp_path, "envoy-gateway-rls")
 
 
 # ---------------------------------------------------------------- Dockerfile
