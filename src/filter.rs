@@ -4,12 +4,9 @@
 
 use crate::claims::Identity;
 use crate::config::{Config, Forward};
-use crate::driver::{
-    AnswerAs, CalloutReply, Driver, Effect, Phase, ReplyBody, RequestHandle, MAX_CALLOUT_BODY,
-};
+use crate::driver::{AnswerAs, Driver, Effect, Phase, RequestHandle};
 use crate::host::{
-    self, HeaderPairs, BUFFER_CALLOUT_RESPONSE_BODY, BUFFER_PLUGIN_CONFIGURATION,
-    MAP_CALLOUT_RESPONSE_HEADERS, MAP_REQUEST_HEADERS, MAP_RESPONSE_HEADERS,
+    self, HeaderPairs, BUFFER_PLUGIN_CONFIGURATION, MAP_REQUEST_HEADERS, MAP_RESPONSE_HEADERS,
 };
 use crate::metrics::Metrics;
 use crate::quota;
@@ -155,31 +152,6 @@ fn deny(h: &mut impl host::RequestHost, denial: &Denial, answer_as: AnswerAs) {
     }
 }
 
-/// The answer to the callout being delivered, as the host has it. An answer
-/// cut off after its headers arrives with no header map at all.
-fn read_reply(num_headers: usize, body_size: usize) -> CalloutReply {
-    let status = (num_headers > 0)
-        .then(|| host::header_map_value(MAP_CALLOUT_RESPONSE_HEADERS, ":status"))
-        .flatten()
-        .and_then(|s| std::str::from_utf8(&s).ok()?.parse().ok());
-    let body = if body_size > MAX_CALLOUT_BODY {
-        ReplyBody::TooLarge(body_size)
-    } else if status.is_none() {
-        ReplyBody::Read(Vec::new())
-    } else {
-        ReplyBody::Read(host::buffer(BUFFER_CALLOUT_RESPONSE_BODY, body_size).unwrap_or_default())
-    };
-    CalloutReply { status, body }
-}
-
-/// A rate-limit service's answer (gRPC `status` 0) as the host has it.
-fn read_grpc_reply(status: u32, size: usize) -> Vec<u8> {
-    if status != 0 || size > MAX_CALLOUT_BODY {
-        return Vec::new();
-    }
-    host::buffer(host::BUFFER_GRPC_RECEIVE, size).unwrap_or_default()
-}
-
 /// Delivers a rate-limit answer to the driver and performs what follows.
 fn grpc_reply(vm: &Shared, current: Option<u32>, token: u32, status: u32, size: usize) {
     let now = now_ms();
@@ -187,7 +159,7 @@ fn grpc_reply(vm: &Shared, current: Option<u32>, token: u32, status: u32, size: 
     let Some(vm) = guard.as_mut() else {
         return;
     };
-    let message = read_grpc_reply(status, size);
+    let message = host::grpc_reply(status, size);
     vm.driver
         .on_grpc_reply(token, status, &message, now, &HostStore);
     perform(vm, current, now.unwrap_or_default());
@@ -213,7 +185,7 @@ impl Context for Root {
         let Some(vm) = guard.as_mut() else {
             return;
         };
-        let reply = read_reply(headers, body_size);
+        let reply = host::callout_reply(headers, body_size);
         vm.driver.on_callout_reply(token, reply, now, &HostStore);
         perform(vm, None, now.unwrap_or_default());
     }
@@ -287,13 +259,6 @@ impl Request {
     }
 }
 
-/// The client's address without the port.
-fn source_ip() -> Option<String> {
-    let raw = host::property(b"source\0address")?;
-    let s = String::from_utf8(raw).ok()?;
-    Some(host::strip_port(&s).to_string())
-}
-
 impl Context for Request {
     /// A rate-limit call sent while this request's callback ran.
     fn on_grpc_call_response(&mut self, token: u32, status: u32, size: usize) {
@@ -314,7 +279,7 @@ impl HttpContext for Request {
         let map = host::header_map_pairs(MAP_REQUEST_HEADERS).unwrap_or_default();
         let head = HeaderPairs::new(&map);
         vm.driver
-            .on_request_headers(&self.req, &head, source_ip, now, &HostStore);
+            .on_request_headers(&self.req, &head, host::source_ip, now, &HostStore);
         perform(vm, Some(self.req.id()), now.unwrap_or_default());
         self.hold_until_allowed()
     }

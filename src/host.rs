@@ -80,6 +80,7 @@ extern "C" {
     ) -> u32;
 }
 
+use crate::driver::{CalloutReply, ReplyBody, MAX_CALLOUT_BODY};
 use crate::store::StoreError;
 
 /// proxy-wasm statuses.
@@ -400,6 +401,38 @@ impl crate::driver::RequestHead for HeaderPairs<'_> {
     fn pairs(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
         self.iter()
     }
+}
+
+/// The answer to the callout being delivered, as the host has it. An answer
+/// cut off after its headers arrives with no header map at all.
+pub fn callout_reply(num_headers: usize, body_size: usize) -> CalloutReply {
+    let status = (num_headers > 0)
+        .then(|| header_map_value(MAP_CALLOUT_RESPONSE_HEADERS, ":status"))
+        .flatten()
+        .and_then(|s| std::str::from_utf8(&s).ok()?.parse().ok());
+    let body = if body_size > MAX_CALLOUT_BODY {
+        ReplyBody::TooLarge(body_size)
+    } else if status.is_none() {
+        ReplyBody::Read(Vec::new())
+    } else {
+        ReplyBody::Read(buffer(BUFFER_CALLOUT_RESPONSE_BODY, body_size).unwrap_or_default())
+    };
+    CalloutReply { status, body }
+}
+
+/// A rate-limit service's answer (gRPC `status` 0) as the host has it.
+pub fn grpc_reply(status: u32, size: usize) -> Vec<u8> {
+    if status != 0 || size > MAX_CALLOUT_BODY {
+        return Vec::new();
+    }
+    buffer(BUFFER_GRPC_RECEIVE, size).unwrap_or_default()
+}
+
+/// The client's address without the port.
+pub fn source_ip() -> Option<String> {
+    let raw = property(b"source\0address")?;
+    let s = String::from_utf8(raw).ok()?;
+    Some(strip_port(&s).to_string())
 }
 
 /// Sends a unary gRPC call through the SDK (its dispatcher must learn the
