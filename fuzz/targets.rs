@@ -30,6 +30,7 @@ use tollgate::provider::introspection::form_urlencode;
 use tollgate::provider::Answer;
 use tollgate::response::Denial;
 use tollgate::store::fake::FakeStore;
+use tollgate::usage::{self, Count, Kind, Usage, UsageReader};
 
 /// Field separator of multi-field inputs.
 pub const SEP: [u8; 1] = [0xFF];
@@ -926,6 +927,63 @@ pub fn decision(data: &[u8]) {
     }
 }
 
+/// The caps the `usage` target reads with: tiny ones make events overflow.
+const USAGE_CAPS: [usize; 8] = [0, 1, 8, 32, 64, 256, 4096, usage::DEFAULT_MAX_BYTES];
+
+/// `usage`: byte 0 chooses the kind (bit 0: event stream or JSON) and the
+/// cap (bits 1-3, [`USAGE_CAPS`]); byte 1 seeds the chunk sizes; the rest is
+/// the response body. Asserts: the same usage and `too_large` whether the
+/// body comes whole, in pseudo-random chunks or byte by byte; the reader
+/// never holds more than its cap; a usage's total is at least input +
+/// output (saturating), which a 1:1 weighted count never exceeds.
+pub fn usage(data: &[u8]) {
+    let (control, seed, body) = match data {
+        [c, s, rest @ ..] => (*c, *s, rest),
+        _ => return,
+    };
+    let kind = if control & 1 == 0 {
+        Kind::Sse
+    } else {
+        Kind::Json
+    };
+    let cap = USAGE_CAPS[usize::from(control >> 1) % USAGE_CAPS.len()];
+    let run = |chunks: &mut dyn Iterator<Item = &[u8]>| -> (Option<Usage>, bool) {
+        let mut r = UsageReader::new(kind, cap);
+        for chunk in chunks {
+            r.feed(chunk);
+            assert!(r.buffered() <= cap, "{} held, cap {cap}", r.buffered());
+        }
+        let so_far = r.usage_so_far();
+        let too_large = r.too_large();
+        let got = r.finish();
+        if kind == Kind::Sse {
+            assert_eq!(so_far, got, "a stream's usage so far is its usage");
+        }
+        (got, too_large)
+    };
+    let whole = run(&mut std::iter::once(body));
+    let mut state = u32::from(seed) | 1;
+    let mut rest = body;
+    let mut chunks = Vec::new();
+    while !rest.is_empty() {
+        state = state.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+        let n = ((state >> 16) as usize % 13).min(rest.len());
+        let (a, b) = rest.split_at(n);
+        chunks.push(a);
+        rest = b;
+    }
+    assert_eq!(run(&mut chunks.into_iter()), whole, "chunked (seed {seed})");
+    assert_eq!(run(&mut body.chunks(1)), whole, "byte by byte");
+    if let (Some(u), _) = whole {
+        assert!(u.total >= u.input.saturating_add(u.output), "{u:?}");
+        let one_to_one = Count::Weighted {
+            input_per_mille: 1000,
+            output_per_mille: 1000,
+        };
+        assert!(u.count(one_to_one) <= u.count(Count::Total), "{u:?}");
+    }
+}
+
 /// A target's body.
 pub type Target = fn(&[u8]);
 
@@ -937,4 +995,5 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("provider_answers", provider_answers),
     ("route", route),
     ("decision", decision),
+    ("usage", usage),
 ];

@@ -22,7 +22,7 @@ set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/../fuzz" || exit 1
 
-ALL_TARGETS="token jwks config provider_answers route decision"
+ALL_TARGETS="token jwks config provider_answers route decision usage"
 TARGETS="${FUZZ_TARGETS:-$ALL_TARGETS}"
 CARGO_FUZZ_VERSION="0.13.2"
 SANITIZER="${FUZZ_SANITIZER:-none}"
@@ -54,6 +54,7 @@ dict_for() {
     token) cat dicts/token.dict ;;
     jwks | config) cat dicts/json.dict ;;
     route) cat dicts/paths.dict ;;
+    usage) cat dicts/json.dict dicts/usage.dict ;;
     *) cat dicts/json.dict dicts/paths.dict ;;
   esac >"$out"
   echo "$out"

@@ -20,6 +20,8 @@
 //! - [`token_cache`]: the per-VM cache of verdicts about tokens.
 //! - [`quota`]: per-client counters in shared data; [`store`]: shared data as
 //!   the core sees it (and the one fake store of the tests).
+//! - [`usage`]: the token usage an OpenAI-compatible answer reports (JSON or
+//!   an event stream), read incrementally with bounded memory.
 //! - [`auth`]: the request decision (credentials → identity → route rules →
 //!   quota); [`response`]: every local answer.
 //! - [`driver`]: every request's lifecycle (parking, callouts, the tick), also
@@ -62,6 +64,7 @@ pub mod store;
 #[cfg(test)]
 mod tests;
 pub mod token_cache;
+pub mod usage;
 
 #[cfg(target_arch = "wasm32")]
 proxy_wasm::main! {{

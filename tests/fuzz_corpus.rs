@@ -110,6 +110,11 @@ fn decision() {
     replay("decision");
 }
 
+#[test]
+fn usage() {
+    replay("usage");
+}
+
 /// Every target is replayed by a test above, and every corpus directory
 /// belongs to a target.
 #[test]
@@ -122,6 +127,7 @@ fn every_target_is_replayed() {
         "provider_answers",
         "route",
         "decision",
+        "usage",
     ]
     .into();
     assert_eq!(names, tested);
