@@ -18,8 +18,9 @@
 //!   [`provider::custom`] (Llama Stack's custom endpoint).
 //! - [`claims`]: from claims to an identity and its forwarded headers.
 //! - [`token_cache`]: the per-VM cache of verdicts about tokens.
-//! - [`quota`]: per-client counters in shared data; [`store`]: shared data as
-//!   the core sees it (and the one fake store of the tests).
+//! - [`quota`]: per-client counters in shared data, or through a rate-limit
+//!   service ([`rls`]: its protocol); [`store`]: shared data as the core sees
+//!   it (and the one fake store of the tests).
 //! - [`usage`]: the token usage an OpenAI-compatible answer reports (JSON or
 //!   an event stream), read incrementally with bounded memory.
 //! - [`auth`]: the request decision (credentials → identity → route rules →
