@@ -361,15 +361,27 @@ impl Driver {
     ) {
         let config = self.core.config.clone();
         let forward = &config.forward;
-        let spoofed: Vec<String> = head
-            .pairs()
-            .filter(|(name, _)| {
-                spells_header(name, &forward.principal_header)
-                    || spells_header(name, &forward.attributes_header)
-            })
-            .filter_map(|(name, _)| std::str::from_utf8(name).ok().map(str::to_string))
-            .collect();
-        let grpc = head.get("content-type").is_some_and(is_grpc);
+        // One pass over the headers: the first `authorization` (Envoy joins
+        // several into one value, never a valid token), the first
+        // `content-type`, and the identity headers' other spellings.
+        let (mut authorization, mut content_type) = (None, None);
+        let mut spoofed: Vec<String> = Vec::new();
+        for (name, value) in head.pairs() {
+            match name {
+                b"authorization" if authorization.is_none() => authorization = Some(value),
+                b"content-type" if content_type.is_none() => content_type = Some(value),
+                _ => {}
+            }
+            if spells_header(name, &forward.principal_header)
+                || spells_header(name, &forward.attributes_header)
+            {
+                if let Ok(name) = std::str::from_utf8(name) {
+                    spoofed.push(name.to_string());
+                }
+            }
+        }
+        let grpc = content_type.is_some_and(is_grpc);
+        let authorization = authorization.map(<[u8]>::to_vec);
         let parked = |facts| Parked {
             req: req.clone(),
             facts,
@@ -382,9 +394,6 @@ impl Driver {
             self.refuse(&parked(RequestFacts::default()), Denial::Internal);
             return;
         };
-        // Envoy joins several Authorization headers into one value (never a
-        // valid token).
-        let authorization = head.get("authorization").map(<[u8]>::to_vec);
         let debug = log::log_enabled!(log::Level::Debug);
         if !config.needs_path() && !debug {
             let facts = RequestFacts {
