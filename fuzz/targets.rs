@@ -743,6 +743,8 @@ fn run_to_end(
                 // No fixture counts remotely; a call would find no service.
                 Effect::DispatchGrpc(d) => driver.dispatched_grpc(d.id, Err(()), now, store),
                 Effect::SetTick(_) => tick = true,
+                Effect::OpenWake => {}
+                Effect::Wake => driver.on_wake(now, store),
                 Effect::Count(_) => {}
             }
         }

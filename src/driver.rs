@@ -42,6 +42,10 @@ pub const MAX_WAITERS: usize = 4096;
 pub const MAX_CALLOUT_WAITERS: usize = 4096;
 /// Most requests per VM waiting for the rate-limit service; more get 503.
 pub const MAX_COUNT_WAITERS: usize = 4096;
+/// Calls to the rate-limit service under way at once per VM when they are
+/// batched (`quota.backend.max_batch` above 1): the requests counted while
+/// one is under way go together in the next.
+pub const MAX_BATCHED_CALLS: usize = 1;
 /// Most distinct provider callouts (introspection, custom) queued or under way
 /// per VM; requests needing another one get 503 until one ends.
 pub const MAX_PROVIDER_CALLOUTS: usize = 256;
@@ -209,6 +213,13 @@ pub enum Effect {
     DispatchGrpc(GrpcDispatch),
     /// Call `on_tick` every this many milliseconds.
     SetTick(u32),
+    /// Set up waking (once, from the root context; see [`Effect::Wake`]);
+    /// when that fails, call [`Driver::wake_unavailable`].
+    OpenWake,
+    /// Call [`Driver::on_wake`] soon from the root context (a callback of
+    /// this VM's own, not a request's: calls sent there outlive every
+    /// request); when that fails, call [`Driver::wake_unavailable`].
+    Wake,
     Count(Metric),
 }
 
@@ -258,6 +269,23 @@ struct Parked {
     arrived: u64,
 }
 
+/// A request waiting for the rate-limit service.
+struct Counted {
+    parked: Parked,
+    counting: Counting,
+    /// When it started waiting (ms).
+    since: u64,
+    /// Its descriptor's place in its call.
+    slot: usize,
+}
+
+/// A call to the rate-limit service: how many descriptors it sent, and the
+/// requests still waiting for it.
+struct CountCall {
+    descriptors: usize,
+    waiting: Vec<Counted>,
+}
+
 /// What a sent callout is for.
 #[derive(Debug, Clone, Copy)]
 enum Pending {
@@ -293,10 +321,20 @@ pub struct Driver {
     dispatching: HashMap<u64, Pending>,
     /// Callouts under way, by the host's token.
     callouts: HashMap<u32, Pending>,
-    /// Requests waiting for the rate-limit service: by [`GrpcDispatch::id`]
-    /// until the glue reports the token, then by token.
-    counting_sent: HashMap<u64, (Parked, Counting)>,
-    counting: HashMap<u32, (Parked, Counting)>,
+    /// Requests waiting for a call to the rate-limit service to be sent
+    /// (`max_batch` above 1 and a call under way).
+    count_queue: VecDeque<Counted>,
+    /// Calls to the rate-limit service and the requests each counts: by
+    /// [`GrpcDispatch::id`] until the glue reports the token, then by token.
+    /// A request that ended leaves its call's list, not the call.
+    counting_sent: HashMap<u64, CountCall>,
+    counting: HashMap<u32, CountCall>,
+    /// Requests in `count_queue`, `counting_sent` and `counting`.
+    count_waiting: usize,
+    /// An [`Effect::Wake`] is under way.
+    wake_pending: bool,
+    /// Waking failed: the tick wakes instead.
+    wake_by_tick: bool,
     next_dispatch: u64,
     tick_soon: bool,
     /// Allowed requests not yet counted (counted on the tick).
@@ -314,6 +352,15 @@ impl Driver {
         let shared_keys = core.jwt_config().map(|j| SharedKeys::for_url(&j.jwks.url));
         let mut effects = VecDeque::new();
         effects.push_back(Effect::SetTick(SOON_TICK_MS));
+        let batched = core
+            .config
+            .quota
+            .as_ref()
+            .and_then(|q| q.backend.as_ref())
+            .is_some_and(|b| b.max_batch > 1);
+        if batched {
+            effects.push_back(Effect::OpenWake);
+        }
         Driver {
             core,
             shared_keys,
@@ -324,8 +371,12 @@ impl Driver {
             queued: Vec::new(),
             dispatching: HashMap::new(),
             callouts: HashMap::new(),
+            count_queue: VecDeque::new(),
             counting_sent: HashMap::new(),
             counting: HashMap::new(),
+            count_waiting: 0,
+            wake_pending: false,
+            wake_by_tick: false,
             next_dispatch: 0,
             tick_soon: false,
             allowed: 0,
@@ -402,7 +453,7 @@ impl Driver {
                 ..RequestFacts::default()
             };
             let step = self.core.decide(&facts, now, store);
-            self.carry_out(parked(facts), step);
+            self.carry_out(parked(facts), step, now, store);
             return;
         }
         let raw_path = head.get(":path").unwrap_or_default();
@@ -450,7 +501,7 @@ impl Driver {
             headers,
         };
         let step = self.core.decide(&facts, now, store);
-        self.carry_out(parked(facts), step);
+        self.carry_out(parked(facts), step, now, store);
     }
 
     /// An identity header could not be written for an allowed request: it
@@ -489,8 +540,19 @@ impl Driver {
             !gone
         });
         self.callout_waiting = self.callout_waiting.saturating_sub(removed);
-        self.counting_sent.retain(|_, (p, _)| p.req.id != id);
-        self.counting.retain(|_, (p, _)| p.req.id != id);
+        let before = self.count_queue.len();
+        self.count_queue.retain(|c| c.parked.req.id != id);
+        removed = before.saturating_sub(self.count_queue.len());
+        for call in self
+            .counting_sent
+            .values_mut()
+            .chain(self.counting.values_mut())
+        {
+            let before = call.waiting.len();
+            call.waiting.retain(|c| c.parked.req.id != id);
+            removed = removed.saturating_add(before.saturating_sub(call.waiting.len()));
+        }
+        self.count_waiting = self.count_waiting.saturating_sub(removed);
     }
 
     /// The glue sent the callout [`Dispatch`] `id`: with the host's token, or
@@ -593,6 +655,8 @@ impl Driver {
     /// callouts, keep the key set up, and set the next tick.
     pub fn on_tick(&mut self, now: u64, store: &dyn SharedStore) {
         self.tick_soon = false;
+        self.wake_pending = false;
+        self.send_counts(now, store);
         self.report(now);
         self.expire_waiters(now);
         self.drain_ready(now, store);
@@ -616,11 +680,18 @@ impl Driver {
 
     /// Carries out a decision: allow, deny, or park; records the request's
     /// new phase.
-    fn carry_out(&mut self, parked: Parked, step: Step) {
-        self.carry_out_as(parked, step, false);
+    fn carry_out(&mut self, parked: Parked, step: Step, now: u64, store: &dyn SharedStore) {
+        self.carry_out_as(parked, step, false, now, store);
     }
 
-    fn carry_out_as(&mut self, parked: Parked, step: Step, resumed: bool) {
+    fn carry_out_as(
+        &mut self,
+        parked: Parked,
+        step: Step,
+        resumed: bool,
+        now: u64,
+        store: &dyn SharedStore,
+    ) {
         match step {
             Step::WaitForKeys => {
                 if self.waiters.len().saturating_add(self.ready.len()) >= MAX_WAITERS {
@@ -659,40 +730,131 @@ impl Driver {
                 });
             }
             Step::Deny(denial) => self.refuse(&parked, denial),
-            Step::Count(counting) => self.count_remotely(parked, *counting),
+            Step::Count(counting) => self.count_remotely(parked, *counting, now, store),
         }
     }
 
     /// Asks the rate-limit service to count a request, which waits for it.
-    fn count_remotely(&mut self, parked: Parked, counting: Counting) {
+    fn count_remotely(
+        &mut self,
+        parked: Parked,
+        counting: Counting,
+        now: u64,
+        store: &dyn SharedStore,
+    ) {
+        if self.backend().is_none() || self.count_waiting >= MAX_COUNT_WAITERS {
+            return self.refuse(&parked, Denial::QuotaUnavailable);
+        }
+        parked.req.set(Phase::Waiting);
+        self.count_waiting = self.count_waiting.saturating_add(1);
+        self.count_queue.push_back(Counted {
+            parked,
+            counting,
+            since: now,
+            slot: 0,
+        });
+        if self.backend().is_some_and(|b| b.max_batch > 1) {
+            // A call sent from a request's callback is lost to the others
+            // in it when that request ends first.
+            self.wake();
+        } else {
+            self.send_counts(now, store);
+        }
+    }
+
+    /// Asks for [`Driver::on_wake`] (or, when waking failed, a tick).
+    fn wake(&mut self) {
+        if self.wake_by_tick {
+            self.tick_soon();
+        } else if !self.wake_pending {
+            self.wake_pending = true;
+            self.effects.push_back(Effect::Wake);
+        }
+    }
+
+    /// Called from the root context after [`Effect::Wake`]: sends what
+    /// waits for the rate-limit service.
+    pub fn on_wake(&mut self, now: u64, store: &dyn SharedStore) {
+        self.wake_pending = false;
+        self.send_counts(now, store);
+    }
+
+    /// [`Effect::OpenWake`] or [`Effect::Wake`] failed: the tick wakes
+    /// from now on.
+    pub fn wake_unavailable(&mut self) {
+        if !self.wake_by_tick {
+            log::warn!("waking the root context failed: batched counts go on the tick");
+        }
+        self.wake_by_tick = true;
+        self.wake_pending = false;
+        self.tick_soon();
+    }
+
+    fn backend(&self) -> Option<&crate::quota::Backend> {
+        self.core.config.quota.as_ref()?.backend.as_ref()
+    }
+
+    /// Sends the queued requests to the rate-limit service: each in its own
+    /// call (`max_batch` 1), or, batched, in calls of up to `max_batch` while
+    /// fewer than [`MAX_BATCHED_CALLS`] are under way. A call's timeout is
+    /// what is left of `timeout_ms` for its longest-waiting request, so no
+    /// request waits longer than `timeout_ms` in all; one that already did
+    /// ends as the service failing.
+    fn send_counts(&mut self, now: u64, store: &dyn SharedStore) {
         let config = self.core.config.clone();
         let Some((q, backend)) = config
             .quota
             .as_ref()
             .and_then(|q| q.backend.as_ref().map(|b| (q, b)))
         else {
-            return self.refuse(&parked, Denial::QuotaUnavailable);
+            return;
         };
-        if self.counting_sent.len().saturating_add(self.counting.len()) >= MAX_COUNT_WAITERS {
-            return self.refuse(&parked, Denial::QuotaUnavailable);
+        let most_calls = if backend.max_batch > 1 {
+            MAX_BATCHED_CALLS
+        } else {
+            usize::MAX
+        };
+        while self.counting_sent.len().saturating_add(self.counting.len()) < most_calls {
+            let Some(first) = self.count_queue.front() else {
+                return;
+            };
+            let waited = now.saturating_sub(first.since);
+            if waited >= backend.timeout_ms {
+                if let Some(late) = self.count_queue.pop_front() {
+                    log::warn!("rate-limit service: no call free within timeout_ms");
+                    self.end_count(late, None, now, store);
+                }
+                continue;
+            }
+            let take = backend.max_batch.min(self.count_queue.len());
+            let mut batch: Vec<Counted> = self.count_queue.drain(..take).collect();
+            for (slot, c) in batch.iter_mut().enumerate() {
+                c.slot = slot;
+            }
+            let hits: Vec<crate::rls::Hit<'_>> = batch
+                .iter()
+                .map(|c| crate::rls::Hit {
+                    key: c.counting.count.key,
+                    value: &c.counting.count.value,
+                    limit: c.counting.count.limit,
+                })
+                .collect();
+            let message = crate::rls::request(&backend.domain, &hits, q.period.seconds());
+            let id = self.next_id();
+            self.counting_sent.insert(
+                id,
+                CountCall {
+                    descriptors: take,
+                    waiting: batch,
+                },
+            );
+            self.effects.push_back(Effect::DispatchGrpc(GrpcDispatch {
+                id,
+                service: crate::rls::grpc_service(&backend.cluster),
+                message,
+                timeout_ms: backend.timeout_ms.saturating_sub(waited),
+            }));
         }
-        let c = &counting.count;
-        let message = crate::rls::request(
-            &backend.domain,
-            c.key,
-            &c.value,
-            c.limit,
-            q.period.seconds(),
-        );
-        let id = self.next_id();
-        parked.req.set(Phase::Waiting);
-        self.counting_sent.insert(id, (parked, counting));
-        self.effects.push_back(Effect::DispatchGrpc(GrpcDispatch {
-            id,
-            service: crate::rls::grpc_service(&backend.cluster),
-            message,
-            timeout_ms: backend.timeout_ms,
-        }));
     }
 
     /// The glue sent the rate-limit call [`GrpcDispatch`] `id`: with the
@@ -704,14 +866,21 @@ impl Driver {
         now: u64,
         store: &dyn SharedStore,
     ) {
-        let Some(waiting) = self.counting_sent.remove(&id) else {
+        let Some(call) = self.counting_sent.remove(&id) else {
             return;
         };
         match token {
             Ok(token) => {
-                self.counting.insert(token, waiting);
+                self.counting.insert(token, call);
             }
-            Err(()) => self.end_count(waiting, None, now, store),
+            Err(()) => {
+                for counted in call.waiting {
+                    self.end_count(counted, None, now, store);
+                }
+                if !self.count_queue.is_empty() {
+                    self.wake();
+                }
+            }
         }
     }
 
@@ -726,11 +895,19 @@ impl Driver {
         now: Option<u64>,
         store: &dyn SharedStore,
     ) {
-        let Some(waiting) = self.counting.remove(&token) else {
+        let Some(call) = self.counting.remove(&token) else {
             return;
         };
-        let verdict = match status {
-            0 => crate::rls::read(message)
+        let Some(now) = now else {
+            log::error!("the host clock failed: request refused");
+            for counted in call.waiting {
+                self.count_waiting = self.count_waiting.saturating_sub(1);
+                self.refuse(&counted.parked, Denial::Internal);
+            }
+            return;
+        };
+        let verdicts = match status {
+            0 => crate::rls::read(message, call.descriptors)
                 .map_err(|e| log::warn!("rate-limit service: unusable answer: {e:?}"))
                 .ok(),
             status => {
@@ -738,20 +915,32 @@ impl Driver {
                 None
             }
         };
-        let Some(now) = now else {
-            log::error!("the host clock failed: request refused");
-            return self.refuse(&waiting.0, Denial::Internal);
-        };
-        self.end_count(waiting, verdict, now, store);
+        match verdicts {
+            Some(verdicts) => {
+                for counted in call.waiting {
+                    let verdict = verdicts.get(counted.slot).copied();
+                    self.end_count(counted, verdict, now, store);
+                }
+            }
+            None => {
+                for counted in call.waiting {
+                    self.end_count(counted, None, now, store);
+                }
+            }
+        }
+        if !self.count_queue.is_empty() {
+            self.wake();
+        }
     }
 
     fn end_count(
         &mut self,
-        (parked, counting): (Parked, Counting),
+        counted: Counted,
         verdict: Option<crate::rls::Verdict>,
         now: u64,
         store: &dyn SharedStore,
     ) {
+        self.count_waiting = self.count_waiting.saturating_sub(1);
         let outcome = match verdict {
             Some(v) if v.over_limit => "rejected",
             Some(_) => "ok",
@@ -762,20 +951,19 @@ impl Driver {
             outcome,
         }));
         let local = self
-            .core
-            .config
-            .quota
-            .as_ref()
-            .and_then(|q| q.backend.as_ref())
+            .backend()
             .is_some_and(|b| b.failure_mode == crate::quota::FailureMode::Local);
         if verdict.is_none() && local {
             log::warn!("rate-limit service failed: counted in this Envoy instead");
             self.effects.push_back(Effect::Count(Metric::QuotaFallback));
         }
+        let Counted {
+            parked, counting, ..
+        } = counted;
         let step = self
             .core
             .counted(&parked.facts, counting, verdict, now, store);
-        self.carry_out_as(parked, step, true);
+        self.carry_out_as(parked, step, true, now, store);
     }
 
     /// Answers a request locally: the denial, its metric, its debug line.
@@ -897,7 +1085,7 @@ impl Driver {
                 }
                 Resume::Refuse(denial) => Step::Deny(denial),
             };
-            self.carry_out_as(parked, step, true);
+            self.carry_out_as(parked, step, true, now, store);
         }
         if !self.ready.is_empty() {
             self.tick_soon();
@@ -1650,6 +1838,254 @@ mod tests {
         d.on_grpc_reply(9, 0, &rls_answer(1, 1, 1), Some(NOW), &store);
         assert_eq!(outcomes(&drain(&mut d)), (vec![], vec![]));
         assert!(d.counting.is_empty() && d.counting_sent.is_empty());
+    }
+
+    fn batched_config(max_batch: usize, timeout_ms: u64) -> String {
+        format!(
+            r#"{{"quota": {{"anonymous_max_requests": 5, "period": "minute",
+                "backend": {{"type": "rls", "cluster": "ratelimit", "domain": "tollgate",
+                             "timeout_ms": {timeout_ms}, "max_batch": {max_batch}}}}}}}"#
+        )
+    }
+
+    /// Drains the effects, waking the driver as the root context would
+    /// whenever it asks to be.
+    fn pump(d: &mut Driver, now: u64, store: &FakeStore) -> Vec<Effect> {
+        let mut all = Vec::new();
+        loop {
+            let effects = drain(d);
+            let woken = effects.iter().any(|e| matches!(e, Effect::Wake));
+            all.extend(effects);
+            if !woken {
+                return all;
+            }
+            d.on_wake(now, store);
+        }
+    }
+
+    /// The rate-limit calls among the effects.
+    fn grpc_calls(effects: &[Effect]) -> Vec<&GrpcDispatch> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::DispatchGrpc(g) => Some(g),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The clients of a rate-limit call's descriptors, in order.
+    fn clients(call: &GrpcDispatch) -> Vec<String> {
+        <crate::rls::RateLimitRequest as prost::Message>::decode(call.message.as_slice())
+            .unwrap()
+            .descriptors
+            .iter()
+            .map(|d| d.entries[0].value.clone())
+            .collect()
+    }
+
+    /// An envoyproxy/ratelimit answer: one status per descriptor, OVER_LIMIT
+    /// overall when any is.
+    fn statuses_answer(over: &[bool]) -> Vec<u8> {
+        use crate::rls::{DescriptorStatus, Duration, RateLimit, RateLimitResponse};
+        use prost::Message;
+        let code = |o: bool| if o { 2 } else { 1 };
+        RateLimitResponse {
+            overall_code: code(over.iter().any(|o| *o)),
+            statuses: over
+                .iter()
+                .map(|o| DescriptorStatus {
+                    code: code(*o),
+                    current_limit: Some(RateLimit {
+                        requests_per_unit: 5,
+                        unit: 2,
+                    }),
+                    limit_remaining: 1,
+                    duration_until_reset: Some(Duration {
+                        seconds: 30,
+                        nanos: 0,
+                    }),
+                })
+                .collect(),
+        }
+        .encode_to_vec()
+    }
+
+    /// Request `id` from the anonymous client `192.0.2.<id>`.
+    fn counted_request(d: &mut Driver, id: u32, now: u64, store: &FakeStore) -> RequestHandle {
+        let req = RequestHandle::new(id);
+        d.on_request_headers(
+            &req,
+            &anonymous(),
+            || Some(format!("192.0.2.{id}")),
+            Some(now),
+            store,
+        );
+        req
+    }
+
+    #[test]
+    fn batched_counts_go_one_call_at_a_time_and_each_request_gets_its_own_verdict() {
+        let store = FakeStore::new();
+        let mut d = driver(&batched_config(3, 100));
+        pump(&mut d, NOW, &store);
+        // The first goes alone, sent from the root context; the next four
+        // wait for its answer.
+        let first = counted_request(&mut d, 1, NOW, &store);
+        let effects = drain(&mut d);
+        assert!(grpc_calls(&effects).is_empty() && matches!(effects[..], [Effect::Wake]));
+        d.on_wake(NOW, &store);
+        let effects = pump(&mut d, NOW, &store);
+        let calls = grpc_calls(&effects);
+        assert_eq!(calls.len(), 1);
+        assert_eq!(clients(calls[0]), ["192.0.2.1/32"]);
+        assert_eq!(calls[0].timeout_ms, 100);
+        d.dispatched_grpc(calls[0].id, Ok(1), NOW, &store);
+        let mut reqs: Vec<_> = (2..=5)
+            .map(|id| counted_request(&mut d, id, NOW, &store))
+            .collect();
+        assert!(grpc_calls(&pump(&mut d, NOW, &store)).is_empty());
+        reqs.push(first);
+        assert!(reqs.iter().all(|r| r.phase() == Phase::Waiting));
+        // Its answer ends it, and the next three go in one call, each with
+        // its own descriptor, with what is left of their timeout.
+        d.on_grpc_reply(1, 0, &statuses_answer(&[false]), Some(NOW + 30), &store);
+        let effects = pump(&mut d, NOW + 30, &store);
+        assert_eq!(outcomes(&effects), (vec![(1, true)], vec![]));
+        let calls = grpc_calls(&effects);
+        assert_eq!(calls.len(), 1);
+        assert_eq!(clients(calls[0]).len(), 3);
+        assert_eq!(calls[0].timeout_ms, 70);
+        d.dispatched_grpc(calls[0].id, Ok(2), NOW + 30, &store);
+        // Each request gets its descriptor's verdict; the fifth goes next.
+        d.on_grpc_reply(
+            2,
+            0,
+            &statuses_answer(&[false, true, false]),
+            Some(NOW + 40),
+            &store,
+        );
+        let effects = pump(&mut d, NOW + 40, &store);
+        assert_eq!(
+            outcomes(&effects),
+            (vec![(2, true), (4, true)], vec![(3, 429)])
+        );
+        let calls = grpc_calls(&effects);
+        assert_eq!(calls.len(), 1);
+        assert_eq!(clients(calls[0]).len(), 1);
+        assert_eq!(calls[0].timeout_ms, 60);
+        d.dispatched_grpc(calls[0].id, Ok(3), NOW + 40, &store);
+        d.on_grpc_reply(3, 0, &statuses_answer(&[true]), Some(NOW + 41), &store);
+        assert_eq!(
+            outcomes(&pump(&mut d, NOW, &store)),
+            (vec![], vec![(5, 429)])
+        );
+        assert_eq!(
+            (d.count_waiting, d.counting.len(), d.count_queue.len()),
+            (0, 0, 0)
+        );
+        assert_eq!(store.entries(), 0);
+    }
+
+    #[test]
+    fn a_batch_answered_badly_or_late_fails_every_request_in_it() {
+        for mode in ["deny", "local"] {
+            let cfg = batched_config(4, 50).replace(
+                r#""max_batch""#,
+                &format!(r#""failure_mode": "{mode}", "max_batch""#),
+            );
+            let store = FakeStore::new();
+            let mut d = driver(&cfg);
+            pump(&mut d, NOW, &store);
+            counted_request(&mut d, 1, NOW, &store);
+            let first = grpc_calls(&pump(&mut d, NOW, &store))[0].id;
+            d.dispatched_grpc(first, Ok(1), NOW, &store);
+            counted_request(&mut d, 2, NOW, &store);
+            counted_request(&mut d, 3, NOW, &store);
+            // A status for one of the two descriptors only: both fail.
+            d.on_grpc_reply(1, 0, &statuses_answer(&[false]), Some(NOW + 1), &store);
+            let effects = pump(&mut d, NOW, &store);
+            let second = grpc_calls(&effects)[0].id;
+            d.dispatched_grpc(second, Ok(2), NOW + 1, &store);
+            d.on_grpc_reply(2, 0, &statuses_answer(&[false]), Some(NOW + 2), &store);
+            let mut effects = effects;
+            effects.extend(pump(&mut d, NOW, &store));
+            let expected = if mode == "deny" {
+                (vec![(1, true)], vec![(2, 503), (3, 503)])
+            } else {
+                (vec![(1, true), (2, true), (3, true)], vec![])
+            };
+            assert_eq!(outcomes(&effects), expected, "{mode}");
+            // A request that waited all of timeout_ms for a call ends as the
+            // service failing, without a call of its own.
+            counted_request(&mut d, 7, NOW, &store);
+            let call = grpc_calls(&pump(&mut d, NOW, &store))[0].id;
+            d.dispatched_grpc(call, Ok(3), NOW, &store);
+            counted_request(&mut d, 8, NOW, &store);
+            d.on_grpc_reply(3, 4, b"", Some(NOW + 50), &store);
+            let effects = pump(&mut d, NOW + 50, &store);
+            assert!(grpc_calls(&effects).is_empty(), "{mode}");
+            let expected = if mode == "deny" {
+                (vec![], vec![(7, 503), (8, 503)])
+            } else {
+                (vec![(7, true), (8, true)], vec![])
+            };
+            assert_eq!(outcomes(&effects), expected, "{mode}");
+            assert_eq!(d.count_waiting, 0, "{mode}");
+        }
+    }
+
+    #[test]
+    fn batched_counts_wake_the_root_context_or_else_go_on_the_tick() {
+        let store = FakeStore::new();
+        let mut d = driver(&batched_config(4, 100));
+        assert!(drain(&mut d).iter().any(|e| matches!(e, Effect::OpenWake)));
+        // Unbatched, nothing to set up: the call goes from the request's
+        // own callback.
+        let mut plain = driver(&rls_config("deny"));
+        assert!(!drain(&mut plain)
+            .iter()
+            .any(|e| matches!(e, Effect::OpenWake)));
+        counted_request(&mut plain, 1, NOW, &store);
+        assert_eq!(grpc_calls(&drain(&mut plain)).len(), 1);
+        // Waking failed: a soon tick sends the call instead.
+        d.wake_unavailable();
+        drain(&mut d);
+        counted_request(&mut d, 1, NOW, &store);
+        let effects = drain(&mut d);
+        assert!(!effects.iter().any(|e| matches!(e, Effect::Wake)));
+        assert!(grpc_calls(&effects).is_empty());
+        d.on_tick(NOW + 1, &store);
+        assert_eq!(grpc_calls(&drain(&mut d)).len(), 1);
+    }
+
+    #[test]
+    fn a_request_that_ended_in_a_batch_leaves_the_others_their_verdicts() {
+        let store = FakeStore::new();
+        let mut d = driver(&batched_config(8, 100));
+        pump(&mut d, NOW, &store);
+        counted_request(&mut d, 1, NOW, &store);
+        let first = grpc_calls(&pump(&mut d, NOW, &store))[0].id;
+        d.dispatched_grpc(first, Ok(1), NOW, &store);
+        let reqs: Vec<_> = (2..=4)
+            .map(|id| counted_request(&mut d, id, NOW, &store))
+            .collect();
+        // One leaves while queued, one while its batch is under way.
+        d.on_log(&reqs[0]);
+        d.on_grpc_reply(1, 0, &statuses_answer(&[false]), Some(NOW), &store);
+        let effects = pump(&mut d, NOW, &store);
+        assert_eq!(outcomes(&effects), (vec![(1, true)], vec![]));
+        let call = grpc_calls(&effects)[0];
+        assert_eq!(clients(call), ["192.0.2.3/32", "192.0.2.4/32"]);
+        d.dispatched_grpc(call.id, Ok(2), NOW, &store);
+        d.on_log(&reqs[1]);
+        assert_eq!(d.count_waiting, 1);
+        d.on_grpc_reply(2, 0, &statuses_answer(&[true, false]), Some(NOW), &store);
+        assert_eq!(
+            outcomes(&pump(&mut d, NOW, &store)),
+            (vec![(4, true)], vec![])
+        );
+        assert_eq!(d.count_waiting, 0);
     }
 
     #[test]

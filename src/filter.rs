@@ -22,6 +22,8 @@ use std::rc::Rc;
 struct Vm {
     driver: Driver,
     metrics: Metrics,
+    /// This VM's own queue, whose items wake its root context.
+    wake: Option<u32>,
 }
 
 type Shared = Rc<RefCell<Option<Vm>>>;
@@ -97,9 +99,30 @@ fn perform(vm: &mut Vm, current: Option<u32>, now: u64) {
             Effect::SetTick(ms) => {
                 host::set_tick_period_ms(ms);
             }
+            Effect::OpenWake => {
+                vm.wake = host::register_queue(&wake_queue_name());
+                if vm.wake.is_none() {
+                    vm.driver.wake_unavailable();
+                }
+            }
+            Effect::Wake => {
+                if !vm.wake.is_some_and(host::enqueue) {
+                    vm.driver.wake_unavailable();
+                }
+            }
             Effect::Count(metric) => vm.metrics.count(metric),
         }
     }
+}
+
+/// A queue name no other VM uses (queues are named per plugin VM id, which
+/// every worker's VM shares).
+fn wake_queue_name() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    format!("tollgate.wake.{random:016x}")
 }
 
 /// Makes request `id`'s context the effective one; false when it is gone.
@@ -205,7 +228,11 @@ impl RootContext for Root {
                 log::set_max_level(config.log_level);
                 let driver = Driver::new(Rc::new(config));
                 let mut guard = self.vm.borrow_mut();
-                let vm = guard.insert(Vm { driver, metrics });
+                let vm = guard.insert(Vm {
+                    driver,
+                    metrics,
+                    wake: None,
+                });
                 perform(vm, None, now_ms().unwrap_or_default());
                 true
             }
@@ -227,6 +254,20 @@ impl RootContext for Root {
             return;
         };
         vm.driver.on_tick(now, &HostStore);
+        perform(vm, None, now);
+    }
+
+    fn on_queue_ready(&mut self, queue: u32) {
+        host::drain_queue(queue);
+        let Some(now) = now_ms() else {
+            log::error!("the host clock failed: wake skipped");
+            return;
+        };
+        let mut guard = self.vm.borrow_mut();
+        let Some(vm) = guard.as_mut() else {
+            return;
+        };
+        vm.driver.on_wake(now, &HostStore);
         perform(vm, None, now);
     }
 

@@ -71,6 +71,17 @@ extern "C" {
         return_value_data: *mut *mut u8,
         return_value_size: *mut usize,
     ) -> u32;
+    fn proxy_register_shared_queue(
+        name_data: *const u8,
+        name_size: usize,
+        return_id: *mut u32,
+    ) -> u32;
+    fn proxy_enqueue_shared_queue(queue_id: u32, value_data: *const u8, value_size: usize) -> u32;
+    fn proxy_dequeue_shared_queue(
+        queue_id: u32,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+    ) -> u32;
     fn proxy_get_buffer_bytes(
         buffer_type: u32,
         start: usize,
@@ -132,6 +143,38 @@ pub fn get_shared_data(key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), Stor
         OK => Ok((owned(OK, data, size), (cas != 0).then_some(cas))),
         NOT_FOUND => Ok((None, None)),
         _ => Err(StoreError::Other),
+    }
+}
+
+/// Registers a shared queue whose `on_queue_ready` goes to the current root
+/// context (call it from a root callback); its id, or `None`.
+pub fn register_queue(name: &str) -> Option<u32> {
+    let mut id: u32 = 0;
+    // SAFETY: the name is a live slice; the out-pointer is a valid local.
+    let status = unsafe { proxy_register_shared_queue(name.as_ptr(), name.len(), &mut id) };
+    (status == OK).then_some(id)
+}
+
+/// Adds a one-byte item to a queue; false when the host refused.
+pub fn enqueue(queue: u32) -> bool {
+    let item = b"w";
+    // SAFETY: a live slice.
+    unsafe { proxy_enqueue_shared_queue(queue, item.as_ptr(), item.len()) == OK }
+}
+
+/// Takes every item off a queue (their contents are not used).
+pub fn drain_queue(queue: u32) {
+    // Bounded: the host could keep answering OK.
+    for _ in 0..1024 {
+        let mut data: *mut u8 = std::ptr::null_mut();
+        let mut size: usize = 0;
+        // SAFETY: the out-pointers are valid locals.
+        let status = unsafe { proxy_dequeue_shared_queue(queue, &mut data, &mut size) };
+        // Frees what the host allocated, if anything.
+        drop(owned(status, data, size));
+        if status != OK {
+            return;
+        }
     }
 }
 

@@ -179,7 +179,18 @@ pub struct Backend {
     pub domain: String,
     pub timeout_ms: u64,
     pub failure_mode: FailureMode,
+    /// Most requests counted in one call (`max_batch`, 1 to
+    /// [`MAX_BATCH`]; default 1: one call per request). With more than one,
+    /// each Envoy worker has one call under way at a time and the requests
+    /// counted meanwhile go together in the next, one descriptor each; only
+    /// for services that answer every descriptor from its own count
+    /// (envoyproxy/ratelimit; not Limitador).
+    pub max_batch: usize,
 }
+
+/// Largest `quota.backend.max_batch`: a batch's answers are sent from one
+/// host callback (see [`crate::driver::RESUME_BATCH`]).
+pub const MAX_BATCH: u64 = 64;
 
 /// What a request gets when the service cannot answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -241,12 +252,18 @@ impl Backend {
                 ))
             }
         };
+        let max_batch = match o.u64_max("max_batch", MAX_BATCH)? {
+            None => 1,
+            Some(0) => return Err(ConfigError::new(o.path("max_batch"), "must be at least 1")),
+            Some(n) => usize::try_from(n).unwrap_or(1),
+        };
         o.finish()?;
         Ok(Backend {
             cluster,
             domain,
             timeout_ms,
             failure_mode,
+            max_batch,
         })
     }
 }
@@ -2379,6 +2396,79 @@ mod tests {
             ),
             (json!([]), "quota", "expected an object, found a list"),
             (json!("day"), "quota", "expected an object, found a string"),
+        ] {
+            let e = QuotaConfig::parse(&v, "quota").unwrap_err();
+            assert_eq!((e.key.as_str(), e.reason.as_str()), (key, reason), "{v}");
+        }
+    }
+
+    #[test]
+    fn the_backend_is_read_strictly_naming_the_key() {
+        let base = json!({"type": "rls", "cluster": "ratelimit", "domain": "tollgate"});
+        let b = QuotaConfig::parse(&json!({ "backend": base }), "quota")
+            .unwrap()
+            .backend
+            .unwrap();
+        assert_eq!(
+            (b.timeout_ms, b.failure_mode, b.max_batch),
+            (DEFAULT_BACKEND_TIMEOUT_MS, FailureMode::Deny, 1)
+        );
+        let with = |k: &str, v: Value| {
+            let mut o = base.clone();
+            o[k] = v;
+            json!({ "backend": o })
+        };
+        let b = QuotaConfig::parse(&with("max_batch", json!(64)), "quota")
+            .unwrap()
+            .backend
+            .unwrap();
+        assert_eq!(b.max_batch, 64);
+        for (v, key, reason) in [
+            (
+                with("max_batch", json!(0)),
+                "quota.backend.max_batch",
+                "must be at least 1",
+            ),
+            (
+                with("max_batch", json!(65)),
+                "quota.backend.max_batch",
+                "must be at most 64",
+            ),
+            (
+                with("max_batch", json!("8")),
+                "quota.backend.max_batch",
+                "expected a non-negative integer, found a string",
+            ),
+            (
+                with("timeout_ms", json!(0)),
+                "quota.backend.timeout_ms",
+                "must be at least 1",
+            ),
+            (
+                with("failure_mode", json!("allow")),
+                "quota.backend.failure_mode",
+                "must be \"deny\" or \"local\", found \"allow\"",
+            ),
+            (
+                with("type", json!("redis")),
+                "quota.backend.type",
+                "must be \"rls\", found \"redis\"",
+            ),
+            (
+                with("domain", json!("")),
+                "quota.backend.domain",
+                "must not be empty",
+            ),
+            (
+                with("cluster", json!("")),
+                "quota.backend.cluster",
+                "must be an ASCII cluster name of 1 to 120 bytes",
+            ),
+            (
+                with("batch", json!(2)),
+                "quota.backend.batch",
+                "unknown key",
+            ),
         ] {
             let e = QuotaConfig::parse(&v, "quota").unwrap_err();
             assert_eq!((e.key.as_str(), e.reason.as_str()), (key, reason), "{v}");

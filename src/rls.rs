@@ -120,21 +120,37 @@ pub fn unit_of(period_seconds: u64) -> i32 {
     }
 }
 
-/// The request for one client: one descriptor with the client's entry and
-/// the limit from tollgate's configuration (a `limit` override).
-pub fn request(domain: &str, key: &str, value: &str, limit: u64, period_seconds: u64) -> Vec<u8> {
+/// One request to count: the client's descriptor entry and its limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hit<'a> {
+    pub key: &'a str,
+    pub value: &'a str,
+    pub limit: u64,
+}
+
+/// The request for a batch of counted requests: one descriptor per request,
+/// in order, each with the client's entry and the limit from tollgate's
+/// configuration (a `limit` override), one hit each. envoyproxy/ratelimit
+/// adds each descriptor's hit with its own `INCRBY` and answers each from
+/// its own count, so two requests of one client in a batch are counted as
+/// two requests one after the other.
+pub fn request(domain: &str, hits: &[Hit<'_>], period_seconds: u64) -> Vec<u8> {
+    let unit = unit_of(period_seconds);
     RateLimitRequest {
         domain: domain.to_string(),
-        descriptors: vec![RateLimitDescriptor {
-            entries: vec![Entry {
-                key: key.to_string(),
-                value: value.to_string(),
-            }],
-            limit: Some(RateLimitOverride {
-                requests_per_unit: u32::try_from(limit).unwrap_or(u32::MAX),
-                unit: unit_of(period_seconds),
-            }),
-        }],
+        descriptors: hits
+            .iter()
+            .map(|h| RateLimitDescriptor {
+                entries: vec![Entry {
+                    key: h.key.to_string(),
+                    value: h.value.to_string(),
+                }],
+                limit: Some(RateLimitOverride {
+                    requests_per_unit: u32::try_from(h.limit).unwrap_or(u32::MAX),
+                    unit,
+                }),
+            })
+            .collect(),
         hits_addend: 1,
     }
     .encode_to_vec()
@@ -155,45 +171,67 @@ pub struct Verdict {
 pub enum BadAnswer {
     /// Not a `RateLimitResponse`.
     Undecodable,
-    /// `overall_code` neither OK nor OVER_LIMIT.
+    /// A code (overall or a status's) neither OK nor OVER_LIMIT.
     UnknownCode(i32),
-    /// Not exactly one status for the one descriptor sent.
+    /// Not exactly one status per descriptor sent.
     Statuses(usize),
+    /// `overall_code` disagrees with the statuses.
+    Inconsistent,
     /// A status without a limit: the service did not apply the one sent
     /// (envoyproxy/ratelimit ignores overrides for a domain it has no
     /// configuration for, and would let everything pass).
     LimitIgnored,
 }
 
-/// Reads an answer to a [`request`] with one descriptor. Anything but a
-/// clear OK or OVER_LIMIT is a bad answer (never an allow).
-pub fn read(answer: &[u8]) -> Result<Verdict, BadAnswer> {
+/// Reads an answer to a [`request`] of `descriptors` descriptors: one
+/// verdict per descriptor, in order. Anything but a clear OK or OVER_LIMIT
+/// for every one of them is a bad answer (never an allow).
+pub fn read(answer: &[u8], descriptors: usize) -> Result<Vec<Verdict>, BadAnswer> {
     let r = RateLimitResponse::decode(answer).map_err(|_| BadAnswer::Undecodable)?;
-    let over_limit = match r.overall_code {
-        1 => false,
-        2 => true,
-        code => return Err(BadAnswer::UnknownCode(code)),
-    };
-    // envoyproxy/ratelimit sends one status per descriptor; an empty list
-    // (Limitador) carries no numbers but still decides.
-    let limited = match r.statuses.as_slice() {
-        [] => None,
-        [s] if s.current_limit.is_none() => return Err(BadAnswer::LimitIgnored),
-        [s] => Some(s),
-        more => return Err(BadAnswer::Statuses(more.len())),
-    };
-    let remaining = limited.map(|s| u64::from(s.limit_remaining));
-    let reset = limited
-        .and_then(|s| s.duration_until_reset.as_ref())
-        .map(|d| {
-            let whole = u64::try_from(d.seconds).unwrap_or(0);
-            whole.saturating_add(u64::from(d.nanos > 0))
-        });
-    Ok(Verdict {
-        over_limit,
-        remaining,
-        reset,
-    })
+    let over_limit = code(r.overall_code)?;
+    // envoyproxy/ratelimit sends one status per descriptor; for a single
+    // descriptor, an empty list (Limitador) carries no numbers but decides.
+    if r.statuses.is_empty() && descriptors == 1 {
+        return Ok(vec![Verdict {
+            over_limit,
+            remaining: None,
+            reset: None,
+        }]);
+    }
+    if r.statuses.len() != descriptors {
+        return Err(BadAnswer::Statuses(r.statuses.len()));
+    }
+    let verdicts = r
+        .statuses
+        .iter()
+        .map(|s| {
+            if s.current_limit.is_none() {
+                return Err(BadAnswer::LimitIgnored);
+            }
+            Ok(Verdict {
+                over_limit: code(s.code)?,
+                remaining: Some(u64::from(s.limit_remaining)),
+                reset: s.duration_until_reset.as_ref().map(|d| {
+                    let whole = u64::try_from(d.seconds).unwrap_or(0);
+                    whole.saturating_add(u64::from(d.nanos > 0))
+                }),
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    // OVER_LIMIT overall exactly when a descriptor is over its limit.
+    if verdicts.iter().any(|v| v.over_limit) != over_limit {
+        return Err(BadAnswer::Inconsistent);
+    }
+    Ok(verdicts)
+}
+
+/// `Code`: OK (false) or OVER_LIMIT (true).
+fn code(c: i32) -> Result<bool, BadAnswer> {
+    match c {
+        1 => Ok(false),
+        2 => Ok(true),
+        other => Err(BadAnswer::UnknownCode(other)),
+    }
 }
 
 #[cfg(test)]
@@ -202,7 +240,12 @@ mod tests {
 
     #[test]
     fn the_request_is_the_protos_wire_format() {
-        let bytes = request("tollgate", PRINCIPAL_KEY, "alice", 50, 86400);
+        let alice = Hit {
+            key: PRINCIPAL_KEY,
+            value: "alice",
+            limit: 50,
+        };
+        let bytes = request("tollgate", &[alice], 86400);
         let back = RateLimitRequest::decode(bytes.as_slice()).unwrap();
         assert_eq!(back.domain, "tollgate");
         assert_eq!(back.hits_addend, 1);
@@ -251,47 +294,107 @@ mod tests {
     #[test]
     fn answers_are_read_strictly() {
         assert_eq!(
-            read(&answer(1, vec![status(1, 3, (59, 500))])),
-            Ok(Verdict {
+            read(&answer(1, vec![status(1, 3, (59, 500))]), 1),
+            Ok(vec![Verdict {
                 over_limit: false,
                 remaining: Some(3),
                 reset: Some(60)
-            })
+            }])
         );
         assert_eq!(
-            read(&answer(2, vec![status(2, 0, (7, 0))])),
-            Ok(Verdict {
+            read(&answer(2, vec![status(2, 0, (7, 0))]), 1),
+            Ok(vec![Verdict {
                 over_limit: true,
                 remaining: Some(0),
                 reset: Some(7)
-            })
+            }])
         );
         // No status (Limitador): decides, without numbers.
         assert_eq!(
-            read(&answer(1, vec![])),
-            Ok(Verdict {
+            read(&answer(1, vec![]), 1),
+            Ok(vec![Verdict {
                 over_limit: false,
                 remaining: None,
                 reset: None
-            })
+            }])
         );
         // Never an allow by accident.
-        assert_eq!(read(&answer(0, vec![])), Err(BadAnswer::UnknownCode(0)));
-        assert_eq!(read(&answer(7, vec![])), Err(BadAnswer::UnknownCode(7)));
+        assert_eq!(read(&answer(0, vec![]), 1), Err(BadAnswer::UnknownCode(0)));
+        assert_eq!(read(&answer(7, vec![]), 1), Err(BadAnswer::UnknownCode(7)));
         let two = vec![status(1, 1, (1, 0)), status(1, 1, (1, 0))];
-        assert_eq!(read(&answer(1, two)), Err(BadAnswer::Statuses(2)));
-        assert_eq!(read(b"\xff\xff\xff"), Err(BadAnswer::Undecodable));
+        assert_eq!(read(&answer(1, two), 1), Err(BadAnswer::Statuses(2)));
+        assert_eq!(read(b"\xff\xff\xff", 1), Err(BadAnswer::Undecodable));
         // Empty bytes decode as code 0: unknown.
-        assert_eq!(read(b""), Err(BadAnswer::UnknownCode(0)));
+        assert_eq!(read(b"", 1), Err(BadAnswer::UnknownCode(0)));
         // A status without a limit: the override was not applied.
         let mut ignored = status(1, 0, (0, 0));
         ignored.current_limit = None;
         assert_eq!(
-            read(&answer(1, vec![ignored])),
+            read(&answer(1, vec![ignored]), 1),
             Err(BadAnswer::LimitIgnored)
         );
         // A negative reset is no reset.
-        let v = read(&answer(1, vec![status(1, 1, (-5, 0))])).unwrap();
-        assert_eq!(v.reset, Some(0));
+        let v = read(&answer(1, vec![status(1, 1, (-5, 0))]), 1).unwrap();
+        assert_eq!(v[0].reset, Some(0));
+    }
+
+    #[test]
+    fn a_batch_is_one_descriptor_per_request_and_one_verdict_each() {
+        let hits = [
+            Hit {
+                key: PRINCIPAL_KEY,
+                value: "alice",
+                limit: 2,
+            },
+            Hit {
+                key: ANONYMOUS_KEY,
+                value: "10.0.0.0/24",
+                limit: 7,
+            },
+            Hit {
+                key: PRINCIPAL_KEY,
+                value: "alice",
+                limit: 2,
+            },
+        ];
+        let back = RateLimitRequest::decode(request("d", &hits, 60).as_slice()).unwrap();
+        let sent: Vec<_> = back
+            .descriptors
+            .iter()
+            .map(|d| {
+                let l = d.limit.as_ref().unwrap();
+                (d.entries[0].value.as_str(), l.requests_per_unit, l.unit)
+            })
+            .collect();
+        assert_eq!(
+            sent,
+            [("alice", 2, 2), ("10.0.0.0/24", 7, 2), ("alice", 2, 2)]
+        );
+        let three = vec![
+            status(1, 1, (9, 0)),
+            status(1, 6, (9, 0)),
+            status(2, 0, (9, 0)),
+        ];
+        let v = read(&answer(2, three.clone()), 3).unwrap();
+        assert_eq!(
+            v.iter()
+                .map(|v| (v.over_limit, v.remaining))
+                .collect::<Vec<_>>(),
+            [(false, Some(1)), (false, Some(6)), (true, Some(0))]
+        );
+        // Overall OK although a descriptor is over, or the reverse.
+        assert_eq!(read(&answer(1, three), 3), Err(BadAnswer::Inconsistent));
+        let ok = vec![status(1, 1, (9, 0)), status(1, 1, (9, 0))];
+        assert_eq!(
+            read(&answer(2, ok.clone()), 2),
+            Err(BadAnswer::Inconsistent)
+        );
+        // Too few or too many statuses, none at all, or a status code unknown.
+        assert_eq!(read(&answer(1, ok.clone()), 3), Err(BadAnswer::Statuses(2)));
+        assert_eq!(read(&answer(1, ok.clone()), 1), Err(BadAnswer::Statuses(2)));
+        assert_eq!(read(&answer(1, vec![]), 2), Err(BadAnswer::Statuses(0)));
+        let odd = vec![status(1, 1, (9, 0)), status(0, 1, (9, 0))];
+        assert_eq!(read(&answer(1, odd), 2), Err(BadAnswer::UnknownCode(0)));
+        assert_eq!(read(&answer(1, ok), 2).map(|v| v.len()), Ok(2));
     }
 }

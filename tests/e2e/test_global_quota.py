@@ -40,12 +40,15 @@ def http2(cluster: str):
     return transform
 
 
-def config(idp_port: int, limit: int, failure_mode: str = "deny", timeout_ms: int = 200) -> dict:
+def config(idp_port: int, limit: int, failure_mode: str = "deny", timeout_ms: int = 200,
+           max_batch: int | None = None) -> dict:
     c = jwt_config(idp_port)
     c["quota"] = {"authenticated_max_requests": limit, "anonymous_max_requests": limit,
                   "period": "day",
                   "backend": {"type": "rls", "cluster": "ratelimit", "domain": "tollgate",
                               "timeout_ms": timeout_ms, "failure_mode": failure_mode}}
+    if max_batch is not None:
+        c["quota"]["backend"]["max_batch"] = max_batch
     return c
 
 
@@ -72,9 +75,15 @@ def who() -> str:
     return f"user-{uuid.uuid4().hex[:10]}"
 
 
-def test_two_envoys_share_one_quota_and_it_survives_restarts(envoy, idp, rsa, service):
+def rls_calls(g) -> int:
+    """gRPC calls the gateway made to the rate-limit service."""
+    return g.counters().get("cluster.ratelimit.upstream_rq_total", 0)
+
+
+@pytest.mark.parametrize("max_batch", [None, 16])
+def test_two_envoys_share_one_quota_and_it_survives_restarts(envoy, idp, rsa, service, max_batch):
     idp.set_keys(rsa)
-    a, b = gateways(envoy, idp, service.port, limit=6)
+    a, b = gateways(envoy, idp, service.port, limit=6, max_batch=max_batch)
     alice = rsa.sign(tokens.claims(sub=who()))
     statuses = [(a if i % 2 else b).get(API, token=alice).status for i in range(8)]
     assert statuses == [200] * 6 + [429] * 2, statuses
@@ -88,21 +97,47 @@ def test_two_envoys_share_one_quota_and_it_survives_restarts(envoy, idp, rsa, se
     # The count lives in Redis: new Envoys still refuse alice.
     for g in (a, b):
         g.stop()
-    a2, b2 = gateways(envoy, idp, service.port, limit=6)
+    a2, b2 = gateways(envoy, idp, service.port, limit=6, max_batch=max_batch)
     assert a2.get(API, token=alice).status == 429
     assert b2.get(API, token=alice).status == 429
     assert a2.get(API, token=bob).status == 200
 
 
-def test_two_hundred_at_once_across_both_envoys_admit_exactly_the_limit(envoy, idp, rsa, service):
+@pytest.mark.parametrize("max_batch", [None, 16])
+def test_two_hundred_at_once_across_both_envoys_admit_exactly_the_limit(envoy, idp, rsa, service,
+                                                                         max_batch):
     idp.set_keys(rsa)
-    a, b = gateways(envoy, idp, service.port, limit=50)
+    a, b = gateways(envoy, idp, service.port, limit=50, max_batch=max_batch)
     carol = rsa.sign(tokens.claims(sub=who()))
     with futures.ThreadPoolExecutor(40) as pool:
         statuses = list(pool.map(lambda i: (a if i % 2 else b).get(API, token=carol).status,
                                  range(200)))
     assert statuses.count(200) == 50, sorted(set(statuses))
     assert statuses.count(429) == 150
+    calls = rls_calls(a) + rls_calls(b)
+    if max_batch is None:
+        assert calls == 200, calls
+    else:
+        # Requests counted while a call was under way went together.
+        assert calls < 200, calls
+
+
+def test_batched_clients_each_get_their_own_count(envoy, idp, rsa, service):
+    """max_batch: many clients at once through one Envoy, several requests
+    of each in one call: each client is admitted exactly its limit, with its
+    own RateLimit-Remaining."""
+    idp.set_keys(rsa)
+    (a,) = gateways(envoy, idp, service.port, n=1, limit=5, max_batch=32)
+    users = [rsa.sign(tokens.claims(sub=who())) for _ in range(8)]
+    jobs = [u for u in users for _ in range(8)]
+    with futures.ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(lambda t: (t, a.get(API, token=t)), jobs))
+    for u in users:
+        mine = [r for t, r in answers if t == u]
+        assert [r.status for r in mine].count(200) == 5, [r.status for r in mine]
+        remaining = sorted(int(r.headers["ratelimit-remaining"]) for r in mine if r.status == 200)
+        assert remaining == [0, 1, 2, 3, 4], remaining
+    assert rls_calls(a) < len(jobs), rls_calls(a)
 
 
 def test_anonymous_clients_are_counted_per_prefix(envoy, idp, rsa, service, redis):
