@@ -15,7 +15,8 @@ Flags: cold (a new RS256 token per request; with es256 or eddsa, a new token
 of that algorithm), quota (tollgate with a quota),
 quota-no-headers (the quota without RateLimit-* headers), rls (the quota
 counted in Redis through the rate-limit service, as `make bench`'s h-rls;
-Redis and tests/rls-server run on the load core), noop (WASM is loaded
+Redis and tests/rls-server run on the load core; with `batch` or `batchN`,
+quota.backend.max_batch RLS_MAX_BATCH or N, as h-rlsb), noop (WASM is loaded
 as the bench's do-nothing filter; `x:noop` uses bench/noop's own build; with
 `forward`, `count`, `clock` and/or `ratelimit` it also does the work of
 `make bench`'s b2 / b3 / b4 / b5),
@@ -89,6 +90,9 @@ def main() -> int:
                                            or "quota-no-headers" in flags, rls_backend=rls)
                 if "quota-no-headers" in flags:
                     config["quota"]["headers"] = False
+                batch = next((f for f in flags if f.startswith("batch")), None)
+                if rls and batch:
+                    config["quota"]["backend"]["max_batch"] = int(batch[5:] or b.RLS_MAX_BATCH)
                 clusters = {"idp": idp.port, **({"ratelimit": service.port} if rls else {})}
                 doc = b.bootstrap([b.wasm_filter("tollgate", dst, config,
                                                  failure_policy="FAIL_RELOAD")],

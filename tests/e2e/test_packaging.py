@@ -402,7 +402,7 @@ def test_envoy_rls_is_envoy_yaml_plus_the_backend_and_its_cluster():
     config = envoy_rls_config()
     backend = backend_of(config)
     assert backend == {"type": "rls", "cluster": "ratelimit", "domain": "tollgate",
-                       "timeout_ms": 100, "failure_mode": "deny"}
+                       "timeout_ms": 100, "failure_mode": "deny", "max_batch": 32}
     assert without_backend(config) == reference_config()
     (cluster,) = [c for c in b["static_resources"]["clusters"] if c["name"] == backend["cluster"]]
     assert "http2_protocol_options" in json.dumps(cluster), "gRPC needs HTTP/2"
