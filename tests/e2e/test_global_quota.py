@@ -263,3 +263,26 @@ def test_bad_answers_never_allow(envoy, idp, rsa, answer, code):
             assert r.status == 503 and r.body == UNAVAILABLE, r
     finally:
         fake.stop()
+
+
+def test_a_batch_answered_with_one_status_never_allows_the_rest(envoy, idp, rsa):
+    """max_batch: a service that answers every call OK with a single status
+    (as if it had counted one descriptor): only requests alone in their call
+    may pass; the others in a batch are refused, never allowed."""
+    idp.set_keys(rsa)
+    limit = rls._field(1, 5) + rls._field(2, 4)  # RateLimit{requests_per_unit 5, DAY}
+    one_ok = rls._field(1, 1) + rls._field(2, rls._field(1, 1) + rls._field(2, limit)
+                                             + rls._field(3, 4))
+    fake = FakeRls(one_ok)
+    try:
+        (a,) = gateways(envoy, idp, fake.port, n=1, limit=5, max_batch=8)
+        users = [rsa.sign(tokens.claims(sub=who())) for _ in range(24)]
+        with futures.ThreadPoolExecutor(24) as pool:
+            statuses = [r.status for r in pool.map(lambda t: a.get(API, token=t), users)]
+        calls = rls_calls(a)
+        assert set(statuses) <= {200, 503}, statuses
+        assert statuses.count(200) <= calls, (statuses, calls)
+        if calls < len(users):
+            assert 503 in statuses, (statuses, calls)
+    finally:
+        fake.stop()
