@@ -23,6 +23,8 @@
 //!   it (and the one fake store of the tests).
 //! - [`usage`]: the token usage an OpenAI-compatible answer reports (JSON or
 //!   an event stream), read incrementally with bounded memory.
+//! - [`token_quota`]: per-client token budgets (`quota.tokens`): what is
+//!   counted, reserved and charged.
 //! - [`auth`]: the request decision (credentials → identity → route rules →
 //!   quota); [`response`]: every local answer.
 //! - [`driver`]: every request's lifecycle (parking, callouts, the tick), also
@@ -55,6 +57,7 @@ pub mod jwt;
 pub mod key_set;
 pub mod metrics;
 pub mod path;
+pub mod period;
 pub mod provider;
 pub mod quota;
 pub mod response;
@@ -65,6 +68,7 @@ pub mod store;
 #[cfg(test)]
 mod tests;
 pub mod token_cache;
+pub mod token_quota;
 pub mod usage;
 
 #[cfg(target_arch = "wasm32")]

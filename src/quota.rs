@@ -37,10 +37,26 @@ use serde_json::Value;
 use std::cell::OnceCell;
 use std::net::IpAddr;
 
-/// Key prefix of authenticated clients' counters.
-const PRINCIPAL_PREFIX: &str = "tollgate/quota/a/";
-/// Key prefix of the anonymous table's slots.
-const SLOT_PREFIX: &str = "tollgate/quota/anon/";
+/// Where one kind of count lives in shared data: the key prefix of
+/// authenticated clients' counters and of the anonymous table's slots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ledger {
+    principal_prefix: &'static str,
+    slot_prefix: &'static str,
+}
+
+/// Requests (`quota`).
+pub const REQUESTS: Ledger = Ledger {
+    principal_prefix: "tollgate/quota/a/",
+    slot_prefix: "tollgate/quota/anon/",
+};
+
+/// Tokens (`quota.tokens`): `tollgate/tokens/a/<principal>` and
+/// `tollgate/tokens/anon/<n>`, in a table of the same size and hash key.
+pub const TOKENS: Ledger = Ledger {
+    principal_prefix: "tollgate/tokens/a/",
+    slot_prefix: "tollgate/tokens/anon/",
+};
 /// The anonymous table's hash key, the same for every VM of the process.
 pub const TABLE_KEY: &str = "tollgate/quota/anon/key";
 
@@ -54,51 +70,9 @@ pub const MAX_SLOTS: u64 = 1 << 22;
 pub const MAX_ATTEMPTS: u32 = 32;
 
 /// The accepted values of `period`, for error messages.
-const PERIODS: &str = "\"minute\", \"hour\" or \"day\"";
+use crate::period::PERIODS;
 
-/// A fixed window, aligned to UTC.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Period {
-    Minute,
-    Hour,
-    Day,
-}
-
-impl Period {
-    /// The window's length in seconds.
-    pub fn seconds(self) -> u64 {
-        match self {
-            Period::Minute => 60,
-            Period::Hour => 3_600,
-            Period::Day => 86_400,
-        }
-    }
-
-    /// The start (seconds since the Unix epoch) of the window holding
-    /// `now_secs`.
-    pub fn window_start(self, now_secs: u64) -> u64 {
-        now_secs - now_secs % self.seconds()
-    }
-
-    /// The configuration name of the period.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Period::Minute => "minute",
-            Period::Hour => "hour",
-            Period::Day => "day",
-        }
-    }
-
-    /// Reads a configuration name (`minute`, `hour`, `day`).
-    pub fn from_name(name: &str) -> Option<Period> {
-        match name {
-            "minute" => Some(Period::Minute),
-            "hour" => Some(Period::Hour),
-            "day" => Some(Period::Day),
-            _ => None,
-        }
-    }
-}
+pub use crate::period::Period;
 
 /// The `quota` configuration.
 ///
@@ -125,6 +99,11 @@ pub struct QuotaConfig {
     /// Where requests are counted: `None` in this Envoy's shared data; with a
     /// backend, in a rate-limit service shared by every Envoy.
     pub backend: Option<Backend>,
+    /// Whether requests are counted: always, except with `tokens` and
+    /// neither `authenticated_max_requests` nor `anonymous_max_requests`.
+    pub count_requests: bool,
+    /// Token budgets (`tokens`).
+    pub tokens: Option<crate::token_quota::TokenQuota>,
     /// Not configuration: this VM's copy of the anonymous table's hash key,
     /// read once from shared data. Leave it at its default.
     pub table_key: KeyCache,
@@ -164,6 +143,8 @@ impl Default for QuotaConfig {
             anonymous_ipv6_prefix: 64,
             anonymous_slots: 65_536,
             backend: None,
+            count_requests: true,
+            tokens: None,
             table_key: KeyCache::default(),
         }
     }
@@ -355,12 +336,15 @@ impl QuotaConfig {
     pub fn parse(v: &Value, key: &str) -> Result<QuotaConfig, ConfigError> {
         let mut o = Obj::new(v, key)?;
         let d = QuotaConfig::default();
-        let authenticated_max_requests = o
-            .u64_max("authenticated_max_requests", u64::MAX)?
-            .unwrap_or(d.authenticated_max_requests);
-        let anonymous_max_requests = o
-            .u64_max("anonymous_max_requests", u64::MAX)?
-            .unwrap_or(d.anonymous_max_requests);
+        let authenticated = o.u64_max("authenticated_max_requests", u64::MAX)?;
+        let anonymous = o.u64_max("anonymous_max_requests", u64::MAX)?;
+        let tokens = match o.get("tokens") {
+            Some(v) => Some(crate::token_quota::TokenQuota::parse(v, &o.path("tokens"))?),
+            None => None,
+        };
+        let count_requests = tokens.is_none() || authenticated.is_some() || anonymous.is_some();
+        let authenticated_max_requests = authenticated.unwrap_or(d.authenticated_max_requests);
+        let anonymous_max_requests = anonymous.unwrap_or(d.anonymous_max_requests);
         let period = match o.str("period")? {
             None => d.period,
             Some(name) => Period::from_name(name).ok_or_else(|| {
@@ -413,6 +397,8 @@ impl QuotaConfig {
             anonymous_ipv6_prefix,
             anonymous_slots,
             backend,
+            count_requests,
+            tokens,
             table_key: KeyCache::default(),
         })
     }
@@ -437,9 +423,9 @@ pub enum Client<'a> {
 }
 
 /// The shared-data key of a principal's counter:
-/// `tollgate/quota/a/<principal>`.
-fn principal_key(principal: &str) -> String {
-    [PRINCIPAL_PREFIX, principal].concat()
+/// `tollgate/quota/a/<principal>` for requests.
+fn principal_key(ledger: &Ledger, principal: &str) -> String {
+    [ledger.principal_prefix, principal].concat()
 }
 
 /// The first shared-data entry a client's count reads: a principal's counter,
@@ -447,16 +433,17 @@ fn principal_key(principal: &str) -> String {
 /// in the table's slots).
 pub fn key_for(client: &Client) -> String {
     match client {
-        Client::Principal(p) => principal_key(p),
+        Client::Principal(p) => principal_key(&REQUESTS, p),
         Client::Anonymous(_) => TABLE_KEY.to_string(),
     }
 }
 
-/// The shared-data key of anonymous slot `n`: `tollgate/quota/anon/<n>`.
-fn slot_key(n: u64) -> String {
+/// The shared-data key of anonymous slot `n`: `tollgate/quota/anon/<n>`
+/// for requests.
+fn slot_key(ledger: &Ledger, n: u64) -> String {
     let mut digits = [0; 20];
-    let mut key = String::with_capacity(SLOT_PREFIX.len() + 7);
-    key.push_str(SLOT_PREFIX);
+    let mut key = String::with_capacity(ledger.slot_prefix.len() + 7);
+    key.push_str(ledger.slot_prefix);
     // ASCII digits only.
     key.push_str(std::str::from_utf8(decimal(n, &mut digits)).unwrap_or_default());
     key
@@ -788,20 +775,100 @@ pub fn check(
     client: &Client,
     now_secs: u64,
 ) -> QuotaDecision {
-    let limit = cfg.limit_for(client);
-    let current = cfg.period.window_start(now_secs);
-    if limit == 0 {
+    let tally = Tally {
+        ledger: &REQUESTS,
+        period: cfg.period,
+        limit: cfg.limit_for(client),
+        amount: 1,
+        refund: 0,
+    };
+    count(cfg, store, client, &tally, now_secs)
+}
+
+/// Settles what [`count`] added for `client` in the window starting at
+/// `window` (`reserved`, with `tally.ledger` and `tally.period`) to what was
+/// spent (`charged`): within that window the count becomes count −
+/// `reserved` + `charged` (never below 0); once the window has ended, only
+/// a charge above the reservation is added, to the current window (a refund
+/// has nowhere to go). A store failure is logged and the count left as it
+/// is.
+pub fn settle(
+    cfg: &QuotaConfig,
+    store: &dyn SharedStore,
+    client: &Client,
+    tally: &Tally,
+    window: u64,
+    charged: u64,
+    now_secs: u64,
+) {
+    let reserved = tally.amount;
+    let (amount, refund) = if tally.period.window_start(now_secs) == window {
+        (charged, reserved)
+    } else {
+        (charged.saturating_sub(reserved), 0)
+    };
+    if amount == refund {
+        return;
+    }
+    let settling = Tally {
+        limit: u64::MAX,
+        amount,
+        refund,
+        ..*tally
+    };
+    match count(cfg, store, client, &settling, now_secs) {
+        QuotaDecision::Allowed { .. } => {}
+        other => log::warn!("quota: settling {reserved} → {charged} failed: {other:?}"),
+    }
+}
+
+/// What a token reservation adds for a client with this budget.
+pub fn token_tally(t: &crate::token_quota::TokenQuota, limit: u64) -> Tally<'static> {
+    Tally {
+        ledger: &TOKENS,
+        period: t.period,
+        limit,
+        amount: t.reserve_tokens,
+        refund: 0,
+    }
+}
+
+/// What one count adds, where and against which limit.
+#[derive(Debug, Clone, Copy)]
+pub struct Tally<'a> {
+    pub ledger: &'a Ledger,
+    pub period: Period,
+    pub limit: u64,
+    /// Added when the count so far is below `limit` (saturating).
+    pub amount: u64,
+    /// Taken off with it (never below 0): settling a reservation.
+    pub refund: u64,
+}
+
+/// Adds `tally.amount` to `client`'s count in `tally.ledger` if that count
+/// is below `tally.limit` (as [`check`] does for one request).
+pub fn count(
+    cfg: &QuotaConfig,
+    store: &dyn SharedStore,
+    client: &Client,
+    tally: &Tally,
+    now_secs: u64,
+) -> QuotaDecision {
+    let current = tally.period.window_start(now_secs);
+    if tally.limit == 0 {
         return QuotaDecision::Exceeded {
-            limit,
-            reset: reset_after(current, cfg.period, now_secs),
+            limit: 0,
+            reset: reset_after(current, tally.period, now_secs),
         };
     }
     match client {
-        Client::Principal(p) => count_principal(cfg, store, &principal_key(p), limit, now_secs),
+        Client::Principal(p) => {
+            count_principal(store, &principal_key(tally.ledger, p), tally, now_secs)
+        }
         Client::Anonymous(ip) => match table_key(cfg, store) {
             Ok(key) => {
                 let placement = Placement::new(key, &anonymous_client(cfg, ip));
-                count_anonymous(cfg, store, placement, limit, now_secs)
+                count_anonymous(cfg, store, placement, tally, now_secs)
             }
             Err(d) => d,
         },
@@ -810,6 +877,7 @@ pub fn check(
 
 /// Writes the counter at `key` incremented (see [`check`]); `None` on a CAS
 /// mismatch (read again).
+#[allow(clippy::too_many_arguments)]
 fn increment(
     store: &dyn SharedStore,
     key: &str,
@@ -817,13 +885,13 @@ fn increment(
     cas: u32,
     count: u64,
     limit: u64,
+    (amount, refund): (u64, u64),
     reset: u64,
 ) -> Option<QuotaDecision> {
     if count >= limit {
         return Some(QuotaDecision::Exceeded { limit, reset });
     }
-    // count < limit <= u64::MAX, so this cannot overflow.
-    let counted = count.saturating_add(1);
+    let counted = count.saturating_add(amount).saturating_sub(refund);
     match store.set(key, &value(counted), Some(cas)) {
         Ok(()) => Some(QuotaDecision::Allowed {
             limit,
@@ -847,13 +915,12 @@ fn write_cas(read: Option<u32>) -> u32 {
 }
 
 fn count_principal(
-    cfg: &QuotaConfig,
     store: &dyn SharedStore,
     key: &str,
-    limit: u64,
+    tally: &Tally,
     now_secs: u64,
 ) -> QuotaDecision {
-    let period = cfg.period;
+    let (period, limit) = (tally.period, tally.limit);
     let current = period.window_start(now_secs);
     for _ in 0..MAX_ATTEMPTS {
         let (value, cas) = match store.get(key) {
@@ -877,7 +944,9 @@ fn count_principal(
         };
         let reset = reset_after(start, period, now_secs);
         let value = |counted| encode(start, counted);
-        if let Some(d) = increment(store, key, value, write_cas(cas), count, limit, reset) {
+        let cas = write_cas(cas);
+        let change = (tally.amount, tally.refund);
+        if let Some(d) = increment(store, key, value, cas, count, limit, change, reset) {
             return d;
         }
     }
@@ -898,17 +967,17 @@ fn count_anonymous(
     cfg: &QuotaConfig,
     store: &dyn SharedStore,
     me: Placement,
-    limit: u64,
+    tally: &Tally,
     now_secs: u64,
 ) -> QuotaDecision {
-    let period = cfg.period;
+    let (period, limit) = (tally.period, tally.limit);
     let current = period.window_start(now_secs);
     let slots = cfg.anonymous_slots;
     for _ in 0..MAX_ATTEMPTS {
         let mut target: Option<Slot> = None;
         let mut home: Option<Slot> = None;
         for i in 0..PROBES {
-            let key = slot_key(me.probe(i, slots));
+            let key = slot_key(tally.ledger, me.probe(i, slots));
             let (value, cas) = match store.get(&key) {
                 Ok(found) => found,
                 Err(e) => {
@@ -964,7 +1033,9 @@ fn count_anonymous(
         let reset = reset_after(slot.start, period, now_secs);
         let (start, holder) = (slot.start, slot.holder);
         let value = |counted| encode_slot(start, holder, counted);
-        if let Some(d) = increment(store, &slot.key, value, slot.cas, slot.count, limit, reset) {
+        let (key, cas, count) = (&slot.key, slot.cas, slot.count);
+        let change = (tally.amount, tally.refund);
+        if let Some(d) = increment(store, key, value, cas, count, limit, change, reset) {
             return d;
         }
     }
@@ -1182,15 +1253,15 @@ mod tests {
 
     #[test]
     fn keys() {
-        assert_eq!(principal_key("alice"), "tollgate/quota/a/alice");
+        assert_eq!(principal_key(&REQUESTS, "alice"), "tollgate/quota/a/alice");
         assert_eq!(
-            principal_key("user/with/slashes"),
+            principal_key(&REQUESTS, "user/with/slashes"),
             "tollgate/quota/a/user/with/slashes"
         );
         assert_eq!(key_for(&ALICE), "tollgate/quota/a/alice");
         assert_eq!(key_for(&Client::Anonymous("::1")), TABLE_KEY);
-        assert_eq!(slot_key(0), "tollgate/quota/anon/0");
-        assert_eq!(slot_key(65_535), "tollgate/quota/anon/65535");
+        assert_eq!(slot_key(&REQUESTS, 0), "tollgate/quota/anon/0");
+        assert_eq!(slot_key(&REQUESTS, 65_535), "tollgate/quota/anon/65535");
     }
 
     #[test]
@@ -1724,7 +1795,7 @@ mod tests {
 
     /// The key of `ip`'s `i`th probe.
     fn probe_key(c: &QuotaConfig, ip: &str, i: u64) -> String {
-        slot_key(placement(c, ip).probe(i, c.anonymous_slots))
+        slot_key(&REQUESTS, placement(c, ip).probe(i, c.anonymous_slots))
     }
 
     fn slot_value(start: u64, fingerprint: u64, count: u64) -> String {
@@ -1963,7 +2034,7 @@ mod tests {
         }
         assert!(admitted.iter().all(|a| *a <= c.anonymous_max_requests));
         let counted: u64 = (0..c.anonymous_slots)
-            .filter_map(|n| store.value(&slot_key(n)))
+            .filter_map(|n| store.value(&slot_key(&REQUESTS, n)))
             .map(|v| decode_slot(v.as_bytes()).unwrap().2)
             .sum();
         assert_eq!(counted, admitted.iter().sum::<u64>());
@@ -2192,7 +2263,7 @@ mod tests {
         }
         assert!(admitted.iter().all(|a| *a <= 10), "{admitted:?}");
         let counted: u64 = (0..16)
-            .filter_map(|n| store.value(&slot_key(n)))
+            .filter_map(|n| store.value(&slot_key(&REQUESTS, n)))
             .map(|v| decode_slot(v.as_bytes()).unwrap().2)
             .sum();
         assert_eq!(counted, admitted.iter().sum::<u64>());
@@ -2216,6 +2287,8 @@ mod tests {
                 anonymous_ipv6_prefix: 64,
                 anonymous_slots: 65_536,
                 backend: None,
+                count_requests: true,
+                tokens: None,
                 table_key: KeyCache::default(),
             }
         );
@@ -2260,6 +2333,8 @@ mod tests {
                 anonymous_ipv6_prefix: 48,
                 anonymous_slots: 1000,
                 backend: None,
+                count_requests: true,
+                tokens: None,
                 table_key: KeyCache::default(),
             }
         );
@@ -2473,5 +2548,93 @@ mod tests {
             let e = QuotaConfig::parse(&v, "quota").unwrap_err();
             assert_eq!((e.key.as_str(), e.reason.as_str()), (key, reason), "{v}");
         }
+    }
+
+    fn tokens(reserve: u64) -> crate::token_quota::TokenQuota {
+        crate::token_quota::TokenQuota::parse(
+            &json!({"authenticated_max_tokens": 100, "anonymous_max_tokens": 50,
+                    "reserve_tokens": reserve}),
+            "quota.tokens",
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn token_reservations_are_settled_to_what_was_spent() {
+        let c = cfg(1000, 1000, Period::Day);
+        let t = tokens(30);
+        let store = FakeStore::new();
+        let tally = token_tally(&t, 100);
+        let window = Period::Day.window_start(T0);
+        // Reserved while the count is below the budget, even past it.
+        for (n, remaining) in [(30, 70), (60, 40), (90, 10), (120, 0)] {
+            assert_eq!(
+                count(&c, &store, &ALICE, &tally, T0),
+                allowed(100, remaining, DAY),
+                "{n}"
+            );
+            assert_eq!(
+                store.value("tollgate/tokens/a/alice").as_deref(),
+                Some(format!("{window} {n}").as_str())
+            );
+        }
+        assert_eq!(
+            count(&c, &store, &ALICE, &tally, T0),
+            QuotaDecision::Exceeded {
+                limit: 100,
+                reset: DAY
+            }
+        );
+        // Settled: 30 reserved, 5 spent; 30 reserved, 45 spent.
+        settle(&c, &store, &ALICE, &tally, window, 5, T0 + 1);
+        assert_eq!(
+            store.value("tollgate/tokens/a/alice").as_deref(),
+            Some(format!("{window} 95").as_str())
+        );
+        settle(&c, &store, &ALICE, &tally, window, 45, T0 + 2);
+        assert_eq!(
+            store.value("tollgate/tokens/a/alice").as_deref(),
+            Some(format!("{window} 110").as_str())
+        );
+        // Requests are counted apart.
+        assert_eq!(store.value(ALICE_KEY), None);
+        // After the window: only a charge above the reservation moves on.
+        let next = window + DAY;
+        settle(&c, &store, &ALICE, &tally, window, 10, next + 5);
+        assert_eq!(
+            store.value("tollgate/tokens/a/alice").as_deref(),
+            Some(format!("{window} 110").as_str())
+        );
+        settle(&c, &store, &ALICE, &tally, window, 70, next + 5);
+        assert_eq!(
+            store.value("tollgate/tokens/a/alice").as_deref(),
+            Some(format!("{next} 40").as_str())
+        );
+        // Never below zero.
+        let bob = Client::Principal("bob");
+        settle(&c, &store, &bob, &tally, next, 0, next + 6);
+        assert_eq!(
+            store.value("tollgate/tokens/a/bob").as_deref(),
+            Some(format!("{next} 0").as_str())
+        );
+    }
+
+    #[test]
+    fn anonymous_tokens_are_settled_in_their_own_slot() {
+        let c = cfg(1000, 1000, Period::Day);
+        let t = tokens(20);
+        let store = FakeStore::new();
+        let tally = token_tally(&t, 50);
+        let window = Period::Day.window_start(T0);
+        let me = Client::Anonymous("198.51.100.7");
+        assert_eq!(count(&c, &store, &me, &tally, T0), allowed(50, 30, DAY));
+        settle(&c, &store, &me, &tally, window, 3, T0);
+        let held: Vec<String> = (0..c.anonymous_slots)
+            .filter_map(|n| store.value(&slot_key(&TOKENS, n)))
+            .collect();
+        assert_eq!(held.len(), 1);
+        assert!(held[0].ends_with(" 3"), "{held:?}");
+        // The request counters' table is untouched.
+        assert!((0..c.anonymous_slots).all(|n| store.value(&slot_key(&REQUESTS, n)).is_none()));
     }
 }
