@@ -12,6 +12,8 @@ use crate::quota::{self, Client, QuotaDecision, RateLimit};
 use crate::response::Denial;
 use crate::store::SharedStore;
 use crate::token_cache::{CacheKey, TokenCache, TokenHasher, NEGATIVE_TTL};
+use crate::token_quota::{Policy, TokenGrant};
+use crate::usage::Usage;
 use std::rc::Rc;
 
 /// What the decision needs to know of a request.
@@ -39,6 +41,8 @@ pub struct Allowed {
     pub identity: Option<Rc<Identity>>,
     /// `RateLimit-*` values for the response, when quotas send them.
     pub rate_limit: Option<RateLimit>,
+    /// The token reservation, on paths with a token budget.
+    pub tokens: Option<TokenGrant>,
 }
 
 /// What to do with a request now.
@@ -215,8 +219,17 @@ impl Core {
             return Step::Allow(Allowed {
                 identity,
                 rate_limit: None,
+                tokens: None,
             });
         };
+        if !q.count_requests {
+            let allowed = Step::Allow(Allowed {
+                identity,
+                rate_limit: None,
+                tokens: None,
+            });
+            return self.with_tokens(req, allowed, now_ms, store);
+        }
         let client = match (&identity, &req.source_ip) {
             (Some(id), _) => Client::Principal(&id.principal),
             (None, Some(ip)) => Client::Anonymous(ip),
@@ -227,7 +240,126 @@ impl Core {
             return Step::Count(Box::new(Counting { identity, count }));
         }
         let decision = quota::check(q, store, &client, now_ms / 1000);
-        self.quota_step(identity, decision)
+        let step = self.quota_step(identity, decision);
+        self.with_tokens(req, step, now_ms, store)
+    }
+
+    /// An allowed request to a path with a token budget: refused when its
+    /// client's budget is spent, else its reservation is counted.
+    fn with_tokens(
+        &self,
+        req: &RequestFacts,
+        step: Step,
+        now_ms: u64,
+        store: &dyn SharedStore,
+    ) -> Step {
+        let Step::Allow(mut allowed) = step else {
+            return step;
+        };
+        let config = self.config.clone();
+        let Some((q, t)) = config
+            .quota
+            .as_ref()
+            .and_then(|q| q.tokens.as_ref().map(|t| (q, t)))
+        else {
+            return Step::Allow(allowed);
+        };
+        if !t.counts(&req.method, &req.path) {
+            return Step::Allow(allowed);
+        }
+        let (who, authenticated) = match (&allowed.identity, &req.source_ip) {
+            (Some(id), _) => (id.principal.clone(), true),
+            (None, Some(ip)) => (ip.clone(), false),
+            (None, None) => ("unknown".to_string(), false),
+        };
+        let client = if authenticated {
+            Client::Principal(&who)
+        } else {
+            Client::Anonymous(&who)
+        };
+        let now_s = now_ms / 1000;
+        let tally = quota::token_tally(t, t.limit(authenticated));
+        match quota::count(q, store, &client, &tally, now_s) {
+            QuotaDecision::Allowed {
+                limit,
+                remaining,
+                reset,
+            } => {
+                allowed.tokens = Some(TokenGrant {
+                    who,
+                    authenticated,
+                    window: t.period.window_start(now_s),
+                    limit,
+                    remaining,
+                    reset,
+                    period: t.period.seconds(),
+                });
+                Step::Allow(allowed)
+            }
+            QuotaDecision::Exceeded { limit, reset } => {
+                log::debug!("token budget of {limit} used up");
+                Step::Deny(Denial::TokensExceeded(Policy {
+                    name: "tokens",
+                    quota: limit,
+                    window: t.period.seconds(),
+                    remaining: 0,
+                    reset,
+                }))
+            }
+            QuotaDecision::Contended => Step::Deny(Denial::QuotaContended),
+            QuotaDecision::Unavailable => Step::Deny(Denial::QuotaUnavailable),
+        }
+    }
+
+    /// Replaces a request's token reservation by what its answer spent
+    /// (`usage`, or `unreported_tokens` without one); the tokens charged.
+    pub fn settle_tokens(
+        &self,
+        grant: &TokenGrant,
+        usage: Option<Usage>,
+        now_ms: u64,
+        store: &dyn SharedStore,
+    ) -> u64 {
+        self.settle_at(grant, |t| t.charge(usage), now_ms, store)
+    }
+
+    /// Gives a reservation back whole: the request never went on.
+    pub fn refund_tokens(&self, grant: &TokenGrant, now_ms: u64, store: &dyn SharedStore) {
+        self.settle_at(grant, |_| 0, now_ms, store);
+    }
+
+    fn settle_at(
+        &self,
+        grant: &TokenGrant,
+        charge: impl FnOnce(&crate::token_quota::TokenQuota) -> u64,
+        now_ms: u64,
+        store: &dyn SharedStore,
+    ) -> u64 {
+        let Some((q, t)) = self
+            .config
+            .quota
+            .as_ref()
+            .and_then(|q| q.tokens.as_ref().map(|t| (q, t)))
+        else {
+            return 0;
+        };
+        let charge = charge(t);
+        let client = if grant.authenticated {
+            Client::Principal(&grant.who)
+        } else {
+            Client::Anonymous(&grant.who)
+        };
+        let tally = quota::token_tally(t, grant.limit);
+        quota::settle(
+            q,
+            store,
+            &client,
+            &tally,
+            grant.window,
+            charge,
+            now_ms / 1000,
+        );
+        charge
     }
 
     /// The step for a quota decision (counted here or by the service).
@@ -249,6 +381,7 @@ impl Core {
             } => Step::Allow(Allowed {
                 identity,
                 rate_limit: values(limit, remaining, reset),
+                tokens: None,
             }),
             QuotaDecision::Exceeded { limit, reset } => {
                 log::debug!("quota of {limit} used up");
@@ -290,7 +423,8 @@ impl Core {
             }
             (None, _) => QuotaDecision::Unavailable,
         };
-        self.quota_step(identity, decision)
+        let step = self.quota_step(identity, decision);
+        self.with_tokens(req, step, now_ms, store)
     }
 
     /// The bearer token, or the denial for a missing or malformed header.
@@ -529,6 +663,7 @@ mod tests {
             Step::Allow(Allowed {
                 identity: None,
                 rate_limit: rl(remaining),
+                tokens: None,
             })
         };
         let refused = Step::Deny(Denial::QuotaExceeded {

@@ -164,13 +164,25 @@ const MAX_SECONDS: u64 = 10 * 365 * 86400;
 const MAX_TIMEOUT_MS: u64 = 600_000;
 
 impl Config {
-    /// Whether a decision reads the request path: public paths, route rules
-    /// and the custom provider (which forwards it) do. Without them the path
+    /// Whether a decision reads the request path: public paths, route rules,
+    /// token budgets and the custom provider (which forwards it) do. Without them the path
     /// is not read or checked at all (see the README's path normalisation).
     pub fn needs_path(&self) -> bool {
         !self.public_paths.is_empty()
             || !self.route_rules.is_empty()
             || self.auth.as_ref().is_some_and(AuthConfig::sees_request)
+            || self.counts_tokens()
+    }
+
+    /// Whether a decision reads the request method: route rules and token
+    /// budgets do.
+    pub fn needs_method(&self) -> bool {
+        !self.route_rules.is_empty() || self.counts_tokens()
+    }
+
+    /// Whether `quota.tokens` is configured.
+    pub fn counts_tokens(&self) -> bool {
+        self.quota.as_ref().is_some_and(|q| q.tokens.is_some())
     }
 
     /// Whether a request to this (normalised) path is counted by the

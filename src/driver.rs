@@ -28,6 +28,8 @@ use crate::quota::RateLimit;
 use crate::response::{is_grpc, Denial};
 use crate::store::SharedStore;
 use crate::token_cache::CacheKey;
+use crate::token_quota::{ietf_fields, openai_headers, Policy, TokenGrant};
+use crate::usage::{UsageReader, DEFAULT_MAX_BYTES};
 use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -184,6 +186,11 @@ pub enum Metric {
     JwksAgeSeconds(u64),
     /// A request counted locally because the rate-limit service failed.
     QuotaFallback,
+    /// Tokens charged for an answer; `reported`: from its usage.
+    Tokens {
+        charged: u64,
+        reported: bool,
+    },
 }
 
 /// What the glue must do.
@@ -269,6 +276,13 @@ struct Parked {
     arrived: u64,
 }
 
+/// A request's token reservation while its answer passes.
+struct Meter {
+    grant: TokenGrant,
+    /// Reads the answer's usage, once its content type is known.
+    reader: Option<UsageReader>,
+}
+
 /// A request waiting for the rate-limit service.
 struct Counted {
     parked: Parked,
@@ -331,6 +345,9 @@ pub struct Driver {
     counting: HashMap<u32, CountCall>,
     /// Requests in `count_queue`, `counting_sent` and `counting`.
     count_waiting: usize,
+    /// Allowed requests with a token reservation, by context id, until
+    /// their answer ends.
+    meters: HashMap<u32, Meter>,
     /// An [`Effect::Wake`] is under way.
     wake_pending: bool,
     /// Waking failed: the tick wakes instead.
@@ -375,6 +392,7 @@ impl Driver {
             counting_sent: HashMap::new(),
             counting: HashMap::new(),
             count_waiting: 0,
+            meters: HashMap::new(),
             wake_pending: false,
             wake_by_tick: false,
             next_dispatch: 0,
@@ -466,7 +484,7 @@ impl Driver {
             _ => return self.refuse(&parked(RequestFacts::default()), Denial::BadPath),
         };
         // The method matters to route rules and debug lines only.
-        let method = if config.route_rules.is_empty() && !debug {
+        let method = if !config.needs_method() && !debug {
             String::new()
         } else {
             head.get(":method")
@@ -506,9 +524,18 @@ impl Driver {
 
     /// An identity header could not be written for an allowed request: it
     /// is refused instead of going on.
-    pub fn forward_failed(&mut self, req: &RequestHandle, grpc: bool) {
+    pub fn forward_failed(
+        &mut self,
+        req: &RequestHandle,
+        grpc: bool,
+        now: u64,
+        store: &dyn SharedStore,
+    ) {
         log::error!("an identity header could not be set: request refused");
         self.allowed = self.allowed.saturating_sub(1);
+        if let Some(meter) = self.meters.remove(&req.id) {
+            self.core.refund_tokens(&meter.grant, now, store);
+        }
         let parked = Parked {
             req: req.clone(),
             facts: RequestFacts::default(),
@@ -519,8 +546,87 @@ impl Driver {
         self.refuse(&parked, Denial::Internal);
     }
 
-    /// A request ended (`on_log`): forget it wherever it waits.
-    pub fn on_log(&mut self, req: &RequestHandle) {
+    /// The answer's headers of an allowed request arrived, with its
+    /// `content-type`: the token headers to add (none without a token
+    /// reservation). Its body then goes to [`Driver::on_response_body`]
+    /// while [`Driver::meters`] says so.
+    pub fn on_response_headers(
+        &mut self,
+        req: &RequestHandle,
+        content_type: Option<&[u8]>,
+    ) -> Vec<(&'static str, String)> {
+        let Some(meter) = self.meters.get_mut(&req.id) else {
+            return Vec::new();
+        };
+        meter.reader = content_type
+            .and_then(|c| std::str::from_utf8(c).ok())
+            .and_then(|c| UsageReader::for_content_type(c, DEFAULT_MAX_BYTES));
+        let tokens = meter.grant.policy();
+        let mut policies = Vec::with_capacity(2);
+        if let (Phase::Allowed(Some(rl)), Some(q)) = (req.phase(), &self.core.config.quota) {
+            policies.push(Policy {
+                name: "requests",
+                quota: rl.limit,
+                window: q.period.seconds(),
+                remaining: rl.remaining,
+                reset: rl.reset,
+            });
+        }
+        policies.push(tokens);
+        let mut headers: Vec<_> = openai_headers(&tokens).into_iter().collect();
+        headers.extend(ietf_fields(&policies));
+        headers
+    }
+
+    /// Whether request `req`'s answer body is read (for its token usage).
+    pub fn meters(&self, req: &RequestHandle) -> bool {
+        self.meters.get(&req.id).is_some_and(|m| m.reader.is_some())
+    }
+
+    /// A chunk of request `req`'s answer body, as it passes (never held or
+    /// changed); at the end of the answer its reservation is settled.
+    pub fn on_response_body(
+        &mut self,
+        req: &RequestHandle,
+        chunk: &[u8],
+        end: bool,
+        now: Option<u64>,
+        store: &dyn SharedStore,
+    ) {
+        if let Some(reader) = self.meters.get_mut(&req.id).and_then(|m| m.reader.as_mut()) {
+            reader.feed(chunk);
+        }
+        if end {
+            self.settle(req, now, store);
+        }
+    }
+
+    /// Settles request `req`'s token reservation, if it has one, with the
+    /// usage its answer reported so far.
+    fn settle(&mut self, req: &RequestHandle, now: Option<u64>, store: &dyn SharedStore) {
+        let Some(meter) = self.meters.remove(&req.id) else {
+            return;
+        };
+        let Some(now) = now else {
+            log::error!("the host clock failed: the token reservation stays as charged");
+            return;
+        };
+        let usage = meter.reader.and_then(UsageReader::finish);
+        let charged = self.core.settle_tokens(&meter.grant, usage, now, store);
+        if usage.is_none() {
+            log::debug!("an answer reported no token usage: charged {charged}");
+        }
+        self.effects.push_back(Effect::Count(Metric::Tokens {
+            charged,
+            reported: usage.is_some(),
+        }));
+    }
+
+    /// A request ended (`on_log`): its token reservation is settled (with
+    /// what its answer reported, if anything) and it is forgotten wherever
+    /// it waits.
+    pub fn on_log(&mut self, req: &RequestHandle, now: Option<u64>, store: &dyn SharedStore) {
+        self.settle(req, now, store);
         if req.phase() != Phase::Waiting {
             return;
         }
@@ -718,7 +824,14 @@ impl Driver {
                 }
                 self.callout_waiting = self.callout_waiting.saturating_add(1);
             }
-            Step::Allow(allowed) => {
+            Step::Allow(mut allowed) => {
+                if let Some(grant) = allowed.tokens.take() {
+                    let meter = Meter {
+                        grant,
+                        reader: None,
+                    };
+                    self.meters.insert(parked.req.id, meter);
+                }
                 self.allowed = self.allowed.saturating_add(1);
                 parked.req.set(Phase::Allowed(allowed.rate_limit));
                 self.effects.push_back(Effect::Allow {
@@ -1505,7 +1618,7 @@ mod tests {
         let mut d = driver(INTROSPECTION);
         let a = headers(&mut d, 1, &bearer("tok"), &store);
         headers(&mut d, 2, &bearer("tok"), &store);
-        d.on_log(&a);
+        d.on_log(&a, Some(NOW), &store);
         d.on_tick(NOW, &store);
         send(&mut d, 3, &store);
         d.on_callout_reply(3, active("alice"), Some(NOW), &store);
@@ -1569,7 +1682,7 @@ mod tests {
         let req = headers(&mut d, 1, &bearer("tok"), &store);
         assert!(req.may_continue());
         drain(&mut d);
-        d.forward_failed(&req, false);
+        d.forward_failed(&req, false, NOW, &store);
         assert_eq!(outcomes(&drain(&mut d)), (vec![], vec![(1, 500)]));
         assert!(!req.may_continue());
     }
@@ -1834,7 +1947,7 @@ mod tests {
         let mut d = driver(&rls_config("deny"));
         let req = headers(&mut d, 1, &anonymous(), &store);
         send_grpc(&mut d, 9, &store);
-        d.on_log(&req);
+        d.on_log(&req, Some(NOW), &store);
         d.on_grpc_reply(9, 0, &rls_answer(1, 1, 1), Some(NOW), &store);
         assert_eq!(outcomes(&drain(&mut d)), (vec![], vec![]));
         assert!(d.counting.is_empty() && d.counting_sent.is_empty());
@@ -2071,14 +2184,14 @@ mod tests {
             .map(|id| counted_request(&mut d, id, NOW, &store))
             .collect();
         // One leaves while queued, one while its batch is under way.
-        d.on_log(&reqs[0]);
+        d.on_log(&reqs[0], Some(NOW), &store);
         d.on_grpc_reply(1, 0, &statuses_answer(&[false]), Some(NOW), &store);
         let effects = pump(&mut d, NOW, &store);
         assert_eq!(outcomes(&effects), (vec![(1, true)], vec![]));
         let call = grpc_calls(&effects)[0];
         assert_eq!(clients(call), ["192.0.2.3/32", "192.0.2.4/32"]);
         d.dispatched_grpc(call.id, Ok(2), NOW, &store);
-        d.on_log(&reqs[1]);
+        d.on_log(&reqs[1], Some(NOW), &store);
         assert_eq!(d.count_waiting, 1);
         d.on_grpc_reply(2, 0, &statuses_answer(&[true, false]), Some(NOW), &store);
         assert_eq!(
@@ -2086,6 +2199,125 @@ mod tests {
             (vec![(4, true)], vec![])
         );
         assert_eq!(d.count_waiting, 0);
+    }
+
+    fn token_config() -> &'static str {
+        r#"{"quota": {"tokens": {"authenticated_max_tokens": 1000, "anonymous_max_tokens": 100,
+                                 "reserve_tokens": 30, "unreported_tokens": 25}}}"#
+    }
+
+    fn chat(method: &str) -> Head {
+        Head(vec![
+            (":path", b"/v1/chat/completions".to_vec()),
+            (":method", method.as_bytes().to_vec()),
+        ])
+    }
+
+    /// Request `id` from 192.0.2.1 to the chat completions path.
+    fn chat_request(d: &mut Driver, id: u32, method: &str, store: &FakeStore) -> RequestHandle {
+        let req = RequestHandle::new(id);
+        d.on_request_headers(
+            &req,
+            &chat(method),
+            || Some("192.0.2.1".into()),
+            Some(NOW),
+            store,
+        );
+        req
+    }
+
+    fn token_count(store: &FakeStore) -> Option<u64> {
+        (0..65_536)
+            .find_map(|n| store.value(&format!("tollgate/tokens/anon/{n}")))
+            .and_then(|v| v.rsplit(' ').next().and_then(|n| n.parse().ok()))
+    }
+
+    fn charged(effects: &[Effect]) -> Vec<(u64, bool)> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Count(Metric::Tokens { charged, reported }) => Some((*charged, *reported)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn token_budgets_reserve_before_and_settle_after_the_answer() {
+        let store = FakeStore::new();
+        let mut d = driver(token_config());
+        drain(&mut d);
+        // A JSON answer: 30 reserved, then 12 charged from its usage.
+        let req = chat_request(&mut d, 1, "POST", &store);
+        assert_eq!(outcomes(&drain(&mut d)), (vec![(1, false)], vec![]));
+        assert_eq!(token_count(&store), Some(30));
+        let headers = d.on_response_headers(&req, Some(b"application/json; charset=utf-8"));
+        let h = |k: &str| {
+            headers
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(h("x-ratelimit-limit-tokens").as_deref(), Some("100"));
+        assert_eq!(h("x-ratelimit-remaining-tokens").as_deref(), Some("70"));
+        assert_eq!(
+            h("ratelimit-policy").as_deref(),
+            Some(r#""tokens";q=100;w=86400"#)
+        );
+        assert!(d.meters(&req));
+        let body =
+            br#"{"id":"x","usage":{"prompt_tokens":5,"completion_tokens":7,"total_tokens":12}}"#;
+        let (a, b) = body.split_at(20);
+        d.on_response_body(&req, a, false, None, &store);
+        assert_eq!(token_count(&store), Some(30));
+        d.on_response_body(&req, b, true, Some(NOW + 5), &store);
+        assert_eq!(token_count(&store), Some(12));
+        assert_eq!(charged(&drain(&mut d)), [(12, true)]);
+        assert!(!d.meters(&req));
+        // An answer that ended without usage (the client hung up before
+        // the body): unreported_tokens.
+        let req = chat_request(&mut d, 2, "POST", &store);
+        d.on_log(&req, Some(NOW + 6), &store);
+        assert_eq!(token_count(&store), Some(12 + 25));
+        assert_eq!(charged(&drain(&mut d)), [(25, false)]);
+        // A stream with usage in its last chunk, read across chunks.
+        let req = chat_request(&mut d, 3, "POST", &store);
+        drain(&mut d);
+        d.on_response_headers(&req, Some(b"text/event-stream"));
+        for chunk in [
+            &b"data: {\"choices\":[{\"delta\":{}}],\"usage\":null}\r\n\r\ndata: {\"choices\":[],\"us"[..],
+            b"age\":{\"prompt_tokens\":3,\"completion_tokens\":40,\"total_tokens\":43}}\r\n\r\n",
+            b"data: [DONE]\r\n\r\n",
+        ] {
+            d.on_response_body(&req, chunk, false, None, &store);
+        }
+        d.on_response_body(&req, b"", true, Some(NOW + 7), &store);
+        assert_eq!(token_count(&store), Some(37 + 43));
+        assert_eq!(charged(&drain(&mut d)), [(43, true)]);
+        // GETs are not counted.
+        chat_request(&mut d, 4, "GET", &store);
+        assert_eq!(outcomes(&drain(&mut d)), (vec![(4, false)], vec![]));
+        assert_eq!(token_count(&store), Some(80));
+        // 80 + 30 reserved: admitted (below 100 before); then 110 ≥ 100: 429.
+        let over = chat_request(&mut d, 5, "POST", &store);
+        chat_request(&mut d, 6, "POST", &store);
+        let effects = drain(&mut d);
+        assert_eq!(outcomes(&effects), (vec![(5, false)], vec![(6, 429)]));
+        assert!(effects.iter().any(|e| matches!(
+            e,
+            Effect::Deny {
+                denial: Denial::TokensExceeded(Policy {
+                    quota: 100,
+                    remaining: 0,
+                    ..
+                }),
+                ..
+            }
+        )));
+        // An identity header that cannot be written: the reservation is
+        // given back whole.
+        d.forward_failed(&over, false, NOW, &store);
+        assert_eq!(token_count(&store), Some(80));
     }
 
     #[test]

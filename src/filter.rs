@@ -6,7 +6,8 @@ use crate::claims::Identity;
 use crate::config::{Config, Forward};
 use crate::driver::{AnswerAs, Driver, Effect, Phase, RequestHandle};
 use crate::host::{
-    self, HeaderPairs, BUFFER_PLUGIN_CONFIGURATION, MAP_REQUEST_HEADERS, MAP_RESPONSE_HEADERS,
+    self, HeaderPairs, BUFFER_HTTP_RESPONSE_BODY, BUFFER_PLUGIN_CONFIGURATION, MAP_REQUEST_HEADERS,
+    MAP_RESPONSE_HEADERS,
 };
 use crate::metrics::Metrics;
 use crate::quota;
@@ -63,7 +64,7 @@ fn perform(vm: &mut Vm, current: Option<u32>, now: u64) {
                 }
                 let h = &mut host::Live;
                 if !forward_identity(h, &config.forward, identity.as_deref(), &spoofed) {
-                    vm.driver.forward_failed(&req, grpc);
+                    vm.driver.forward_failed(&req, grpc, now, &HostStore);
                 } else if resume {
                     host::continue_request();
                 }
@@ -333,20 +334,54 @@ impl HttpContext for Request {
         self.hold_until_allowed()
     }
 
-    fn on_http_response_headers(&mut self, _n: usize, _eos: bool) -> Action {
-        if let Phase::Allowed(Some(rate_limit)) = self.req.phase() {
+    fn on_http_response_headers(&mut self, _n: usize, end: bool) -> Action {
+        let Phase::Allowed(rate_limit) = self.req.phase() else {
+            return Action::Continue;
+        };
+        if let Some(rate_limit) = rate_limit {
             let mut digits = [0; 20];
             for (name, value) in rate_limit.values() {
                 let value = quota::decimal(value, &mut digits);
                 host::set_header(MAP_RESPONSE_HEADERS, name, Some(value));
             }
         }
+        let mut guard = self.vm.borrow_mut();
+        let Some(vm) = guard.as_mut() else {
+            return Action::Continue;
+        };
+        let content_type = host::header_map_value(MAP_RESPONSE_HEADERS, "content-type");
+        let headers = vm
+            .driver
+            .on_response_headers(&self.req, content_type.as_deref());
+        for (name, value) in headers {
+            host::set_header(MAP_RESPONSE_HEADERS, name, Some(value.as_bytes()));
+        }
+        if end {
+            vm.driver
+                .on_response_body(&self.req, &[], true, now_ms(), &HostStore);
+        }
+        Action::Continue
+    }
+
+    /// Answer bodies pass as they come; with a token reservation each chunk
+    /// is also read for the usage it reports.
+    fn on_http_response_body(&mut self, size: usize, end: bool) -> Action {
+        let mut guard = self.vm.borrow_mut();
+        let Some(vm) = guard.as_mut() else {
+            return Action::Continue;
+        };
+        if vm.driver.meters(&self.req) {
+            let chunk = host::buffer(BUFFER_HTTP_RESPONSE_BODY, size).unwrap_or_default();
+            let now = if end { now_ms() } else { None };
+            vm.driver
+                .on_response_body(&self.req, &chunk, end, now, &HostStore);
+        }
         Action::Continue
     }
 
     fn on_log(&mut self) {
         if let Some(vm) = self.vm.borrow_mut().as_mut() {
-            vm.driver.on_log(&self.req);
+            vm.driver.on_log(&self.req, now_ms(), &HostStore);
         }
     }
 }

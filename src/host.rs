@@ -237,6 +237,7 @@ pub fn buffer(buffer_type: u32, max_size: usize) -> Option<Vec<u8>> {
 pub const MAP_REQUEST_HEADERS: u32 = 0;
 pub const MAP_RESPONSE_HEADERS: u32 = 2;
 pub const MAP_CALLOUT_RESPONSE_HEADERS: u32 = 6;
+pub const BUFFER_HTTP_RESPONSE_BODY: u32 = 1;
 pub const BUFFER_CALLOUT_RESPONSE_BODY: u32 = 4;
 pub const BUFFER_GRPC_RECEIVE: u32 = 5;
 pub const BUFFER_PLUGIN_CONFIGURATION: u32 = 7;

@@ -56,6 +56,8 @@ pub fn all_names() -> Vec<String> {
         names.push(format!("tollgate_cache_misses_total.cache.{cache}"));
     }
     names.push("tollgate_quota_fallbacks_total".to_string());
+    names.push("tollgate_tokens_charged_total".to_string());
+    names.push("tollgate_token_usage_missing_total".to_string());
     for provider in ["introspection", "custom", "rls"] {
         for outcome in CALLOUT_OUTCOMES {
             names.push(format!(
@@ -144,6 +146,12 @@ impl Metrics {
             } => self.cache(cache, hits, misses),
             Metric::JwksAgeSeconds(s) => self.set_gauge("tollgate_jwks_age_seconds", s),
             Metric::QuotaFallback => self.inc("tollgate_quota_fallbacks_total"),
+            Metric::Tokens { charged, reported } => {
+                self.add("tollgate_tokens_charged_total", charged);
+                if !reported {
+                    self.inc("tollgate_token_usage_missing_total");
+                }
+            }
         }
     }
 

@@ -7,6 +7,7 @@ use crate::jwt::TokenError;
 use crate::provider::ProviderError;
 use crate::quota::RateLimit;
 use crate::route_rules::AccessDenied;
+use crate::token_quota::{ietf_fields, openai_headers, Policy};
 use std::fmt;
 
 /// Why a request is not passed to the upstream.
@@ -31,6 +32,9 @@ pub enum Denial {
         retry_after: u64,
         rate_limit: Option<RateLimit>,
     },
+    /// A token budget is spent (`quota.tokens`): the budget, with nothing
+    /// left and the seconds to the window's end.
+    TokensExceeded(Policy),
     /// The quota counter could not be updated (contention); fail closed.
     QuotaContended,
     /// The quota store failed; fail closed.
@@ -52,7 +56,9 @@ impl fmt::Display for Denial {
             Denial::AuthUnavailable => f.write_str("Authentication service unavailable"),
             Denial::AuthTimeout => f.write_str("Authentication service timeout"),
             Denial::Forbidden(why) => write!(f, "{why}"),
-            Denial::QuotaExceeded { .. } | Denial::QuotaContended => f.write_str("Quota exceeded"),
+            Denial::QuotaExceeded { .. } | Denial::TokensExceeded(_) | Denial::QuotaContended => {
+                f.write_str("Quota exceeded")
+            }
             Denial::QuotaUnavailable => f.write_str("Quota service unavailable"),
             Denial::BadPath => f.write_str("Invalid request path"),
             Denial::Internal => f.write_str("Internal error"),
@@ -76,7 +82,9 @@ impl Denial {
             | Denial::InvalidToken(_) => 401,
             Denial::AuthUnavailable | Denial::AuthTimeout | Denial::QuotaUnavailable => 503,
             Denial::Forbidden(_) => 403,
-            Denial::QuotaExceeded { .. } | Denial::QuotaContended => 429,
+            Denial::QuotaExceeded { .. } | Denial::TokensExceeded(_) | Denial::QuotaContended => {
+                429
+            }
             Denial::BadPath => 400,
             Denial::Internal => 500,
             Denial::Provider(e) => e.status(),
@@ -94,9 +102,10 @@ impl Denial {
             Denial::AuthTimeout => "auth_timeout",
             Denial::Forbidden(AccessDenied::Scope(_)) => "scope",
             Denial::Forbidden(AccessDenied::Attributes) => "attributes",
-            Denial::QuotaExceeded { .. } | Denial::QuotaContended | Denial::QuotaUnavailable => {
-                "quota"
-            }
+            Denial::QuotaExceeded { .. }
+            | Denial::TokensExceeded(_)
+            | Denial::QuotaContended
+            | Denial::QuotaUnavailable => "quota",
             Denial::BadPath => "bad_path",
             Denial::Internal => "internal",
         }
@@ -134,6 +143,11 @@ impl Denial {
                 headers.push(("retry-after".into(), retry_after.to_string()));
                 let extra = rate_limit.iter().flat_map(RateLimit::headers);
                 headers.extend(extra.map(|(k, v)| (k.to_string(), v)));
+            }
+            Denial::TokensExceeded(p) => {
+                headers.push(("retry-after".into(), p.reset.to_string()));
+                let fields = openai_headers(p).into_iter().chain(ietf_fields(&[*p]));
+                headers.extend(fields.map(|(k, v)| (k.to_string(), v)));
             }
             Denial::QuotaContended => headers.push(("retry-after".into(), "1".into())),
             _ => {}
@@ -239,6 +253,30 @@ mod tests {
         let r = over.grpc_response();
         assert_eq!(r.body, "Quota exceeded");
         assert_eq!(r.headers, vec![("retry-after".into(), "7".into())]);
+        let spent = Denial::TokensExceeded(Policy {
+            name: "tokens",
+            quota: 100,
+            window: 86400,
+            remaining: 0,
+            reset: 30,
+        });
+        assert_eq!(spent.grpc_status(false), grpc::RESOURCE_EXHAUSTED);
+        let r = spent.response();
+        assert_eq!(
+            (r.status, r.body.as_str()),
+            (429, r#"{"error":{"message":"Quota exceeded"}}"#)
+        );
+        let h = |k: &str| {
+            r.headers
+                .iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(h("retry-after"), Some("30"));
+        assert_eq!(h("x-ratelimit-remaining-tokens"), Some("0"));
+        assert_eq!(h("x-ratelimit-reset-tokens"), Some("30s"));
+        assert_eq!(h("ratelimit"), Some(r#""tokens";r=0;t=30"#));
+        assert_eq!(spent.reason(), "quota");
         let r = Denial::InvalidToken(TokenError::Expired).grpc_response();
         assert_eq!(r.body, "Invalid JWT token");
         assert!(r.headers.iter().all(|(k, _)| k != "content-type"));

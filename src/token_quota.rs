@@ -199,6 +199,74 @@ fn parse_paths(v: &Value, key: &str) -> Result<Vec<String>, ConfigError> {
         .collect()
 }
 
+/// A request's reservation: who, in which window, and what its answer tells
+/// the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenGrant {
+    /// The principal, or for an anonymous request the client's address.
+    pub who: String,
+    pub authenticated: bool,
+    /// The start of the window the reservation counts in (seconds).
+    pub window: u64,
+    pub limit: u64,
+    /// Left after the reservation.
+    pub remaining: u64,
+    /// Seconds to the window's end.
+    pub reset: u64,
+    /// The window's length (seconds).
+    pub period: u64,
+}
+
+/// One policy of the IETF `RateLimit` / `RateLimit-Policy` fields
+/// (draft-ietf-httpapi-ratelimit-headers-09): a name, its quota `q` per
+/// window `w` seconds, what is left `r`, and seconds to the reset `t`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    pub name: &'static str,
+    pub quota: u64,
+    pub window: u64,
+    pub remaining: u64,
+    pub reset: u64,
+}
+
+/// `RateLimit-Policy` and `RateLimit` for these policies.
+pub fn ietf_fields(policies: &[Policy]) -> [(&'static str, String); 2] {
+    let policy = policies
+        .iter()
+        .map(|p| format!("\"{}\";q={};w={}", p.name, p.quota, p.window))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let state = policies
+        .iter()
+        .map(|p| format!("\"{}\";r={};t={}", p.name, p.remaining, p.reset))
+        .collect::<Vec<_>>()
+        .join(", ");
+    [("ratelimit-policy", policy), ("ratelimit", state)]
+}
+
+impl TokenGrant {
+    /// The token budget as a policy.
+    pub fn policy(&self) -> Policy {
+        Policy {
+            name: "tokens",
+            quota: self.limit,
+            window: self.period,
+            remaining: self.remaining,
+            reset: self.reset,
+        }
+    }
+}
+
+/// OpenAI's headers for a token budget: `x-ratelimit-limit-tokens`,
+/// `x-ratelimit-remaining-tokens`, `x-ratelimit-reset-tokens`.
+pub fn openai_headers(p: &Policy) -> [(&'static str, String); 3] {
+    [
+        ("x-ratelimit-limit-tokens", p.quota.to_string()),
+        ("x-ratelimit-remaining-tokens", p.remaining.to_string()),
+        ("x-ratelimit-reset-tokens", openai_duration(p.reset)),
+    ]
+}
+
 /// OpenAI's `x-ratelimit-reset-tokens` form of a number of seconds:
 /// `59s`, `6m0s`, `23h59m59s`.
 pub fn openai_duration(seconds: u64) -> String {
@@ -234,9 +302,11 @@ mod tests {
         assert!(t.counts("POST", "/v1/openai/v1/responses"));
         assert!(!t.counts("GET", "/v1/responses"));
         assert!(!t.counts("POST", "/v1/chat/completions/x"));
-        let t = parse(json!({"authenticated_max_tokens": 5, "anonymous_max_tokens": 2,
+        let t = parse(
+            json!({"authenticated_max_tokens": 5, "anonymous_max_tokens": 2,
             "period": "hour", "count": {"input": 0.25, "output": 1}, "paths": ["/a"],
-            "reserve_tokens": 0, "unreported_tokens": 7}))
+            "reserve_tokens": 0, "unreported_tokens": 7}),
+        )
         .unwrap();
         assert_eq!(
             t.count,
@@ -330,6 +400,45 @@ mod tests {
         };
         assert_eq!(t.charge(Some(u)), 3);
         assert_eq!(t.charge(None), 9);
+    }
+
+    #[test]
+    fn headers_for_both_policies() {
+        let tokens = Policy {
+            name: "tokens",
+            quota: 1000,
+            window: 86400,
+            remaining: 250,
+            reset: 360,
+        };
+        let requests = Policy {
+            name: "requests",
+            quota: 10,
+            window: 3600,
+            remaining: 9,
+            reset: 60,
+        };
+        assert_eq!(
+            ietf_fields(&[requests, tokens]),
+            [
+                (
+                    "ratelimit-policy",
+                    r#""requests";q=10;w=3600, "tokens";q=1000;w=86400"#.to_string()
+                ),
+                (
+                    "ratelimit",
+                    r#""requests";r=9;t=60, "tokens";r=250;t=360"#.to_string()
+                )
+            ]
+        );
+        assert_eq!(
+            openai_headers(&tokens),
+            [
+                ("x-ratelimit-limit-tokens", "1000".to_string()),
+                ("x-ratelimit-remaining-tokens", "250".to_string()),
+                ("x-ratelimit-reset-tokens", "6m0s".to_string()),
+            ]
+        );
     }
 
     #[test]
