@@ -357,8 +357,10 @@ impl HttpContext for Request {
             host::set_header(MAP_RESPONSE_HEADERS, name, Some(value.as_bytes()));
         }
         if end {
+            let now = now_ms();
             vm.driver
-                .on_response_body(&self.req, &[], true, now_ms(), &HostStore);
+                .on_response_body(&self.req, &[], true, now, &HostStore);
+            perform(vm, Some(self.req.id()), now.unwrap_or_default());
         }
         Action::Continue
     }
@@ -375,13 +377,18 @@ impl HttpContext for Request {
             let now = if end { now_ms() } else { None };
             vm.driver
                 .on_response_body(&self.req, &chunk, end, now, &HostStore);
+            if end {
+                perform(vm, Some(self.req.id()), now.unwrap_or_default());
+            }
         }
         Action::Continue
     }
 
     fn on_log(&mut self) {
         if let Some(vm) = self.vm.borrow_mut().as_mut() {
-            vm.driver.on_log(&self.req, now_ms(), &HostStore);
+            let now = now_ms();
+            vm.driver.on_log(&self.req, now, &HostStore);
+            perform(vm, Some(self.req.id()), now.unwrap_or_default());
         }
     }
 }

@@ -1,0 +1,226 @@
+"""Token quotas (`quota.tokens`, issue #19) through a real Envoy, with the real
+`openai` SDK as the client and harness/openai_mock.py (OpenAI's answer shapes,
+validated against the SDK's own models in test_openai_mock.py) as the upstream.
+
+Each client's budget is charged what the answers report in `usage` (JSON,
+chat-completions streams with `stream_options.include_usage`, the Responses
+API's `response.completed`), `unreported_tokens` when they report nothing, and
+a reservation (`reserve_tokens`) while a request is in flight; a spent budget
+is a 429 the SDK raises as `RateLimitError`."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from concurrent import futures
+
+import openai
+import pytest
+
+from harness import tokens
+from harness.config import jwt_config
+from harness.openai_mock import OpenAIMock, Script
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(scope="module")
+def _mock():
+    with OpenAIMock() as m:
+        yield m
+
+
+@pytest.fixture
+def mock(_mock):
+    _mock.reset()
+    yield _mock
+    for c in _mock.calls():
+        if c.script.hold is not None:
+            c.script.hold.set()
+
+
+def gateway(envoy, idp, mock, rsa, **token_quota):
+    idp.set_keys(rsa)
+    envoy.upstream = mock
+    config = jwt_config(idp.port)
+    config["quota"] = {"tokens": {"authenticated_max_tokens": 100, "reserve_tokens": 10,
+                                  "unreported_tokens": 7, **token_quota}}
+    return envoy(config)
+
+
+def client(e, rsa, sub: str | None = None) -> openai.OpenAI:
+    """The SDK with a token of its own principal as the API key."""
+    key = rsa.sign(tokens.claims(sub=sub or f"user-{uuid.uuid4().hex[:8]}"))
+    return openai.OpenAI(base_url=f"{e.url}/v1", api_key=key, max_retries=0, timeout=15)
+
+
+def chat(c: openai.OpenAI, **kw):
+    return c.chat.completions.with_raw_response.create(model="m", messages=MESSAGES, **kw)
+
+
+def test_chat_completions_are_charged_their_usage_until_the_budget_is_spent(envoy, idp, mock, rsa):
+    e = gateway(envoy, idp, mock, rsa)
+    c = client(e, rsa)
+    mock.script = Script(prompt_tokens=11, completion_tokens=22)  # 33 a call
+    remaining = []
+    for _ in range(4):  # 0, 33, 66, 99 spent before: all below 100
+        raw = chat(c)
+        assert raw.parse().usage.total_tokens == 33
+        assert raw.headers["x-ratelimit-limit-tokens"] == "100"
+        remaining.append(int(raw.headers["x-ratelimit-remaining-tokens"]))
+        assert raw.headers["ratelimit-policy"] == '"tokens";q=100;w=86400'
+        assert raw.headers["ratelimit"].startswith('"tokens";r=')
+    # What is left after each reservation of 10.
+    assert remaining == [90, 57, 24, 0], remaining
+    with pytest.raises(openai.RateLimitError) as err:
+        chat(c)
+    r = err.value.response
+    assert r.status_code == 429 and r.json() == {"error": {"message": "Quota exceeded"}}
+    assert int(r.headers["retry-after"]) >= 1
+    assert r.headers["x-ratelimit-remaining-tokens"] == "0"
+    assert r.headers["x-ratelimit-reset-tokens"].endswith("s")
+    assert len(mock.calls("/v1/chat/completions")) == 4, "the refused call reached the upstream"
+    # Another client has its own budget.
+    assert chat(client(e, rsa)).headers["x-ratelimit-remaining-tokens"] == "90"
+    counters = e.counters()
+    assert counters["wasmcustom.tollgate_tokens_charged_total"] == 5 * 33
+    assert counters["wasmcustom.tollgate_requests_denied_total.reason.quota"] == 1
+
+
+def test_streams_pass_unchanged_and_are_charged_their_usage_chunk(envoy, idp, mock, rsa):
+    e = gateway(envoy, idp, mock, rsa, authenticated_max_tokens=1000)
+    c = client(e, rsa)
+    mock.script = Script(prompt_tokens=5, completion_tokens=40, chunks=30, crlf=True,
+                         comments=True, batch=3, split_usage=4)
+    chunks = list(c.chat.completions.create(model="m", messages=MESSAGES, stream=True,
+                                            stream_options={"include_usage": True}))
+    call = mock.last("/v1/chat/completions")
+    assert chunks[-1].usage.total_tokens == 45 and chunks[-1].choices == []
+    assert len(chunks) == 30 + 3  # role, 30 deltas, finish, usage
+    # Without include_usage the stream carries no usage: unreported_tokens.
+    chunks = list(c.chat.completions.create(model="m", messages=MESSAGES, stream=True))
+    assert all(ch.usage is None for ch in chunks)
+    raw = chat(c)
+    # 1000 − 45 − 7 spent, 10 reserved for this one.
+    assert raw.headers["x-ratelimit-remaining-tokens"] == str(1000 - 45 - 7 - 10)
+    counters = e.counters()
+    assert counters["wasmcustom.tollgate_token_usage_missing_total"] == 1
+    assert call.outcome == "complete"
+
+
+def test_the_responses_api_and_embeddings_are_charged(envoy, idp, mock, rsa):
+    e = gateway(envoy, idp, mock, rsa, authenticated_max_tokens=1000)
+    c = client(e, rsa)
+    mock.script = Script(prompt_tokens=8, completion_tokens=12)  # 20
+    r = c.responses.create(model="m", input="hi")
+    assert r.usage.total_tokens == 20
+    events = list(c.responses.create(model="m", input="hi", stream=True))
+    assert events[-1].type == "response.completed" and events[-1].response.usage.total_tokens == 20
+    emb = c.embeddings.create(model="m", input="hi")  # prompt_tokens only: 8
+    assert emb.usage.total_tokens == 8
+    raw = chat(c)
+    assert raw.headers["x-ratelimit-remaining-tokens"] == str(1000 - 20 - 20 - 8 - 10)
+
+
+def test_count_output_tokens_only(envoy, idp, mock, rsa):
+    e = gateway(envoy, idp, mock, rsa, count="output", authenticated_max_tokens=1000)
+    c = client(e, rsa)
+    mock.script = Script(prompt_tokens=500, completion_tokens=3)
+    chat(c)
+    assert chat(c).headers["x-ratelimit-remaining-tokens"] == str(1000 - 3 - 10)
+
+
+def test_errors_and_answers_without_usage_are_charged_unreported_tokens(envoy, idp, mock, rsa):
+    e = gateway(envoy, idp, mock, rsa, authenticated_max_tokens=1000, unreported_tokens=50)
+    c = client(e, rsa)
+    mock.script = Script(status=500)
+    with pytest.raises(openai.InternalServerError):
+        chat(c)
+    mock.script = Script(usage=False)
+    chat(c)
+    # A stream cut before its usage.
+    mock.script = Script(chunks=10, fail_after=4)
+    with pytest.raises(openai.APIError):
+        list(c.chat.completions.create(model="m", messages=MESSAGES, stream=True,
+                                       stream_options={"include_usage": True}))
+    mock.script = Script()
+    raw = chat(c)
+    assert raw.headers["x-ratelimit-remaining-tokens"] == str(1000 - 3 * 50 - 10)
+
+
+def test_reservations_bound_what_concurrent_requests_can_spend(envoy, idp, mock, rsa):
+    """Budget 100, 40 reserved per request: with every answer held open, the
+    third request is admitted (80 < 100) and the fourth is not (120); once
+    the answers end, the count is what they reported."""
+    e = gateway(envoy, idp, mock, rsa, reserve_tokens=40)
+    sub = f"user-{uuid.uuid4().hex[:8]}"
+    gate = threading.Event()
+    mock.script = Script(prompt_tokens=10, completion_tokens=20, chunks=2, hold=gate)
+
+    def stream():
+        return list(client(e, rsa, sub).chat.completions.create(
+            model="m", messages=MESSAGES, stream=True, stream_options={"include_usage": True}))
+
+    with futures.ThreadPoolExecutor(3) as pool:
+        held = [pool.submit(stream) for _ in range(3)]
+        mock.wait_active(3)
+        with pytest.raises(openai.RateLimitError):
+            chat(client(e, rsa, sub))
+        gate.set()
+        assert all(f.result()[-1].usage.total_tokens == 30 for f in held)
+    # 90 spent: admitted (below 100), nothing left after its reservation.
+    raw = chat(client(e, rsa, sub))
+    assert raw.headers["x-ratelimit-remaining-tokens"] == "0"
+    with pytest.raises(openai.RateLimitError):
+        chat(client(e, rsa, sub))
+
+
+def test_other_paths_and_methods_are_not_counted(envoy, idp, mock, rsa):
+    e = gateway(envoy, idp, mock, rsa, authenticated_max_tokens=0)
+    c = client(e, rsa)
+    assert c.models.list().data  # GET /v1/models: no budget needed
+    with pytest.raises(openai.RateLimitError):
+        chat(c)
+
+
+def test_request_and_token_quotas_together(envoy, idp, mock, rsa):
+    idp.set_keys(rsa)
+    envoy.upstream = mock
+    config = jwt_config(idp.port)
+    config["quota"] = {"authenticated_max_requests": 5, "period": "hour",
+                       "tokens": {"authenticated_max_tokens": 1000, "reserve_tokens": 10}}
+    e = envoy(config)
+    raw = chat(client(e, rsa))
+    assert raw.headers["ratelimit-remaining"] == "4"
+    assert raw.headers["ratelimit-policy"] == '"requests";q=5;w=3600, "tokens";q=1000;w=86400'
+    assert raw.headers["ratelimit"].startswith('"requests";r=4;t=')
+
+
+def test_a_metered_stream_is_neither_held_nor_changed(envoy, idp, mock, rsa):
+    """The first event reaches the client while the mock still holds the
+    last, and the bytes are exactly those the mock sent."""
+    import http.client
+    import json
+
+    e = gateway(envoy, idp, mock, rsa, authenticated_max_tokens=10_000)
+    gate = threading.Event()
+    mock.script = Script(chunks=200, hold=gate, hold_timeout=5, split_usage=3)
+    key = rsa.sign(tokens.claims(sub=f"user-{uuid.uuid4().hex[:8]}"))
+    conn = http.client.HTTPConnection("127.0.0.1", int(e.url.rsplit(":", 1)[1]), timeout=15)
+    conn.request("POST", "/v1/chat/completions", body=json.dumps({
+        "model": "m", "messages": MESSAGES, "stream": True,
+        "stream_options": {"include_usage": True}}),
+        headers={"content-type": "application/json", "authorization": f"Bearer {key}"})
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.getheader("x-ratelimit-remaining-tokens") == "9990"
+    first = b""
+    while b"\n\n" not in first:
+        first += resp.read1(65536)
+    call = mock.last("/v1/chat/completions", wait=False)
+    assert call.events_written < len(call.events), "held until the end"
+    gate.set()
+    body = first + resp.read()
+    conn.close()
+    call.wait()
+    assert body == bytes(call.sent)
+    assert e.counters()["wasmcustom.tollgate_tokens_charged_total"] == 33
