@@ -428,7 +428,8 @@ def dashboard_queries() -> list[str]:
 
 def test_dashboard_queries_name_only_exported_metrics():
     names = exported_metrics()
-    assert "tollgate_requests_denied_total" in names and len(names) == 12, names  # + quota_fallbacks (#18)
+    # + quota_fallbacks (#18), tokens_charged and token_usage_missing (#19)
+    assert "tollgate_requests_denied_total" in names and len(names) == 14, names
     readme = (REPO_ROOT / "README.md").read_text()
     used = set()
     for expr in dashboard_queries():
