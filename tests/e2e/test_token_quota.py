@@ -224,3 +224,133 @@ def test_a_metered_stream_is_neither_held_nor_changed(envoy, idp, mock, rsa):
     call.wait()
     assert body == bytes(call.sent)
     assert e.counters()["wasmcustom.tollgate_tokens_charged_total"] == 33
+
+
+def remaining_after(e, rsa, sub: str) -> int:
+    """What one more chat call of `sub` is told is left (after its reservation)."""
+    return int(chat(client(e, rsa, sub)).headers["x-ratelimit-remaining-tokens"])
+
+
+def test_budgets_are_exact_across_workers(envoy, idp, mock, rsa):
+    """Two Envoy workers, 60 calls of one client at once: every answer's
+    usage is counted, none twice, none lost."""
+    e = gateway(envoy, idp, mock, rsa, authenticated_max_tokens=100_000, reserve_tokens=1)
+    assert e.concurrency == 2
+    sub = f"user-{uuid.uuid4().hex[:8]}"
+    mock.script = Script(prompt_tokens=11, completion_tokens=22)
+    with futures.ThreadPoolExecutor(20) as pool:
+        list(pool.map(lambda _: chat(client(e, rsa, sub)), range(60)))
+    assert remaining_after(e, rsa, sub) == 100_000 - 60 * 33 - 1
+
+
+def test_200_concurrent_streams_of_one_client_are_each_counted(envoy, idp, mock, rsa):
+    import asyncio
+
+    e = gateway(envoy, idp, mock, rsa, authenticated_max_tokens=100_000, reserve_tokens=1)
+    sub = f"user-{uuid.uuid4().hex[:8]}"
+    key = rsa.sign(tokens.claims(sub=sub))
+    gate = threading.Event()
+    mock.script = Script(chunks=5, prompt_tokens=2, completion_tokens=3, hold=gate, hold_timeout=30)
+    aclient = openai.AsyncOpenAI(base_url=f"{e.url}/v1", api_key=key, max_retries=0, timeout=60)
+
+    async def one(i: int):
+        stream = await aclient.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": str(i)}], stream=True,
+            stream_options={"include_usage": True})
+        return [ch async for ch in stream]
+
+    async def main():
+        threading.Thread(target=lambda: (mock.wait_active(200, 30), gate.set()), daemon=True).start()
+        try:
+            return await asyncio.gather(*(one(i) for i in range(200)))
+        finally:
+            gate.set()
+            await aclient.close()
+
+    results = asyncio.run(main())
+    assert mock.peak_active == 200
+    assert all(r[-1].usage.total_tokens == 5 for r in results)
+    assert remaining_after(e, rsa, sub) == 100_000 - 200 * 5 - 1
+
+
+@pytest.mark.parametrize("usage", [
+    {"prompt_tokens": -1000, "completion_tokens": 1, "total_tokens": -999},
+    {"prompt_tokens": 5.5, "completion_tokens": 1, "total_tokens": 6.5},
+    {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": "2"},
+    {"prompt_tokens": 10 ** 30, "completion_tokens": 1, "total_tokens": 10 ** 30},
+    {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 1e3},
+    "lots",
+], ids=["negative", "fractional", "string", "huge", "exponent", "not-an-object"])
+def test_hostile_usage_is_charged_as_unreported_never_less(envoy, idp, mock, rsa, usage):
+    import harness.openai_mock as om
+
+    e = gateway(envoy, idp, mock, rsa, authenticated_max_tokens=100_000, unreported_tokens=70)
+    sub = f"user-{uuid.uuid4().hex[:8]}"
+    real = om.chat_usage
+    om.chat_usage = lambda s: usage
+    try:
+        key = rsa.sign(tokens.claims(sub=sub))
+        http = openai.OpenAI(base_url=f"{e.url}/v1", api_key=key, max_retries=0).with_options(
+            timeout=15)
+        http.chat.completions.with_raw_response.create(model="m", messages=MESSAGES)
+    finally:
+        om.chat_usage = real
+    assert remaining_after(e, rsa, sub) == 100_000 - 70 - 10
+    assert e.counters()["wasmcustom.tollgate_token_usage_missing_total"] == 1
+    assert e.traps() == []
+
+
+def test_a_100_mb_stream_passes_and_its_usage_is_still_read(envoy, idp, mock, rsa):
+    """1,000 events of 100 kB each, then the usage chunk: the reader keeps at
+    most one event (1 MiB cap), the stream passes whole, the usage counts."""
+    import http.client
+    import json
+
+    e = gateway(envoy, idp, mock, rsa, authenticated_max_tokens=100_000)
+    sub = f"user-{uuid.uuid4().hex[:8]}"
+    mock.script = Script(chunks=1000, text_piece="x" * 100_000, prompt_tokens=3, completion_tokens=4)
+    key = rsa.sign(tokens.claims(sub=sub))
+    conn = http.client.HTTPConnection("127.0.0.1", int(e.url.rsplit(":", 1)[1]), timeout=60)
+    conn.request("POST", "/v1/chat/completions", body=json.dumps({
+        "model": "m", "messages": MESSAGES, "stream": True,
+        "stream_options": {"include_usage": True}}),
+        headers={"content-type": "application/json", "authorization": f"Bearer {key}"})
+    resp = conn.getresponse()
+    received = 0
+    while chunk := resp.read(1 << 20):
+        received += len(chunk)
+    conn.close()
+    assert received > 100_000_000
+    assert remaining_after(e, rsa, sub) == 100_000 - 7 - 10
+    assert e.traps() == []
+
+
+def test_a_client_that_hangs_up_mid_stream_is_charged(envoy, idp, mock, rsa):
+    """The client leaves mid-stream. Envoy notices when it next writes to the
+    client: the rest of the answer may still pass tollgate (its usage then
+    counts) or the stream is reset (unreported_tokens); either way the
+    reservation is settled, once, and nothing hangs or traps."""
+    import json
+    import socket
+    import time
+
+    e = gateway(envoy, idp, mock, rsa, authenticated_max_tokens=100_000, unreported_tokens=60)
+    sub = f"user-{uuid.uuid4().hex[:8]}"
+    gate = threading.Event()
+    mock.script = Script(chunks=20, hold=gate, hold_timeout=10)
+    key = rsa.sign(tokens.claims(sub=sub))
+    body = json.dumps({"model": "m", "messages": MESSAGES, "stream": True,
+                       "stream_options": {"include_usage": True}}).encode()
+    s = socket.create_connection(("127.0.0.1", int(e.url.rsplit(":", 1)[1])), timeout=10)
+    s.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+              f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    assert b"data:" in s.recv(65536)
+    s.close()
+    gate.set()
+    deadline = time.monotonic() + 10
+    while not (charged := e.counters()["wasmcustom.tollgate_tokens_charged_total"]):
+        assert time.monotonic() < deadline, "never settled"
+        time.sleep(0.1)
+    assert charged in (33, 60), charged
+    assert remaining_after(e, rsa, sub) == 100_000 - charged - 10
+    assert e.traps() == []
