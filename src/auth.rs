@@ -290,6 +290,7 @@ impl Core {
                     authenticated,
                     window: t.period.window_start(now_s),
                     limit,
+                    reserved: t.reserve_tokens,
                     remaining,
                     reset,
                     period: t.period.seconds(),
@@ -349,7 +350,10 @@ impl Core {
         } else {
             Client::Anonymous(&grant.who)
         };
-        let tally = quota::token_tally(t, grant.limit);
+        let tally = quota::Tally {
+            amount: grant.reserved,
+            ..quota::token_tally(t, grant.limit)
+        };
         quota::settle(
             q,
             store,
@@ -360,6 +364,30 @@ impl Core {
             now_ms / 1000,
         );
         charge
+    }
+
+    /// Resizes a reservation to what the request body allows (see
+    /// [`crate::token_quota::TokenQuota::reservation`]), once the body has
+    /// been read; `remaining` follows.
+    pub fn resize_reservation(
+        &self,
+        grant: &mut TokenGrant,
+        max_output: Option<u64>,
+        now_ms: u64,
+        store: &dyn SharedStore,
+    ) {
+        let Some(t) = self.config.quota.as_ref().and_then(|q| q.tokens.as_ref()) else {
+            return;
+        };
+        let new = t.reservation(max_output);
+        if new == grant.reserved {
+            return;
+        }
+        self.settle_at(grant, |_| new, now_ms, store);
+        let counted = grant.limit.saturating_sub(grant.remaining);
+        let counted = counted.saturating_sub(grant.reserved).saturating_add(new);
+        grant.remaining = grant.limit.saturating_sub(counted);
+        grant.reserved = new;
     }
 
     /// The step for a quota decision (counted here or by the service).

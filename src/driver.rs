@@ -42,6 +42,9 @@ pub const MAX_WAITERS: usize = 4096;
 /// Most requests parked per VM on provider callouts (all callouts together);
 /// more get 503.
 pub const MAX_CALLOUT_WAITERS: usize = 4096;
+/// Largest request body read for the output maximum that sizes a token
+/// reservation (bytes); a longer body reserves `reserve_tokens`.
+pub const MAX_SCANNED_BODY: usize = 256 * 1024;
 /// Most requests per VM waiting for the rate-limit service; more get 503.
 pub const MAX_COUNT_WAITERS: usize = 4096;
 /// Calls to the rate-limit service under way at once per VM when they are
@@ -283,6 +286,17 @@ struct Meter {
     reader: Option<UsageReader>,
 }
 
+/// A counted request's body, read as it passes for the most output tokens
+/// it allows (at most [`MAX_SCANNED_BODY`]; a longer body keeps the default
+/// reservation).
+#[derive(Default)]
+struct BodyScan {
+    buf: Vec<u8>,
+    too_large: bool,
+    /// Once the body ended: its output maximum, if it names one.
+    ended: Option<Option<u64>>,
+}
+
 /// A request waiting for the rate-limit service.
 struct Counted {
     parked: Parked,
@@ -348,6 +362,8 @@ pub struct Driver {
     /// Allowed requests with a token reservation, by context id, until
     /// their answer ends.
     meters: HashMap<u32, Meter>,
+    /// Requests to token-budget paths whose body is read (by context id).
+    bodies: HashMap<u32, BodyScan>,
     /// An [`Effect::Wake`] is under way.
     wake_pending: bool,
     /// Waking failed: the tick wakes instead.
@@ -393,6 +409,7 @@ impl Driver {
             counting: HashMap::new(),
             count_waiting: 0,
             meters: HashMap::new(),
+            bodies: HashMap::new(),
             wake_pending: false,
             wake_by_tick: false,
             next_dispatch: 0,
@@ -518,6 +535,10 @@ impl Driver {
             raw_path,
             headers,
         };
+        let tokens = config.quota.as_ref().and_then(|q| q.tokens.as_ref());
+        if tokens.is_some_and(|t| t.counts(&facts.method, &facts.path)) {
+            self.bodies.insert(req.id, BodyScan::default());
+        }
         let step = self.core.decide(&facts, now, store);
         self.carry_out(parked(facts), step, now, store);
     }
@@ -578,6 +599,55 @@ impl Driver {
         headers
     }
 
+    /// Whether request `req`'s body is read (for the output maximum that
+    /// sizes its token reservation).
+    pub fn reads_request_body(&self, req: &RequestHandle) -> bool {
+        self.bodies.get(&req.id).is_some_and(|b| b.ended.is_none())
+    }
+
+    /// A chunk of request `req`'s body (each byte once), as it passes; at
+    /// its end the reservation is sized to the output maximum it names.
+    pub fn on_request_body(
+        &mut self,
+        req: &RequestHandle,
+        chunk: &[u8],
+        end: bool,
+        now: Option<u64>,
+        store: &dyn SharedStore,
+    ) {
+        let Some(scan) = self.bodies.get_mut(&req.id) else {
+            return;
+        };
+        if scan.ended.is_some() {
+            return;
+        }
+        if !scan.too_large {
+            if scan.buf.len().saturating_add(chunk.len()) > MAX_SCANNED_BODY {
+                scan.too_large = true;
+                scan.buf = Vec::new();
+            } else {
+                scan.buf.extend_from_slice(chunk);
+            }
+        }
+        if !end {
+            return;
+        }
+        let max_output = if scan.too_large {
+            None
+        } else {
+            crate::token_quota::max_output_tokens(&scan.buf)
+        };
+        scan.buf = Vec::new();
+        scan.ended = Some(max_output);
+        // Allowed already: size its reservation now; else when it is.
+        let (Some(meter), Some(now)) = (self.meters.get_mut(&req.id), now) else {
+            return;
+        };
+        self.bodies.remove(&req.id);
+        self.core
+            .resize_reservation(&mut meter.grant, max_output, now, store);
+    }
+
     /// Whether request `req`'s answer body is read (for its token usage).
     pub fn meters(&self, req: &RequestHandle) -> bool {
         self.meters.get(&req.id).is_some_and(|m| m.reader.is_some())
@@ -626,6 +696,7 @@ impl Driver {
     /// what its answer reported, if anything) and it is forgotten wherever
     /// it waits.
     pub fn on_log(&mut self, req: &RequestHandle, now: Option<u64>, store: &dyn SharedStore) {
+        self.bodies.remove(&req.id);
         self.settle(req, now, store);
         if req.phase() != Phase::Waiting {
             return;
@@ -825,12 +896,18 @@ impl Driver {
                 self.callout_waiting = self.callout_waiting.saturating_add(1);
             }
             Step::Allow(mut allowed) => {
-                if let Some(grant) = allowed.tokens.take() {
+                if let Some(mut grant) = allowed.tokens.take() {
+                    let id = parked.req.id;
+                    if let Some(Some(max_output)) = self.bodies.get(&id).map(|b| b.ended) {
+                        self.bodies.remove(&id);
+                        self.core
+                            .resize_reservation(&mut grant, max_output, now, store);
+                    }
                     let meter = Meter {
                         grant,
                         reader: None,
                     };
-                    self.meters.insert(parked.req.id, meter);
+                    self.meters.insert(id, meter);
                 }
                 self.allowed = self.allowed.saturating_add(1);
                 parked.req.set(Phase::Allowed(allowed.rate_limit));
@@ -1081,6 +1158,7 @@ impl Driver {
 
     /// Answers a request locally: the denial, its metric, its debug line.
     fn refuse(&mut self, parked: &Parked, denial: Denial) {
+        self.bodies.remove(&parked.req.id);
         let facts = &parked.facts;
         log::debug!(
             "denied {} {}: {} {}",
@@ -2318,6 +2396,47 @@ mod tests {
         // given back whole.
         d.forward_failed(&over, false, NOW, &store);
         assert_eq!(token_count(&store), Some(80));
+    }
+
+    #[test]
+    fn a_request_body_naming_its_output_maximum_resizes_the_reservation() {
+        let store = FakeStore::new();
+        let mut d = driver(token_config());
+        drain(&mut d);
+        let req = chat_request(&mut d, 1, "POST", &store);
+        assert!(d.reads_request_body(&req));
+        let body = br#"{"model": "m", "messages": [], "max_completion_tokens": 50}"#;
+        let (a, b) = body.split_at(30);
+        d.on_request_body(&req, a, false, None, &store);
+        assert_eq!(token_count(&store), Some(30));
+        d.on_request_body(&req, b, true, Some(NOW), &store);
+        assert!(!d.reads_request_body(&req));
+        // reserve_tokens (its input) + 50 (its output at most).
+        assert_eq!(token_count(&store), Some(80));
+        let headers = d.on_response_headers(&req, Some(b"application/json"));
+        assert!(headers.contains(&("x-ratelimit-remaining-tokens", "20".to_string())));
+        let usage = br#"{"usage":{"prompt_tokens":5,"completion_tokens":7,"total_tokens":12}}"#;
+        d.on_response_body(&req, usage, true, Some(NOW), &store);
+        assert_eq!(token_count(&store), Some(12));
+        // A body past MAX_SCANNED_BODY keeps the default reservation.
+        let req = chat_request(&mut d, 2, "POST", &store);
+        d.on_request_body(&req, br#"{"max_tokens": 50, "x": ""#, false, None, &store);
+        d.on_request_body(&req, &vec![b'a'; MAX_SCANNED_BODY], false, None, &store);
+        d.on_request_body(&req, br#""}"#, true, Some(NOW), &store);
+        assert_eq!(token_count(&store), Some(12 + 30));
+        // Bodies of refused requests are not kept.
+        for id in 3..10 {
+            chat_request(&mut d, id, "POST", &store);
+        }
+        // 42 counted: 3 and 4 are admitted (72, 102), the rest refused.
+        let (allowed, denied) = outcomes(&drain(&mut d));
+        assert_eq!(allowed, [(1, false), (2, false), (3, false), (4, false)]);
+        assert_eq!(denied.iter().map(|d| d.0).collect::<Vec<_>>(), [5, 6, 7, 8, 9]);
+        let mut kept: Vec<u32> = d.bodies.keys().copied().collect();
+        kept.sort_unstable();
+        assert_eq!(kept, [3, 4]);
+        d.on_log(&RequestHandle::new(3), Some(NOW), &store);
+        assert!(!d.bodies.contains_key(&3));
     }
 
     #[test]

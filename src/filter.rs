@@ -6,8 +6,8 @@ use crate::claims::Identity;
 use crate::config::{Config, Forward};
 use crate::driver::{AnswerAs, Driver, Effect, Phase, RequestHandle};
 use crate::host::{
-    self, HeaderPairs, BUFFER_HTTP_RESPONSE_BODY, BUFFER_PLUGIN_CONFIGURATION, MAP_REQUEST_HEADERS,
-    MAP_RESPONSE_HEADERS,
+    self, HeaderPairs, BUFFER_HTTP_REQUEST_BODY, BUFFER_HTTP_RESPONSE_BODY,
+    BUFFER_PLUGIN_CONFIGURATION, MAP_REQUEST_HEADERS, MAP_RESPONSE_HEADERS,
 };
 use crate::metrics::Metrics;
 use crate::quota;
@@ -276,6 +276,7 @@ impl RootContext for Root {
         Some(Box::new(Request {
             req: RequestHandle::new(context_id),
             vm: self.vm.clone(),
+            body_seen: 0,
         }))
     }
 
@@ -288,6 +289,9 @@ impl RootContext for Root {
 struct Request {
     req: RequestHandle,
     vm: Shared,
+    /// Body bytes already read that the host still holds (the body was
+    /// held at the last callback).
+    body_seen: usize,
 }
 
 impl Request {
@@ -326,8 +330,26 @@ impl HttpContext for Request {
         self.hold_until_allowed()
     }
 
-    fn on_http_request_body(&mut self, _size: usize, _eos: bool) -> Action {
-        self.hold_until_allowed()
+    /// Held until allowed; on token-budget paths also read (each byte
+    /// once: a held body comes back whole in the next callback).
+    fn on_http_request_body(&mut self, size: usize, end: bool) -> Action {
+        let action = self.hold_until_allowed();
+        if let Some(vm) = self.vm.borrow_mut().as_mut() {
+            if vm.driver.reads_request_body(&self.req) {
+                let start = self.body_seen.min(size);
+                let chunk = host::buffer_from(BUFFER_HTTP_REQUEST_BODY, start, size - start);
+                let now = if end { now_ms() } else { None };
+                vm.driver.on_request_body(
+                    &self.req,
+                    &chunk.unwrap_or_default(),
+                    end,
+                    now,
+                    &HostStore,
+                );
+            }
+        }
+        self.body_seen = if action == Action::Pause { size } else { 0 };
+        action
     }
 
     fn on_http_request_trailers(&mut self, _n: usize) -> Action {

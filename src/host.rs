@@ -226,10 +226,16 @@ pub fn property(path: &[u8]) -> Option<Vec<u8>> {
 }
 
 pub fn buffer(buffer_type: u32, max_size: usize) -> Option<Vec<u8>> {
+    buffer_from(buffer_type, 0, max_size)
+}
+
+/// Up to `max_size` bytes of a buffer from byte `start` on.
+pub fn buffer_from(buffer_type: u32, start: usize, max_size: usize) -> Option<Vec<u8>> {
     let mut data: *mut u8 = std::ptr::null_mut();
     let mut size: usize = 0;
     // SAFETY: the out-pointers are valid locals.
-    let status = unsafe { proxy_get_buffer_bytes(buffer_type, 0, max_size, &mut data, &mut size) };
+    let status =
+        unsafe { proxy_get_buffer_bytes(buffer_type, start, max_size, &mut data, &mut size) };
     owned(status, data, size)
 }
 
@@ -237,6 +243,7 @@ pub fn buffer(buffer_type: u32, max_size: usize) -> Option<Vec<u8>> {
 pub const MAP_REQUEST_HEADERS: u32 = 0;
 pub const MAP_RESPONSE_HEADERS: u32 = 2;
 pub const MAP_CALLOUT_RESPONSE_HEADERS: u32 = 6;
+pub const BUFFER_HTTP_REQUEST_BODY: u32 = 0;
 pub const BUFFER_HTTP_RESPONSE_BODY: u32 = 1;
 pub const BUFFER_CALLOUT_RESPONSE_BODY: u32 = 4;
 pub const BUFFER_GRPC_RECEIVE: u32 = 5;

@@ -108,6 +108,21 @@ impl TokenQuota {
         }
     }
 
+    /// What a request reserves: `reserve_tokens` (for its input), plus the
+    /// most output tokens its body allows, as `count` counts them; just
+    /// `reserve_tokens` when the body names no maximum.
+    pub fn reservation(&self, max_output: Option<u64>) -> u64 {
+        let Some(m) = max_output else {
+            return self.reserve_tokens;
+        };
+        let usage = Usage {
+            input: self.reserve_tokens,
+            output: m,
+            total: self.reserve_tokens.saturating_add(m),
+        };
+        usage.count(self.count)
+    }
+
     /// What an answer costs: its usage as `count` says, or
     /// `unreported_tokens` without one.
     pub fn charge(&self, usage: Option<Usage>) -> u64 {
@@ -199,6 +214,32 @@ fn parse_paths(v: &Value, key: &str) -> Result<Vec<String>, ConfigError> {
         .collect()
 }
 
+/// The most output tokens a request body allows: the largest of its
+/// top-level `max_tokens`, `max_completion_tokens` (chat completions) and
+/// `max_output_tokens` (Responses API) that is a non-negative integer;
+/// `None` when it names none, or is not a JSON object serde_json reads
+/// (nesting deeper than 128 levels on the way, a key given twice).
+pub fn max_output_tokens(body: &[u8]) -> Option<u64> {
+    #[derive(serde::Deserialize)]
+    struct Limits {
+        #[serde(default)]
+        max_tokens: Option<serde_json::Value>,
+        #[serde(default)]
+        max_completion_tokens: Option<serde_json::Value>,
+        #[serde(default)]
+        max_output_tokens: Option<serde_json::Value>,
+    }
+    // An object only (serde would read a list as the fields in order).
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return None;
+    }
+    let l: Limits = serde_json::from_slice(body).ok()?;
+    [l.max_tokens, l.max_completion_tokens, l.max_output_tokens]
+        .iter()
+        .filter_map(|v| v.as_ref().and_then(serde_json::Value::as_u64))
+        .max()
+}
+
 /// A request's reservation: who, in which window, and what its answer tells
 /// the client.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -209,6 +250,8 @@ pub struct TokenGrant {
     /// The start of the window the reservation counts in (seconds).
     pub window: u64,
     pub limit: u64,
+    /// Tokens reserved for it in the count.
+    pub reserved: u64,
     /// Left after the reservation.
     pub remaining: u64,
     /// Seconds to the window's end.
@@ -439,6 +482,56 @@ mod tests {
                 ("x-ratelimit-reset-tokens", "6m0s".to_string()),
             ]
         );
+    }
+
+    #[test]
+    fn reservations_add_the_bodys_output_maximum() {
+        let t = |count: &str| {
+            parse(json!({"authenticated_max_tokens": 1, "reserve_tokens": 100, "count": count}))
+                .unwrap()
+        };
+        assert_eq!(t("total").reservation(None), 100);
+        assert_eq!(t("total").reservation(Some(50)), 150);
+        assert_eq!(t("output").reservation(Some(50)), 50);
+        assert_eq!(t("input").reservation(Some(50)), 100);
+        let w = parse(json!({"authenticated_max_tokens": 1, "reserve_tokens": 100,
+            "count": {"input": 0.5, "output": 2}}))
+        .unwrap();
+        assert_eq!(w.reservation(Some(50)), 150);
+        assert_eq!(
+            max_output_tokens(br#"{"max_tokens": 7, "model": "m"}"#),
+            Some(7)
+        );
+        assert_eq!(
+            max_output_tokens(br#"{"max_completion_tokens": 9, "max_tokens": 3}"#),
+            Some(9)
+        );
+        assert_eq!(max_output_tokens(br#"{"max_output_tokens": 11}"#), Some(11));
+        for body in [
+            &br#"{"max_tokens": -1}"#[..],
+            br#"{"max_tokens": 1.5}"#,
+            br#"{"max_tokens": "9"}"#,
+            br#"{"max_tokens": null}"#,
+            br#"{"messages": []}"#,
+            br#"{"max_tokens": 1, "max_tokens": 2}"#,
+            br#"[1]"#,
+            b"{\"max_tokens\": 5",
+            b"",
+        ] {
+            assert_eq!(
+                max_output_tokens(body),
+                None,
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        // Deep nesting elsewhere in the body is skipped, not refused.
+        let deep = format!(
+            r#"{{"max_tokens": 4, "x": {}{}}}"#,
+            "[".repeat(10_000),
+            "]".repeat(10_000)
+        );
+        assert_eq!(max_output_tokens(deep.as_bytes()), Some(4));
     }
 
     #[test]

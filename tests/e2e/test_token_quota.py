@@ -354,3 +354,20 @@ def test_a_client_that_hangs_up_mid_stream_is_charged(envoy, idp, mock, rsa):
     assert charged in (33, 60), charged
     assert remaining_after(e, rsa, sub) == 100_000 - charged - 10
     assert e.traps() == []
+
+
+def test_the_reservation_covers_the_output_the_request_allows(envoy, idp, mock, rsa):
+    """reserve_tokens for the input plus the request's own max_tokens /
+    max_completion_tokens / max_output_tokens. The first request of a fresh
+    Envoy waits for the key set, its body held meanwhile: read all the same."""
+    e = gateway(envoy, idp, mock, rsa, authenticated_max_tokens=1000)
+    c = client(e, rsa)
+    mock.script = Script(prompt_tokens=11, completion_tokens=22)
+    raw = chat(c, max_tokens=100)
+    assert raw.headers["x-ratelimit-remaining-tokens"] == str(1000 - 10 - 100)
+    raw = chat(c, max_completion_tokens=300)
+    assert raw.headers["x-ratelimit-remaining-tokens"] == str(1000 - 33 - 10 - 300)
+    raw = c.responses.with_raw_response.create(model="m", input="hi", max_output_tokens=200)
+    assert raw.headers["x-ratelimit-remaining-tokens"] == str(1000 - 66 - 10 - 200)
+    # What was spent is what the answers reported.
+    assert chat(c).headers["x-ratelimit-remaining-tokens"] == str(1000 - 99 - 10)
