@@ -10,6 +10,7 @@ use crate::jwt::{self, Rules, TokenError};
 use crate::provider::{Answer, CalloutRequest, ProviderError, Upstream};
 use crate::quota::{self, Client, QuotaDecision, RateLimit};
 use crate::response::Denial;
+use crate::route_rules::AccessDenied;
 use crate::store::SharedStore;
 use crate::token_cache::{CacheKey, TokenCache, TokenHasher, NEGATIVE_TTL};
 use crate::token_quota::{Policy, TokenGrant};
@@ -206,6 +207,14 @@ impl Core {
             Err(denial) => return Step::Deny(denial),
         };
         let config = self.config.clone();
+        let attributes = identity.as_ref().map(|id| &id.attributes);
+        if let Err(refused) = config.route_policy.check(&req.path, attributes) {
+            log::debug!(
+                "{refused} (principal {:?})",
+                identity.as_ref().map(|id| id.principal.as_str())
+            );
+            return Step::Deny(Denial::Forbidden(AccessDenied::Route(refused.0)));
+        }
         if let Some(id) = &identity {
             if let Err(why) = config
                 .route_rules

@@ -13,6 +13,7 @@ use crate::provider::custom::Custom;
 use crate::provider::introspection::{Introspection, IntrospectionConfig};
 use crate::provider::{upstream_with, Upstream, CREDENTIALS_JWKS};
 use crate::quota::QuotaConfig;
+use crate::route_policy::RoutePolicy;
 use crate::route_rules::{PublicPaths, RouteRules};
 use serde_json::Value;
 
@@ -22,6 +23,8 @@ pub struct Config {
     pub auth: Option<AuthConfig>,
     pub public_paths: PublicPaths,
     pub forward: Forward,
+    /// OGX's `route_policy` (top level, or inside `auth`).
+    pub route_policy: RoutePolicy,
     pub route_rules: RouteRules,
     pub quota: Option<QuotaConfig>,
     pub log_level: log::LevelFilter,
@@ -170,6 +173,7 @@ impl Config {
     pub fn needs_path(&self) -> bool {
         !self.public_paths.is_empty()
             || !self.route_rules.is_empty()
+            || !self.route_policy.is_empty()
             || self.auth.as_ref().is_some_and(AuthConfig::sees_request)
             || self.counts_tokens()
     }
@@ -222,9 +226,22 @@ impl Config {
             None => Forward::default(),
             Some(o) => parse_forward(o)?,
         };
-        let auth = match top.obj("auth")? {
-            None => None,
-            Some(o) => Some(parse_auth(o)?),
+        let (auth, auth_route_policy) = match top.obj("auth")? {
+            None => (None, None),
+            Some(o) => {
+                let (auth, policy) = parse_auth(o)?;
+                (Some(auth), policy)
+            }
+        };
+        let route_policy = match (top.get("route_policy"), auth_route_policy) {
+            (Some(_), Some(inner)) if !inner.is_empty() => {
+                return Err(ConfigError::new(
+                    "route_policy",
+                    "given both here and in auth.route_policy: keep one",
+                ))
+            }
+            (Some(v), _) => RoutePolicy::parse(v, "route_policy")?,
+            (None, inner) => inner.unwrap_or_default(),
         };
         let route_rules = match top.get("route_scopes") {
             None => RouteRules::default(),
@@ -248,6 +265,7 @@ impl Config {
             auth,
             public_paths,
             forward,
+            route_policy,
             route_rules,
             quota,
             log_level,
@@ -335,16 +353,25 @@ fn header_name(o: &mut Obj, key: &str) -> Result<Option<String>, ConfigError> {
     Ok(Some(lower))
 }
 
-fn parse_auth(mut o: Obj) -> Result<AuthConfig, ConfigError> {
+/// `auth` and the `route_policy` pasted inside it (OGX's `server.auth`).
+fn parse_auth(mut o: Obj) -> Result<(AuthConfig, Option<RoutePolicy>), ConfigError> {
     // Their dumps carry empty lists (no rules); only rules are refused.
-    for key in ["access_policy", "route_policy"] {
-        if o.array(key)?.is_some_and(|rules| !rules.is_empty()) {
-            return Err(ConfigError::new(
-                o.path(key),
-                "Llama Stack's access policies are not supported; use `route_scopes` (required_scope / required_attributes per route)",
-            ));
-        }
+    if o.array("access_policy")?
+        .is_some_and(|rules| !rules.is_empty())
+    {
+        return Err(ConfigError::new(
+            o.path("access_policy"),
+            "Llama Stack's resource access policies are not supported; use `route_policy` or `route_scopes` per route",
+        ));
     }
+    let route_policy = match o.get("route_policy") {
+        Some(v) => Some(RoutePolicy::parse(v, &o.path("route_policy"))?),
+        None => None,
+    };
+    parse_provider_of(o).map(|auth| (auth, route_policy))
+}
+
+fn parse_provider_of(mut o: Obj) -> Result<AuthConfig, ConfigError> {
     // Llama Stack's current form: {"provider_config": {"type": T, ...}}.
     if o.has("provider_config") {
         if o.has("provider_type") || o.has("config") {
@@ -910,12 +937,37 @@ mod tests {
             let mut v = jwt_example();
             v["auth"][key] = json!([]);
             assert!(Config::from_value(&v).is_ok(), "{key}");
-            v["auth"][key] = json!([{"permit": {"actions": ["read"]}}]);
-            assert_eq!(err(v).key, format!("auth.{key}"));
             let mut v = jwt_example();
             v["auth"][key] = json!({});
             assert_eq!(err(v).key, format!("auth.{key}"));
         }
+        // Resource policies are refused; a resource rule is no route rule.
+        let mut v = jwt_example();
+        v["auth"]["access_policy"] = json!([{"permit": {"actions": ["read"]}}]);
+        assert_eq!(err(v).key, "auth.access_policy");
+        let mut v = jwt_example();
+        v["auth"]["route_policy"] = json!([{"permit": {"actions": ["read"]}}]);
+        assert_eq!(err(v).key, "auth.route_policy[0].permit.actions");
+    }
+
+    #[test]
+    fn route_policy_at_the_top_or_in_auth_but_not_both() {
+        let rules = json!([{"permit": {"paths": "*"}, "when": "user with admin in roles"}]);
+        let mut v = jwt_example();
+        v["auth"]["route_policy"] = rules.clone();
+        let c = Config::from_value(&v).unwrap();
+        assert!(!c.route_policy.is_empty() && c.needs_path());
+        let mut v = jwt_example();
+        v["route_policy"] = rules.clone();
+        assert!(!Config::from_value(&v).unwrap().route_policy.is_empty());
+        // Without auth: allowed (its conditions never hold for anonymous requests).
+        assert!(Config::from_value(&json!({"route_policy": rules.clone()})).is_ok());
+        v["auth"]["route_policy"] = rules;
+        let e = err(v);
+        assert_eq!(
+            (e.key.as_str(), e.reason.as_str()),
+            ("route_policy", "given both here and in auth.route_policy: keep one")
+        );
     }
 
     #[test]

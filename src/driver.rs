@@ -2431,7 +2431,10 @@ mod tests {
         // 42 counted: 3 and 4 are admitted (72, 102), the rest refused.
         let (allowed, denied) = outcomes(&drain(&mut d));
         assert_eq!(allowed, [(1, false), (2, false), (3, false), (4, false)]);
-        assert_eq!(denied.iter().map(|d| d.0).collect::<Vec<_>>(), [5, 6, 7, 8, 9]);
+        assert_eq!(
+            denied.iter().map(|d| d.0).collect::<Vec<_>>(),
+            [5, 6, 7, 8, 9]
+        );
         let mut kept: Vec<u32> = d.bodies.keys().copied().collect();
         kept.sort_unstable();
         assert_eq!(kept, [3, 4]);

@@ -62,6 +62,7 @@ pub mod provider;
 pub mod quota;
 pub mod response;
 pub mod rls;
+pub mod route_policy;
 pub mod route_rules;
 pub mod rsa;
 pub mod store;

@@ -10,7 +10,7 @@ use crate::host::{self, METRIC_COUNTER, METRIC_GAUGE};
 use std::collections::HashMap;
 
 /// Every denial reason (`Denial::reason`, `ProviderError::reason`).
-pub const DENIAL_REASONS: [&str; 13] = [
+pub const DENIAL_REASONS: [&str; 14] = [
     "missing",
     "malformed",
     "invalid_token",
@@ -19,6 +19,7 @@ pub const DENIAL_REASONS: [&str; 13] = [
     "unknown_kid",
     "scope",
     "attributes",
+    "route",
     "quota",
     "auth_unavailable",
     "auth_timeout",

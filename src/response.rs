@@ -102,6 +102,7 @@ impl Denial {
             Denial::AuthTimeout => "auth_timeout",
             Denial::Forbidden(AccessDenied::Scope(_)) => "scope",
             Denial::Forbidden(AccessDenied::Attributes) => "attributes",
+            Denial::Forbidden(AccessDenied::Route(_)) => "route",
             Denial::QuotaExceeded { .. }
             | Denial::TokensExceeded(_)
             | Denial::QuotaContended

@@ -104,6 +104,8 @@ pub enum AccessDenied {
     Scope(String),
     /// The user's attributes do not satisfy the rule's `required_attributes`.
     Attributes,
+    /// `route_policy` refuses the route (the route as matched).
+    Route(String),
 }
 
 impl fmt::Display for AccessDenied {
@@ -115,6 +117,9 @@ impl fmt::Display for AccessDenied {
             ),
             AccessDenied::Attributes => {
                 f.write_str("Access denied: user does not have required attributes for this route")
+            }
+            AccessDenied::Route(route) => {
+                write!(f, "{}", crate::route_policy::RouteRefused(route.clone()))
             }
         }
     }
