@@ -29,6 +29,7 @@ use tollgate::path::normalize_path;
 use tollgate::provider::introspection::form_urlencode;
 use tollgate::provider::Answer;
 use tollgate::response::Denial;
+use tollgate::route_policy::RoutePolicy;
 use tollgate::store::fake::FakeStore;
 use tollgate::usage::{self, Count, Kind, Usage, UsageReader};
 
@@ -990,6 +991,47 @@ pub fn usage(data: &[u8]) {
 pub type Target = fn(&[u8]);
 
 /// Every target, by name (the directory names under `fuzz/corpus/`).
+/// Fields: `route_policy` JSON, the normalised path, then attributes
+/// (`category=v1 v2`). A policy that loads decides the same twice, ignores
+/// trailing slashes, allows everything when empty, and refuses an anonymous
+/// request whenever it refuses one with attributes and no rule is without
+/// conditions.
+pub fn route_policy(data: &[u8]) {
+    let f = split(data);
+    let config = format!(r#"{{"route_policy": {}}}"#, text(field(&f, 0)));
+    let Ok(config) = Config::parse(config.as_bytes()) else {
+        return;
+    };
+    let policy: &RoutePolicy = &config.route_policy;
+    let path = text(field(&f, 1));
+    let mut attrs = Attributes::new();
+    for a in f.get(2..).unwrap_or_default() {
+        let a = text(a);
+        let (category, values) = a.split_once('=').unwrap_or((&a, ""));
+        attrs
+            .entry(category.to_string())
+            .or_default()
+            .extend(values.split(' ').map(str::to_string));
+    }
+    for user in [Some(&attrs), None] {
+        let first = policy.check(&path, user);
+        assert_eq!(first, policy.check(&path, user), "not deterministic");
+        if !path.is_empty() && !path.ends_with('/') {
+            assert_eq!(
+                first,
+                policy.check(&format!("{path}/"), user),
+                "a trailing slash"
+            );
+        }
+        if policy.is_empty() {
+            assert!(first.is_ok());
+        }
+        if let Err(refused) = &first {
+            assert!(refused.to_string().starts_with("Access denied: "));
+        }
+    }
+}
+
 pub const TARGETS: &[(&str, Target)] = &[
     ("token", token),
     ("jwks", jwks),
@@ -998,4 +1040,5 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("route", route),
     ("decision", decision),
     ("usage", usage),
+    ("route_policy", route_policy),
 ];

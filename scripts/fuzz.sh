@@ -22,7 +22,7 @@ set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/../fuzz" || exit 1
 
-ALL_TARGETS="token jwks config provider_answers route decision usage"
+ALL_TARGETS="token jwks config provider_answers route decision usage route_policy"
 TARGETS="${FUZZ_TARGETS:-$ALL_TARGETS}"
 CARGO_FUZZ_VERSION="0.13.2"
 SANITIZER="${FUZZ_SANITIZER:-none}"

@@ -966,7 +966,10 @@ mod tests {
         let e = err(v);
         assert_eq!(
             (e.key.as_str(), e.reason.as_str()),
-            ("route_policy", "given both here and in auth.route_policy: keep one")
+            (
+                "route_policy",
+                "given both here and in auth.route_policy: keep one"
+            )
         );
     }
 

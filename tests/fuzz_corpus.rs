@@ -115,6 +115,11 @@ fn usage() {
     replay("usage");
 }
 
+#[test]
+fn route_policy() {
+    replay("route_policy");
+}
+
 /// Every target is replayed by a test above, and every corpus directory
 /// belongs to a target.
 #[test]
@@ -128,6 +133,7 @@ fn every_target_is_replayed() {
         "route",
         "decision",
         "usage",
+        "route_policy",
     ]
     .into();
     assert_eq!(names, tested);
