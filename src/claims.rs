@@ -15,6 +15,8 @@ pub struct ClaimsMapping {
     entries: Vec<(Vec<String>, String)>,
     /// Llama Stack's default (no `claims_mapping` in the configuration).
     default: bool,
+    /// OGX's `tenant_claim`: the claim holding the tenant id.
+    pub tenant_claim: Option<String>,
 }
 
 impl ClaimsMapping {
@@ -36,6 +38,7 @@ impl ClaimsMapping {
                 .map(|(c, a)| (vec![c.to_string()], a.to_string()))
                 .collect(),
             default: true,
+            tenant_claim: None,
         }
     }
 
@@ -64,7 +67,23 @@ impl ClaimsMapping {
         Ok(ClaimsMapping {
             entries,
             default: false,
+            tenant_claim: None,
         })
+    }
+
+    /// The tenant of these claims (`tenant_claim`): the claim of that name,
+    /// else (an extension of OGX, which reads the literal name only) the
+    /// nested claim its dotted path names; a string, normalised and checked
+    /// by [`resolve_tenant`]. Any other value, or none, is no tenant.
+    pub fn tenant(&self, claims: &Map<String, Value>) -> Result<Option<String>, InvalidTenant> {
+        let Some(name) = &self.tenant_claim else {
+            return Ok(None);
+        };
+        let path: Vec<String> = name.split('.').map(str::to_string).collect();
+        match claims.get(name).or_else(|| lookup(claims, &path)) {
+            Some(Value::String(s)) => resolve_tenant(s),
+            _ => Ok(None),
+        }
     }
 
     /// Maps claims to attributes: a string claim is split on whitespace, a
@@ -127,6 +146,45 @@ pub struct Identity {
     pub attributes: Attributes,
     /// The attributes as the JSON header value (ASCII only), computed once.
     pub attributes_header: String,
+    /// The tenant id (`tenant_claim` / `tenant_field`), normalised.
+    pub tenant: Option<String>,
+}
+
+/// See [`Identity::split_attributes`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SplitAttributes {
+    pub rest: String,
+    pub per_header: Vec<(String, String)>,
+}
+
+/// What OGX requires of a tenant id (`ogx/core/datatypes.py`
+/// `_validate_tenant_id`, ogx 1.5.0).
+pub const TENANT_RULE: &str = "tenant_id must match [a-z0-9][a-z0-9-_]{0,127}";
+
+/// A tenant id OGX would refuse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InvalidTenant;
+
+/// OGX's `_resolve_tenant_id` (`ogx/core/server/auth_providers.py`, ogx
+/// 1.5.0): outer white space removed (Python's `str.strip`), blank is no
+/// tenant; else lower-cased and matching `^[a-z0-9][a-z0-9\-_]{0,127}$`.
+pub fn resolve_tenant(raw: &str) -> Result<Option<String>, InvalidTenant> {
+    // Python's str.isspace also counts the separators U+001C..U+001F.
+    let stripped =
+        raw.trim_matches(|c: char| c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c));
+    if stripped.is_empty() {
+        return Ok(None);
+    }
+    let t = stripped.to_lowercase();
+    let ok = t.len() <= 128
+        && t.bytes().enumerate().all(|(i, b)| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || (i > 0 && (b == b'-' || b == b'_'))
+        });
+    if ok {
+        Ok(Some(t))
+    } else {
+        Err(InvalidTenant)
+    }
 }
 
 /// Why an identity cannot be forwarded.
@@ -152,7 +210,35 @@ impl Identity {
             principal,
             attributes,
             attributes_header: ascii_json(&json),
+            tenant: None,
         })
+    }
+
+    /// The attributes split for OGX's `attribute_headers`: each configured
+    /// header with its category's values as a JSON list (none for a category
+    /// the caller lacks), and the other categories as the JSON object of
+    /// `attributes_header`; all ASCII.
+    pub fn split_attributes(&self, headers: &[(String, String)]) -> SplitAttributes {
+        let mut rest = self.attributes.clone();
+        let mut per_header = Vec::new();
+        for (header, category) in headers {
+            if let Some(values) = self.attributes.get(category) {
+                let json = serde_json::to_string(values).unwrap_or_else(|_| "[]".into());
+                per_header.push((header.clone(), ascii_json(&json)));
+            }
+            rest.remove(category);
+        }
+        let json = serde_json::to_string(&rest).unwrap_or_else(|_| "{}".into());
+        SplitAttributes {
+            rest: ascii_json(&json),
+            per_header,
+        }
+    }
+
+    /// The same identity with a tenant.
+    pub fn with_tenant(mut self, tenant: Option<String>) -> Identity {
+        self.tenant = tenant;
+        self
     }
 }
 
@@ -255,5 +341,62 @@ mod tests {
         assert!(id.attributes_header.is_ascii());
         let back: Value = serde_json::from_str(&id.attributes_header).unwrap();
         assert_eq!(back, json!({"roles": ["zoë", "😀"]}));
+    }
+
+    #[test]
+    fn tenants_are_normalised_and_checked_as_ogx_does() {
+        for (raw, out) in [
+            ("acme", Some("acme")),
+            ("  ACME-Corp_1 \n", Some("acme-corp_1")),
+            ("\u{1c}x\u{1f}", Some("x")),
+            ("", None),
+            ("   ", None),
+            ("0", Some("0")),
+        ] {
+            assert_eq!(resolve_tenant(raw), Ok(out.map(str::to_string)), "{raw:?}");
+        }
+        let max = "a".repeat(128);
+        assert!(resolve_tenant(&max).is_ok());
+        for bad in [
+            "-acme", "_acme", "ac me", "acme!", "ac.me", "ümlaut", "a/b", "x\u{0}",
+        ] {
+            assert_eq!(resolve_tenant(bad), Err(InvalidTenant), "{bad:?}");
+        }
+        assert_eq!(resolve_tenant(&"a".repeat(129)), Err(InvalidTenant));
+    }
+
+    #[test]
+    fn the_tenant_claim_is_read_literally_then_as_a_path() {
+        let mut m = ClaimsMapping::llama_stack_default();
+        let claims = |v: serde_json::Value| v.as_object().unwrap().clone();
+        assert_eq!(m.tenant(&claims(serde_json::json!({"org": "x"}))), Ok(None));
+        m.tenant_claim = Some("org".into());
+        assert_eq!(
+            m.tenant(&claims(serde_json::json!({"org": " Acme "}))),
+            Ok(Some("acme".into()))
+        );
+        // Not a string (OGX: isinstance(raw, str)): no tenant.
+        for v in [
+            serde_json::json!(5),
+            serde_json::json!(["a"]),
+            serde_json::json!(null),
+        ] {
+            assert_eq!(m.tenant(&claims(serde_json::json!({ "org": v }))), Ok(None));
+        }
+        assert_eq!(
+            m.tenant(&claims(serde_json::json!({"org": "Bad Tenant"}))),
+            Err(InvalidTenant)
+        );
+        m.tenant_claim = Some("app.tenant".into());
+        assert_eq!(
+            m.tenant(&claims(serde_json::json!({"app": {"tenant": "t1"}}))),
+            Ok(Some("t1".into()))
+        );
+        assert_eq!(
+            m.tenant(&claims(
+                serde_json::json!({"app.tenant": "lit", "app": {"tenant": "t1"}})
+            )),
+            Ok(Some("lit".into()))
+        );
     }
 }

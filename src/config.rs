@@ -141,6 +141,11 @@ pub struct JwtConfig {
 pub struct Forward {
     pub principal_header: String,
     pub attributes_header: String,
+    /// Carries the tenant id (OGX's `upstream_header` `tenant_header`).
+    pub tenant_header: String,
+    /// Per-category headers (OGX's `attribute_headers`): header → category;
+    /// those categories then leave `attributes_header`.
+    pub attribute_headers: Vec<(String, String)>,
     pub strip_authorization: bool,
 }
 
@@ -149,8 +154,24 @@ impl Default for Forward {
         Forward {
             principal_header: "x-auth-principal".into(),
             attributes_header: "x-auth-attributes".into(),
+            tenant_header: "x-auth-tenant".into(),
+            attribute_headers: Vec::new(),
             strip_authorization: false,
         }
+    }
+}
+
+impl Forward {
+    /// Every header tollgate forwards an identity in: clients' copies of
+    /// them (in any spelling) never reach the upstream.
+    pub fn identity_headers(&self) -> impl Iterator<Item = &str> {
+        [
+            self.principal_header.as_str(),
+            self.attributes_header.as_str(),
+            self.tenant_header.as_str(),
+        ]
+        .into_iter()
+        .chain(self.attribute_headers.iter().map(|(h, _)| h.as_str()))
     }
 }
 
@@ -328,13 +349,46 @@ fn parse_forward(mut o: Obj) -> Result<Forward, ConfigError> {
             "must differ from principal_header",
         ));
     }
+    let tenant_header = header_name(&mut o, "tenant_header")?.unwrap_or(d.tenant_header);
+    let mut attribute_headers = Vec::new();
+    if let Some(mut map) = o.obj("attribute_headers")? {
+        for header in map.keys() {
+            let path = map.path(&header);
+            let category = map
+                .nonempty_str(&header)?
+                .ok_or_else(|| ConfigError::new(path.clone(), "must be a category name"))?
+                .to_string();
+            if header.is_empty() || !header.bytes().all(is_tchar) {
+                return Err(ConfigError::new(path, "not a valid header name"));
+            }
+            let lower = header.to_ascii_lowercase();
+            if matches!(lower.as_str(), "authorization" | "host" | "content-length") {
+                return Err(ConfigError::new(path, "this header cannot be used"));
+            }
+            attribute_headers.push((lower, category));
+        }
+        map.finish()?;
+    }
     let strip_authorization = o.bool("strip_authorization")?.unwrap_or(false);
-    o.finish()?;
-    Ok(Forward {
+    let forward = Forward {
         principal_header,
         attributes_header,
+        tenant_header,
+        attribute_headers,
         strip_authorization,
-    })
+    };
+    // Each identity header carries one thing.
+    let names: Vec<&str> = forward.identity_headers().collect();
+    for (i, name) in names.iter().enumerate() {
+        if names.iter().take(i).any(|n| n == name) {
+            return Err(ConfigError::new(
+                o.own_path(),
+                format!("the header {name:?} is given twice"),
+            ));
+        }
+    }
+    o.finish()?;
+    Ok(forward)
 }
 
 /// A header name: an RFC 9110 token, stored lower-case; never a pseudo-header
@@ -430,10 +484,12 @@ fn parse_oauth2(mut o: Obj) -> Result<AuthConfig, ConfigError> {
         return Err(ConfigError::new(o.path("audience"), "must not be empty"));
     }
     let issuer = o.nonempty_str("issuer")?.map(str::to_string);
-    let claims_mapping = match o.obj("claims_mapping")? {
+    let mut claims_mapping = match o.obj("claims_mapping")? {
         None => ClaimsMapping::llama_stack_default(),
         Some(m) => ClaimsMapping::parse(m)?,
     };
+    // OGX: the claim (or introspection field) holding the tenant id.
+    claims_mapping.tenant_claim = o.nonempty_str("tenant_claim")?.map(str::to_string);
     // No leeway unless asked, as in Llama Stack and OGX.
     let clock_skew_seconds = o
         .u64_max("clock_skew_seconds", 86400)?
@@ -927,8 +983,8 @@ mod tests {
         assert!(err(both).reason.contains("exactly one"));
         // A non-null unknown key is still refused.
         let mut v = jwt_example();
-        v["auth"]["config"]["tenant_claim"] = json!("org");
-        assert_eq!(err(v).key, "auth.config.tenant_claim");
+        v["auth"]["config"]["tenant_field"] = json!("org");
+        assert_eq!(err(v).key, "auth.config.tenant_field");
     }
 
     #[test]
@@ -1085,5 +1141,62 @@ mod tests {
             .starts_with("invalid JSON"));
         assert!(Config::parse(b"[]").is_err());
         assert!(Config::parse(&[0xff]).is_err());
+    }
+
+    #[test]
+    fn tenancy_and_forward_options() {
+        let mut v = jwt_example();
+        v["auth"]["config"]["tenant_claim"] = json!("org");
+        v["forward"]["tenant_header"] = json!("X-Tenant-Id");
+        v["forward"]["attribute_headers"] = json!({"X-MaaS-Group": "teams"});
+        let c = Config::from_value(&v).unwrap();
+        let Some(AuthConfig::Jwt(j)) = &c.auth else {
+            panic!("jwt")
+        };
+        assert_eq!(j.claims_mapping.tenant_claim.as_deref(), Some("org"));
+        assert_eq!(c.forward.tenant_header, "x-tenant-id");
+        assert_eq!(
+            c.forward.attribute_headers,
+            [("x-maas-group".to_string(), "teams".to_string())]
+        );
+        for (forward, key, reason) in [
+            (
+                json!({"tenant_header": "x-auth-principal"}),
+                "forward",
+                "the header \"x-auth-principal\" is given twice",
+            ),
+            (
+                json!({"attribute_headers": {"x-auth-tenant": "teams"}}),
+                "forward",
+                "the header \"x-auth-tenant\" is given twice",
+            ),
+            (
+                json!({"attribute_headers": {"x teams": "teams"}}),
+                "forward.attribute_headers.x teams",
+                "not a valid header name",
+            ),
+            (
+                json!({"attribute_headers": {"authorization": "teams"}}),
+                "forward.attribute_headers.authorization",
+                "this header cannot be used",
+            ),
+            (
+                json!({"attribute_headers": {"x-t": 3}}),
+                "forward.attribute_headers.x-t",
+                "expected a string, found a number",
+            ),
+            (
+                json!({"tenant_header": "bad header"}),
+                "forward.tenant_header",
+                "not a valid header name",
+            ),
+        ] {
+            let e = err(json!({ "forward": forward }));
+            assert_eq!(
+                (e.key.as_str(), e.reason.as_str()),
+                (key, reason),
+                "{forward}"
+            );
+        }
     }
 }

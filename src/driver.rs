@@ -458,9 +458,13 @@ impl Driver {
                 b"content-type" if content_type.is_none() => content_type = Some(value),
                 _ => {}
             }
-            if spells_header(name, &forward.principal_header)
-                || spells_header(name, &forward.attributes_header)
-            {
+            // The tenant and per-category headers are only written when
+            // there is something to write: a client's own copy is removed.
+            let own_copy = forward
+                .identity_headers()
+                .skip(2)
+                .any(|h| name == h.as_bytes());
+            if own_copy || forward.identity_headers().any(|h| spells_header(name, h)) {
                 if let Ok(name) = std::str::from_utf8(name) {
                     spoofed.push(name.to_string());
                 }
@@ -516,10 +520,9 @@ impl Driver {
             let headers = head
                 .pairs()
                 .filter(|(name, _)| {
-                    !name.eq_ignore_ascii_case(forward.principal_header.as_bytes())
-                        && !name.eq_ignore_ascii_case(forward.attributes_header.as_bytes())
-                        && !spells_header(name, &forward.principal_header)
-                        && !spells_header(name, &forward.attributes_header)
+                    !forward
+                        .identity_headers()
+                        .any(|h| name.eq_ignore_ascii_case(h.as_bytes()) || spells_header(name, h))
                 })
                 .map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), v.to_vec()))
                 .collect();

@@ -142,19 +142,32 @@ fn forward_identity(
     identity: Option<&Identity>,
     spoofed: &[String],
 ) -> bool {
-    let (principal, attributes) = match identity {
-        Some(id) => (
-            Some(id.principal.as_bytes()),
-            Some(id.attributes_header.as_bytes()),
-        ),
-        None => (None, None),
-    };
-    let mut ok = h.set_request_header(&forward.principal_header, principal);
-    ok &= h.set_request_header(&forward.attributes_header, attributes);
+    let mut ok = true;
     for name in spoofed {
         ok &= h.set_request_header(name, None);
     }
-    if identity.is_some() && forward.strip_authorization {
+    let Some(id) = identity else {
+        ok &= h.set_request_header(&forward.principal_header, None);
+        ok &= h.set_request_header(&forward.attributes_header, None);
+        return ok;
+    };
+    ok &= h.set_request_header(&forward.principal_header, Some(id.principal.as_bytes()));
+    if forward.attribute_headers.is_empty() {
+        ok &= h.set_request_header(
+            &forward.attributes_header,
+            Some(id.attributes_header.as_bytes()),
+        );
+    } else {
+        let split = id.split_attributes(&forward.attribute_headers);
+        ok &= h.set_request_header(&forward.attributes_header, Some(split.rest.as_bytes()));
+        for (header, value) in &split.per_header {
+            ok &= h.set_request_header(header, Some(value.as_bytes()));
+        }
+    }
+    if let Some(tenant) = &id.tenant {
+        ok &= h.set_request_header(&forward.tenant_header, Some(tenant.as_bytes()));
+    }
+    if forward.strip_authorization {
         ok &= h.set_request_header("authorization", None);
     }
     ok
@@ -456,6 +469,7 @@ mod tests {
             principal: "alice".into(),
             attributes: Default::default(),
             attributes_header: r#"{"roles":["alice"]}"#.into(),
+            tenant: None,
         }
     }
 
@@ -479,10 +493,10 @@ mod tests {
         assert_eq!(
             set,
             vec![
-                ("x-auth-principal", Some(&b"alice"[..])),
-                ("x-auth-attributes", Some(&br#"{"roles":["alice"]}"#[..])),
                 ("x_auth_principal", None),
                 ("x-auth_attributes", None),
+                ("x-auth-principal", Some(&b"alice"[..])),
+                ("x-auth-attributes", Some(&br#"{"roles":["alice"]}"#[..])),
                 ("authorization", None),
             ]
         );
@@ -494,6 +508,42 @@ mod tests {
             .iter()
             .all(|(k, v)| v.is_none() && k != "authorization"));
         assert_eq!(h.headers.len(), 4);
+    }
+
+    #[test]
+    fn the_tenant_and_per_category_headers_follow_the_identity() {
+        let forward = Forward {
+            attribute_headers: vec![
+                ("x-teams".into(), "teams".into()),
+                ("x-projects".into(), "projects".into()),
+            ],
+            ..Forward::default()
+        };
+        let mut attributes = crate::claims::Attributes::new();
+        attributes.insert("roles".into(), vec!["admin".into()]);
+        attributes.insert("teams".into(), vec!["ml".into(), "ops".into()]);
+        let id = Identity::new("bob".into(), attributes)
+            .unwrap()
+            .with_tenant(Some("acme".into()));
+        let mut h = FakeHost::default();
+        let spoofed = vec!["x-projects".to_string(), "x-auth-tenant".to_string()];
+        assert!(forward_identity(&mut h, &forward, Some(&id), &spoofed));
+        let set: Vec<(&str, Option<&[u8]>)> = h
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_deref()))
+            .collect();
+        assert_eq!(
+            set,
+            vec![
+                ("x-projects", None),
+                ("x-auth-tenant", None),
+                ("x-auth-principal", Some(&b"bob"[..])),
+                ("x-auth-attributes", Some(&br#"{"roles":["admin"]}"#[..])),
+                ("x-teams", Some(&br#"["ml","ops"]"#[..])),
+                ("x-auth-tenant", Some(&b"acme"[..])),
+            ]
+        );
     }
 
     #[test]

@@ -43,6 +43,8 @@ pub enum TokenError {
     MissingSub,
     /// The identity would carry control characters into a header.
     UnsafeIdentity,
+    /// `tenant_claim` names a tenant id OGX would refuse.
+    InvalidTenant,
 }
 
 impl TokenError {
@@ -78,6 +80,7 @@ impl fmt::Display for TokenError {
             TokenError::MissingExp => "no exp claim",
             TokenError::MissingSub => "no sub claim",
             TokenError::UnsafeIdentity => "control characters in the identity",
+            TokenError::InvalidTenant => "an invalid tenant id",
         };
         f.write_str(s)
     }
@@ -313,7 +316,13 @@ pub fn verify_allowing(
 
 fn identity(parsed: Parsed, rules: &Rules) -> Result<Verified, TokenError> {
     let attributes = rules.claims_mapping.apply(&parsed.claims);
-    let identity = Identity::new(parsed.sub, attributes).map_err(|_| TokenError::UnsafeIdentity)?;
+    let tenant = rules
+        .claims_mapping
+        .tenant(&parsed.claims)
+        .map_err(|_| TokenError::InvalidTenant)?;
+    let identity = Identity::new(parsed.sub, attributes)
+        .map_err(|_| TokenError::UnsafeIdentity)?
+        .with_tenant(tenant);
     Ok(Verified {
         identity,
         exp: parsed.exp,

@@ -51,6 +51,9 @@ impl fmt::Display for Denial {
         match self {
             Denial::MissingCredentials(m) => f.write_str(m),
             Denial::InvalidHeaderFormat => f.write_str("Invalid Authorization header format"),
+            Denial::InvalidToken(crate::jwt::TokenError::InvalidTenant) => {
+                f.write_str(crate::claims::TENANT_RULE)
+            }
             Denial::InvalidToken(_) => f.write_str("Invalid JWT token"),
             Denial::Provider(e) => write!(f, "{e}"),
             Denial::AuthUnavailable => f.write_str("Authentication service unavailable"),

@@ -47,6 +47,8 @@ pub struct Custom {
     pub endpoint: Upstream,
     /// Seconds an allowed answer is cached (0: never cached).
     pub cache_ttl: u64,
+    /// OGX's `tenant_field`: the answer's field holding the tenant id.
+    pub tenant_field: Option<String>,
 }
 
 impl Custom {
@@ -64,10 +66,12 @@ impl Custom {
         let cache_ttl = o
             .u64_max("cache_ttl", MAX_CACHE_TTL)?
             .unwrap_or(DEFAULT_CACHE_TTL);
+        let tenant_field = o.nonempty_str("tenant_field")?.map(str::to_string);
         o.finish()?;
         Ok(Custom {
             endpoint,
             cache_ttl,
+            tenant_field,
         })
     }
 
@@ -141,8 +145,16 @@ impl Custom {
                 a
             }
         };
+        // OGX reads a string field only; anything else is no tenant.
+        let tenant = match self.tenant_field.as_ref().and_then(|f| fields.get(f)) {
+            Some(Value::String(s)) => {
+                crate::claims::resolve_tenant(s).map_err(|_| ProviderError::InvalidTenant)?
+            }
+            _ => None,
+        };
         Identity::new(principal, attributes)
             .map_err(|_| ProviderError::UnsafeIdentity(ProviderKind::Custom))
+            .map(|id| id.with_tenant(tenant))
     }
 }
 

@@ -213,8 +213,12 @@ impl Introspection {
             .or_else(|| nonempty_str(&fields, "username"))
             .ok_or(ProviderError::IntrospectionError)?;
         let attributes = mapping.apply(&fields);
+        let tenant = mapping
+            .tenant(&fields)
+            .map_err(|_| ProviderError::InvalidTenant)?;
         let identity = Identity::new(principal.to_string(), attributes)
-            .map_err(|_| ProviderError::UnsafeIdentity(ProviderKind::Introspection))?;
+            .map_err(|_| ProviderError::UnsafeIdentity(ProviderKind::Introspection))?
+            .with_tenant(tenant);
         Ok(Verified {
             identity,
             exp: exp.unwrap_or(u64::MAX),

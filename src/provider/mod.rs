@@ -104,6 +104,9 @@ pub enum ProviderError {
     /// 401 with the provider's generic message: the identity would carry
     /// control characters into a header.
     UnsafeIdentity(ProviderKind),
+    /// 401 [`crate::claims::TENANT_RULE`]: the answer's tenant is one OGX
+    /// would refuse.
+    InvalidTenant,
 }
 
 impl ProviderError {
@@ -144,6 +147,7 @@ impl fmt::Display for ProviderError {
             }
             ProviderError::Unavailable => f.write_str("Authentication service unavailable"),
             ProviderError::Timeout => f.write_str("Authentication service timeout"),
+            ProviderError::InvalidTenant => f.write_str(crate::claims::TENANT_RULE),
         }
     }
 }
