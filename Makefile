@@ -32,6 +32,15 @@ $(STAMP): tests/requirements.txt
 LLAMA_VENV  := build/llama-venv
 LLAMA_STAMP := $(LLAMA_VENV)/.installed
 
+# OGX's own code (ogx 1.5.0, Python >= 3.12, so not installed): the wheel, from
+# which tests/e2e/harness/ogx.py loads the functions that read what tollgate
+# forwards (UpstreamHeaderAuthProvider and friends).
+OGX_WHEEL := build/ogx/ogx-1.5.0-py3-none-any.whl
+
+$(OGX_WHEEL): $(STAMP)
+	$(PY) -m pip download --quiet --disable-pip-version-check --no-deps \
+		--python-version 3.12 --only-binary=:all: --dest build/ogx ogx==1.5.0
+
 $(LLAMA_STAMP): tests/requirements-llama-stack.txt
 	python3 -m venv $(LLAMA_VENV)
 	$(LLAMA_VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps -r tests/requirements-llama-stack.txt
@@ -72,7 +81,7 @@ $(SCHEMAS): deploy/schema-check/package.json deploy/schema-check/package-lock.js
 	cd build/schema-check && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-setup: rust-target $(STAMP) $(LLAMA_STAMP) $(OIDC) $(SCHEMAS) wrk rls-server
+setup: rust-target $(STAMP) $(LLAMA_STAMP) $(OGX_WHEEL) $(OIDC) $(SCHEMAS) wrk rls-server
 
 build: rust-target
 	cargo build --release --target $(TARGET)
@@ -94,7 +103,7 @@ unit:
 wasm-test: rust-target
 	bash scripts/test-wasm.sh
 
-e2e: build $(STAMP) $(LLAMA_STAMP) $(OIDC) $(SCHEMAS)
+e2e: build $(STAMP) $(LLAMA_STAMP) $(OGX_WHEEL) $(OIDC) $(SCHEMAS)
 	$(PY) -m pytest tests/e2e -q $(PYTEST_ARGS)
 
 # Benchmarks (bench/README.md): tollgate vs plain Envoy, a do-nothing wasm

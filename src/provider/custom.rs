@@ -582,4 +582,47 @@ mod tests {
         assert_eq!(percent_decode("a+b", true), "a b");
         assert_eq!(percent_decode("é%C3%A9", true), "éé");
     }
+
+    #[test]
+    fn the_tenant_comes_from_tenant_field() {
+        let c = parse(json!({"endpoint": "https://auth.example/validate",
+                             "tenant_field": "tenant_id"}))
+        .unwrap();
+        let read = |body: &str| {
+            c.interpret(
+                Answer::Response {
+                    status: 200,
+                    body: body.as_bytes(),
+                },
+                "t",
+            )
+        };
+        let id = read(r#"{"principal": "p", "tenant_id": "Team-A"}"#).unwrap();
+        assert_eq!(id.tenant.as_deref(), Some("team-a"));
+        assert_eq!(read(r#"{"principal": "p"}"#).unwrap().tenant, None);
+        assert_eq!(
+            read(r#"{"principal": "p", "tenant_id": ["x"]}"#)
+                .unwrap()
+                .tenant,
+            None
+        );
+        assert_eq!(
+            read(r#"{"principal": "p", "tenant_id": "a.b"}"#).unwrap_err(),
+            ProviderError::InvalidTenant
+        );
+        // Without tenant_field the answer's field is ignored.
+        assert_eq!(
+            example()
+                .interpret(
+                    Answer::Response {
+                        status: 200,
+                        body: br#"{"principal": "p", "tenant_id": "x"}"#,
+                    },
+                    "t"
+                )
+                .unwrap()
+                .tenant,
+            None
+        );
+    }
 }

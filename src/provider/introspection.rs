@@ -741,4 +741,33 @@ mod tests {
             assert_eq!(e.to_string(), message, "{e:?}");
         }
     }
+
+    #[test]
+    fn the_tenant_comes_from_tenant_claim() {
+        let mut mapping = ClaimsMapping::llama_stack_default();
+        mapping.tenant_claim = Some("org".into());
+        let read = |body: &str| {
+            example().interpret(
+                Answer::Response {
+                    status: 200,
+                    body: body.as_bytes(),
+                },
+                &mapping,
+                60,
+                1_000_000,
+            )
+        };
+        let v = read(r#"{"active": true, "sub": "a", "org": " Acme "}"#).unwrap();
+        assert_eq!(v.identity.tenant.as_deref(), Some("acme"));
+        let v = read(r#"{"active": true, "sub": "a", "org": 5}"#).unwrap();
+        assert_eq!(v.identity.tenant, None);
+        assert_eq!(
+            read(r#"{"active": true, "sub": "a", "org": "no way"}"#).unwrap_err(),
+            ProviderError::InvalidTenant
+        );
+        assert_eq!(
+            ProviderError::InvalidTenant.to_string(),
+            crate::claims::TENANT_RULE
+        );
+    }
 }
