@@ -129,3 +129,43 @@ def test_clients_cannot_forge_the_identity_headers(module_envoy, module_idp, rsa
     user = ogx.upstream_user(headers, **OGX_PROVIDER, attribute_headers={"X-MaaS-Group": "teams"})
     assert (user.principal, user.tenant_id) == ("henry", None)
     assert user.attributes == {"roles": ["henry"]}
+
+
+def readme_pair() -> tuple[dict, dict]:
+    """The README's pair: tollgate's JSON and OGX's run.yaml provider_config."""
+    import re
+
+    import yaml
+
+    text = (ogx_code.REPO_ROOT / "README.md").read_text()
+    section = text.split("## The gateway in front of OGX", 1)[1].split("\n## ", 1)[0]
+    tollgate = json.loads(re.search(r"```json\n(.*?)```", section, re.S).group(1))
+    run_yaml = yaml.safe_load(re.search(r"```yaml\n(.*?)```", section, re.S).group(1))
+    return tollgate, run_yaml["server"]["auth"]["provider_config"]
+
+
+def test_the_readme_pair_end_to_end(module_envoy, module_idp, rsa, upstream, ogx):
+    """The README's migration pair as written, but for the IdP's address:
+    tollgate in a real Envoy, OGX's upstream_header provider on what it
+    forwards (its trusted_proxy_cidrs pointed at this machine)."""
+    config, provider = readme_pair()
+    jwt = config["auth"]["provider_config"]
+    jwt["jwks"] = {"uri": f"http://127.0.0.1:{module_idp.port}/jwks", "cluster": "idp"}
+    module_idp.set_keys(rsa)
+    e = module_envoy(config)
+    assert provider.pop("type") == "upstream_header"
+    provider["trusted_proxy_cidrs"] = ["127.0.0.0/8"]
+    claims = dict(sub="ivy", groups=["ogx-users"], scope="models.read", org="Acme",
+                  aud=jwt["audience"], iss=jwt["issuer"])
+    r = e.get("/v1/models", token=rsa.sign(tokens.claims(**claims)))
+    assert r.status == 200, r
+    user = ogx.upstream_user(forwarded(upstream), **provider)
+    mapping = jwt["claims_mapping"]
+    assert (user.principal, user.attributes, user.tenant_id) == (
+        "ivy", ogx.attributes_from_claims(claims, mapping), "acme")
+    # Its route_policy: not a member of ogx-users → 403; health passes.
+    upstream.reset_log()
+    outsider = rsa.sign(tokens.claims(sub="jay", groups=["others"], aud=jwt["audience"],
+                                      iss=jwt["issuer"]))
+    assert e.get("/v1/models", token=outsider).status == 403
+    assert e.get("/v1/health", token=outsider).status == 200
