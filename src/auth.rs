@@ -17,6 +17,23 @@ use crate::token_quota::{Policy, TokenGrant};
 use crate::usage::Usage;
 use std::rc::Rc;
 
+/// The name an authenticated request is counted under (`quota.key`).
+fn counted_name<'a>(
+    q: &quota::QuotaConfig,
+    identity: Option<&'a Identity>,
+) -> Option<std::borrow::Cow<'a, str>> {
+    identity.map(|id| q.key.client_name(&id.principal, id.tenant.as_deref()))
+}
+
+/// Who a request is counted as: its counted name, else its address.
+fn client_of<'a>(name: Option<&'a str>, source_ip: Option<&'a str>) -> Client<'a> {
+    match (name, source_ip) {
+        (Some(name), _) => Client::Principal(name),
+        (None, Some(ip)) => Client::Anonymous(ip),
+        (None, None) => Client::Anonymous("unknown"),
+    }
+}
+
 /// What the decision needs to know of a request.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RequestFacts {
@@ -239,11 +256,8 @@ impl Core {
             });
             return self.with_tokens(req, allowed, now_ms, store);
         }
-        let client = match (&identity, &req.source_ip) {
-            (Some(id), _) => Client::Principal(&id.principal),
-            (None, Some(ip)) => Client::Anonymous(ip),
-            (None, None) => Client::Anonymous("unknown"),
-        };
+        let name = counted_name(q, identity.as_deref());
+        let client = client_of(name.as_deref(), req.source_ip.as_deref());
         if q.backend.is_some() {
             let count = quota::RemoteCount::new(q, &client, now_ms / 1000);
             return Step::Count(Box::new(Counting { identity, count }));
@@ -276,10 +290,10 @@ impl Core {
         if !t.counts(&req.method, &req.path) {
             return Step::Allow(allowed);
         }
-        let (who, authenticated) = match (&allowed.identity, &req.source_ip) {
-            (Some(id), _) => (id.principal.clone(), true),
-            (None, Some(ip)) => (ip.clone(), false),
-            (None, None) => ("unknown".to_string(), false),
+        let name = counted_name(q, allowed.identity.as_deref());
+        let authenticated = name.is_some();
+        let who = match client_of(name.as_deref(), req.source_ip.as_deref()) {
+            Client::Principal(n) | Client::Anonymous(n) => n.to_string(),
         };
         let client = if authenticated {
             Client::Principal(&who)
@@ -451,11 +465,8 @@ impl Core {
         let decision = match (verdict, q.backend.as_ref().map(|b| b.failure_mode)) {
             (Some(v), _) => count.decide(&v),
             (None, Some(quota::FailureMode::Local)) => {
-                let client = match (&identity, &req.source_ip) {
-                    (Some(id), _) => Client::Principal(&id.principal),
-                    (None, Some(ip)) => Client::Anonymous(ip),
-                    (None, None) => Client::Anonymous("unknown"),
-                };
+                let name = counted_name(q, identity.as_deref());
+                let client = client_of(name.as_deref(), req.source_ip.as_deref());
                 quota::check(q, store, &client, now_ms / 1000)
             }
             (None, _) => QuotaDecision::Unavailable,

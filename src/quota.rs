@@ -104,6 +104,8 @@ pub struct QuotaConfig {
     pub count_requests: bool,
     /// Token budgets (`tokens`).
     pub tokens: Option<crate::token_quota::TokenQuota>,
+    /// Whom an authenticated request is counted for (`key`).
+    pub key: QuotaKey,
     /// Not configuration: this VM's copy of the anonymous table's hash key,
     /// read once from shared data. Leave it at its default.
     pub table_key: KeyCache,
@@ -145,7 +147,38 @@ impl Default for QuotaConfig {
             backend: None,
             count_requests: true,
             tokens: None,
+            key: QuotaKey::Principal,
             table_key: KeyCache::default(),
+        }
+    }
+}
+
+/// `quota.key`: whom an authenticated request is counted for, by request
+/// and token quotas alike. A request without a tenant is counted for its
+/// principal whatever the key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaKey {
+    /// `"principal"` (the default): each principal.
+    Principal,
+    /// `"tenant"`: the whole tenant shares one count.
+    Tenant,
+    /// `"tenant_principal"`: each principal within its tenant.
+    TenantPrincipal,
+}
+
+impl QuotaKey {
+    /// The name an identity is counted under: its principal, or with a
+    /// tenant key `tenant␟<tenant>` / `<tenant>␟<principal>` (U+001F, which
+    /// no principal contains, keeps them apart from every principal).
+    pub fn client_name<'a>(
+        self,
+        principal: &'a str,
+        tenant: Option<&str>,
+    ) -> std::borrow::Cow<'a, str> {
+        match (self, tenant) {
+            (QuotaKey::Tenant, Some(t)) => format!("tenant\u{1f}{t}").into(),
+            (QuotaKey::TenantPrincipal, Some(t)) => format!("{t}\u{1f}{principal}").into(),
+            _ => principal.into(),
         }
     }
 }
@@ -343,6 +376,19 @@ impl QuotaConfig {
             None => None,
         };
         let count_requests = tokens.is_none() || authenticated.is_some() || anonymous.is_some();
+        let key = match o.str("key")? {
+            None | Some("principal") => QuotaKey::Principal,
+            Some("tenant") => QuotaKey::Tenant,
+            Some("tenant_principal") => QuotaKey::TenantPrincipal,
+            Some(other) => {
+                return Err(ConfigError::new(
+                    o.path("key"),
+                    format!(
+                    "must be \"principal\", \"tenant\" or \"tenant_principal\", found {other:?}"
+                ),
+                ))
+            }
+        };
         let authenticated_max_requests = authenticated.unwrap_or(d.authenticated_max_requests);
         let anonymous_max_requests = anonymous.unwrap_or(d.anonymous_max_requests);
         let period = match o.str("period")? {
@@ -399,6 +445,7 @@ impl QuotaConfig {
             backend,
             count_requests,
             tokens,
+            key,
             table_key: KeyCache::default(),
         })
     }
@@ -2289,6 +2336,7 @@ mod tests {
                 backend: None,
                 count_requests: true,
                 tokens: None,
+                key: QuotaKey::Principal,
                 table_key: KeyCache::default(),
             }
         );
@@ -2335,6 +2383,7 @@ mod tests {
                 backend: None,
                 count_requests: true,
                 tokens: None,
+                key: QuotaKey::Principal,
                 table_key: KeyCache::default(),
             }
         );
@@ -2636,5 +2685,35 @@ mod tests {
         assert!(held[0].ends_with(" 3"), "{held:?}");
         // The request counters' table is untouched.
         assert!((0..c.anonymous_slots).all(|n| store.value(&slot_key(&REQUESTS, n)).is_none()));
+    }
+
+    #[test]
+    fn quota_keys_name_principals_tenants_or_both() {
+        let key = |k: &str| {
+            QuotaConfig::parse(&json!({ "key": k }), "quota")
+                .map(|q| q.key)
+                .map_err(|e| (e.key, e.reason))
+        };
+        assert_eq!(key("principal"), Ok(QuotaKey::Principal));
+        assert_eq!(key("tenant"), Ok(QuotaKey::Tenant));
+        assert_eq!(key("tenant_principal"), Ok(QuotaKey::TenantPrincipal));
+        assert_eq!(
+            key("org"),
+            Err((
+                "quota.key".to_string(),
+                "must be \"principal\", \"tenant\" or \"tenant_principal\", found \"org\""
+                    .to_string()
+            ))
+        );
+        let name = |k: QuotaKey, t: Option<&str>| k.client_name("alice", t).into_owned();
+        assert_eq!(name(QuotaKey::Principal, Some("acme")), "alice");
+        assert_eq!(name(QuotaKey::Tenant, Some("acme")), "tenant\u{1f}acme");
+        assert_eq!(
+            name(QuotaKey::TenantPrincipal, Some("acme")),
+            "acme\u{1f}alice"
+        );
+        // Without a tenant, the principal.
+        assert_eq!(name(QuotaKey::Tenant, None), "alice");
+        assert_eq!(name(QuotaKey::TenantPrincipal, None), "alice");
     }
 }

@@ -169,3 +169,23 @@ def test_the_readme_pair_end_to_end(module_envoy, module_idp, rsa, upstream, ogx
                                       iss=jwt["issuer"]))
     assert e.get("/v1/models", token=outsider).status == 403
     assert e.get("/v1/health", token=outsider).status == 200
+
+
+@pytest.mark.parametrize("key", ["tenant", "tenant_principal"])
+def test_quotas_can_be_keyed_by_tenant(module_envoy, module_idp, rsa, key):
+    module_idp.set_keys(rsa)
+    config = jwt_config(module_idp.port, claims_mapping=MAPPING, tenant_claim="org")
+    config["quota"] = {"authenticated_max_requests": 3, "period": "day", "key": key}
+    e = module_envoy(config)
+    org = f"org-{key.replace('_', '-')}"
+
+    def get(sub: str, tenant: str | None) -> int:
+        return e.get("/v1/models", token=rsa.sign(tokens.claims(sub=sub, org=tenant))).status
+
+    got = [get("alice", org), get("alice", org), get("bob", org), get("bob", org)]
+    if key == "tenant":  # the tenant shares 3
+        assert got == [200, 200, 200, 429], got
+    else:  # each principal of the tenant has 3
+        assert got == [200, 200, 200, 200], got
+    assert get("alice", org + "-b") == 200   # another tenant
+    assert get("alice", None) == 200         # no tenant: the principal's own count
