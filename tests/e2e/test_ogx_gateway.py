@@ -189,3 +189,37 @@ def test_quotas_can_be_keyed_by_tenant(module_envoy, module_idp, rsa, key):
         assert got == [200, 200, 200, 200], got
     assert get("alice", org + "-b") == 200   # another tenant
     assert get("alice", None) == 200         # no tenant: the principal's own count
+
+
+def test_tenants_from_introspection_and_the_custom_endpoint(envoy, idp, upstream, ogx):
+    """tenant_claim on an introspection answer (OGX introspect_token reads
+    fields.get(tenant_claim)) and tenant_field on a custom endpoint's answer
+    (OGX CustomAuthProvider reads response_data.get(tenant_field))."""
+    from harness.idp import IdP
+    from harness.providers import (Scripted, custom_config, form_token, introspection_config,
+                                   json_api_key, new_token)
+    from harness.server import Reply
+
+    introspector = Scripted(form_token, Reply(200, {"active": False}))
+    idp.route("/introspect", introspector)
+    e = envoy(introspection_config(idp.port, tenant_claim="org",
+                                   forward={"tenant_header": "x-tenant-id"}))
+    t = introspector.answer(new_token(), Reply(200, {"active": True, "sub": "kim", "org": " ACME "}))
+    assert e.get("/v1/models", token=t).status == 200
+    user = ogx.upstream_user(forwarded(upstream), **OGX_PROVIDER)
+    assert (user.principal, user.tenant_id) == ("kim", "acme")
+    bad = introspector.answer(new_token(), Reply(200, {"active": True, "sub": "kim", "org": "A B"}))
+    r = e.get("/v1/models", token=bad)
+    assert r.status == 401 and b"tenant_id must match" in r.body
+
+    with IdP() as svc:
+        validator = Scripted(json_api_key, Reply(401, {"detail": "unknown key"}))
+        svc.route("/validate", validator)
+        c = envoy(custom_config(svc.port, tenant_field="tenant_id",
+                                forward={"tenant_header": "x-tenant-id"}),
+                  clusters={"authsvc": svc.port})
+        key = validator.answer(new_token(), Reply(200, {"principal": "lee", "tenant_id": "Team-9"}))
+        upstream.reset_log()
+        assert c.get("/v1/models", token=key).status == 200
+        user = ogx.upstream_user(forwarded(upstream), **OGX_PROVIDER)
+        assert (user.principal, user.tenant_id) == ("lee", "team-9")
