@@ -605,7 +605,9 @@ impl Driver {
     /// Whether request `req`'s body is read (for the output maximum that
     /// sizes its token reservation).
     pub fn reads_request_body(&self, req: &RequestHandle) -> bool {
-        self.bodies.get(&req.id).is_some_and(|b| b.ended.is_none())
+        self.bodies
+            .get(&req.id)
+            .is_some_and(|b| b.ended.is_none() && !b.too_large)
     }
 
     /// A chunk of request `req`'s body (each byte once), as it passes; at
@@ -624,22 +626,20 @@ impl Driver {
         if scan.ended.is_some() {
             return;
         }
-        if !scan.too_large {
-            if scan.buf.len().saturating_add(chunk.len()) > MAX_SCANNED_BODY {
-                scan.too_large = true;
-                scan.buf = Vec::new();
-            } else {
-                scan.buf.extend_from_slice(chunk);
-            }
+        if scan.too_large {
+            return;
         }
+        if scan.buf.len().saturating_add(chunk.len()) > MAX_SCANNED_BODY {
+            // Not read further: the default reservation stays.
+            scan.too_large = true;
+            scan.buf = Vec::new();
+            return;
+        }
+        scan.buf.extend_from_slice(chunk);
         if !end {
             return;
         }
-        let max_output = if scan.too_large {
-            None
-        } else {
-            crate::token_quota::max_output_tokens(&scan.buf)
-        };
+        let max_output = crate::token_quota::max_output_tokens(&scan.buf);
         scan.buf = Vec::new();
         scan.ended = Some(max_output);
         // Allowed already: size its reservation now; else when it is.
@@ -2421,10 +2421,12 @@ mod tests {
         let usage = br#"{"usage":{"prompt_tokens":5,"completion_tokens":7,"total_tokens":12}}"#;
         d.on_response_body(&req, usage, true, Some(NOW), &store);
         assert_eq!(token_count(&store), Some(12));
-        // A body past MAX_SCANNED_BODY keeps the default reservation.
+        // A body past MAX_SCANNED_BODY keeps the default reservation and is
+        // not read further.
         let req = chat_request(&mut d, 2, "POST", &store);
         d.on_request_body(&req, br#"{"max_tokens": 50, "x": ""#, false, None, &store);
         d.on_request_body(&req, &vec![b'a'; MAX_SCANNED_BODY], false, None, &store);
+        assert!(!d.reads_request_body(&req));
         d.on_request_body(&req, br#""}"#, true, Some(NOW), &store);
         assert_eq!(token_count(&store), Some(12 + 30));
         // Bodies of refused requests are not kept.
@@ -2438,9 +2440,10 @@ mod tests {
             denied.iter().map(|d| d.0).collect::<Vec<_>>(),
             [5, 6, 7, 8, 9]
         );
+        // Kept until the request ends: 2 (too large, not read), 3 and 4.
         let mut kept: Vec<u32> = d.bodies.keys().copied().collect();
         kept.sort_unstable();
-        assert_eq!(kept, [3, 4]);
+        assert_eq!(kept, [2, 3, 4]);
         d.on_log(&RequestHandle::new(3), Some(NOW), &store);
         assert!(!d.bodies.contains_key(&3));
     }
