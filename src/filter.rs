@@ -2,18 +2,16 @@
 //! performs the [`Effect`]s it queues — nothing else. Every host call goes
 //! through `host`.
 
-use crate::claims::Identity;
-use crate::config::{Config, Forward};
+use crate::config::Config;
 use crate::driver::{AnswerAs, Driver, Effect, Phase, RequestHandle};
 use crate::host::{
-    self, HeaderPairs, BUFFER_HTTP_REQUEST_BODY, BUFFER_HTTP_RESPONSE_BODY,
+    self, HeaderPairs, HostStore, BUFFER_HTTP_REQUEST_BODY, BUFFER_HTTP_RESPONSE_BODY,
     BUFFER_PLUGIN_CONFIGURATION, MAP_REQUEST_HEADERS, MAP_RESPONSE_HEADERS,
 };
 use crate::metrics::Metrics;
 use crate::quota;
 use crate::response::Denial;
 use crate::rls;
-use crate::store::{SharedStore, StoreError};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 use std::cell::RefCell;
@@ -34,18 +32,6 @@ fn now_ms() -> Option<u64> {
     host::RequestHost::now_ms(&host::Live)
 }
 
-/// Shared data through the host.
-struct HostStore;
-
-impl SharedStore for HostStore {
-    fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), StoreError> {
-        host::get_shared_data(key)
-    }
-    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
-        host::set_shared_data(key, value, cas)
-    }
-}
-
 /// Performs the driver's effects, in order. `current` is the request whose
 /// callback this is (its context is already the effective one).
 fn perform(vm: &mut Vm, current: Option<u32>, now: u64) {
@@ -63,7 +49,12 @@ fn perform(vm: &mut Vm, current: Option<u32>, now: u64) {
                     continue;
                 }
                 let h = &mut host::Live;
-                if !forward_identity(h, &config.forward, identity.as_deref(), &spoofed) {
+                if !crate::forward::forward_identity(
+                    h,
+                    &config.forward,
+                    identity.as_deref(),
+                    &spoofed,
+                ) {
                     vm.driver.forward_failed(&req, grpc, now, &HostStore);
                 } else if resume {
                     host::continue_request();
@@ -101,7 +92,7 @@ fn perform(vm: &mut Vm, current: Option<u32>, now: u64) {
                 host::set_tick_period_ms(ms);
             }
             Effect::OpenWake => {
-                vm.wake = host::register_queue(&wake_queue_name());
+                vm.wake = host::register_wake_queue();
                 if vm.wake.is_none() {
                     vm.driver.wake_unavailable();
                 }
@@ -116,61 +107,9 @@ fn perform(vm: &mut Vm, current: Option<u32>, now: u64) {
     }
 }
 
-/// A queue name no other VM uses (queues are named per plugin VM id, which
-/// every worker's VM shares).
-fn wake_queue_name() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    let random = std::collections::hash_map::RandomState::new()
-        .build_hasher()
-        .finish();
-    format!("tollgate.wake.{random:016x}")
-}
-
 /// Makes request `id`'s context the effective one; false when it is gone.
 fn focus(id: u32, current: Option<u32>) -> bool {
     current == Some(id) || host::set_effective_context(id)
-}
-
-/// Puts the identity on the request for the upstream. Identity headers come
-/// only from tollgate: replaced for callers it identified, removed for
-/// anonymous ones, and every other spelling a client sent (`spoofed`)
-/// removed. False when any of these host calls failed: the request must then
-/// not go on.
-fn forward_identity(
-    h: &mut impl host::RequestHost,
-    forward: &Forward,
-    identity: Option<&Identity>,
-    spoofed: &[String],
-) -> bool {
-    let mut ok = true;
-    for name in spoofed {
-        ok &= h.set_request_header(name, None);
-    }
-    let Some(id) = identity else {
-        ok &= h.set_request_header(&forward.principal_header, None);
-        ok &= h.set_request_header(&forward.attributes_header, None);
-        return ok;
-    };
-    ok &= h.set_request_header(&forward.principal_header, Some(id.principal.as_bytes()));
-    if forward.attribute_headers.is_empty() {
-        ok &= h.set_request_header(
-            &forward.attributes_header,
-            Some(id.attributes_header.as_bytes()),
-        );
-    } else {
-        let split = id.split_attributes(&forward.attribute_headers);
-        ok &= h.set_request_header(&forward.attributes_header, Some(split.rest.as_bytes()));
-        for (header, value) in &split.per_header {
-            ok &= h.set_request_header(header, Some(value.as_bytes()));
-        }
-    }
-    if let Some(tenant) = &id.tenant {
-        ok &= h.set_request_header(&forward.tenant_header, Some(tenant.as_bytes()));
-    }
-    if forward.strip_authorization {
-        ok &= h.set_request_header("authorization", None);
-    }
-    ok
 }
 
 /// Answers the current request locally with a denial.
@@ -431,147 +370,7 @@ impl HttpContext for Request {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::host::RequestHost;
-
-    /// A host whose calls can be made to fail; it records what it was asked.
-    #[derive(Default)]
-    struct FakeHost {
-        /// Header names whose writes fail.
-        failing: Vec<&'static str>,
-        headers: Vec<(String, Option<Vec<u8>>)>,
-        answers: Vec<(u32, Option<u32>, String)>,
-    }
-
-    impl RequestHost for FakeHost {
-        fn now_ms(&self) -> Option<u64> {
-            None
-        }
-        fn set_request_header(&mut self, name: &str, value: Option<&[u8]>) -> bool {
-            self.headers
-                .push((name.to_string(), value.map(<[u8]>::to_vec)));
-            !self.failing.contains(&name)
-        }
-        fn send_local_response(
-            &mut self,
-            status: u32,
-            _h: &[u8],
-            body: &[u8],
-            grpc_status: Option<u32>,
-        ) -> bool {
-            self.answers
-                .push((status, grpc_status, String::from_utf8_lossy(body).into()));
-            true
-        }
-    }
-
-    fn alice() -> Identity {
-        Identity {
-            principal: "alice".into(),
-            attributes: Default::default(),
-            attributes_header: r#"{"roles":["alice"]}"#.into(),
-            tenant: None,
-        }
-    }
-
-    #[test]
-    fn identity_headers_are_set_and_other_spellings_removed() {
-        let forward = Forward {
-            strip_authorization: true,
-            ..Forward::default()
-        };
-        let mut h = FakeHost::default();
-        let spoofed = vec![
-            "x_auth_principal".to_string(),
-            "x-auth_attributes".to_string(),
-        ];
-        assert!(forward_identity(&mut h, &forward, Some(&alice()), &spoofed));
-        let set: Vec<(&str, Option<&[u8]>)> = h
-            .headers
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_deref()))
-            .collect();
-        assert_eq!(
-            set,
-            vec![
-                ("x_auth_principal", None),
-                ("x-auth_attributes", None),
-                ("x-auth-principal", Some(&b"alice"[..])),
-                ("x-auth-attributes", Some(&br#"{"roles":["alice"]}"#[..])),
-                ("authorization", None),
-            ]
-        );
-        // Anonymous: removed, the Authorization header kept.
-        let mut h = FakeHost::default();
-        assert!(forward_identity(&mut h, &forward, None, &spoofed));
-        assert!(h
-            .headers
-            .iter()
-            .all(|(k, v)| v.is_none() && k != "authorization"));
-        assert_eq!(h.headers.len(), 4);
-    }
-
-    #[test]
-    fn the_tenant_and_per_category_headers_follow_the_identity() {
-        let forward = Forward {
-            attribute_headers: vec![
-                ("x-teams".into(), "teams".into()),
-                ("x-projects".into(), "projects".into()),
-            ],
-            ..Forward::default()
-        };
-        let mut attributes = crate::claims::Attributes::new();
-        attributes.insert("roles".into(), vec!["admin".into()]);
-        attributes.insert("teams".into(), vec!["ml".into(), "ops".into()]);
-        let id = Identity::new("bob".into(), attributes)
-            .unwrap()
-            .with_tenant(Some("acme".into()));
-        let mut h = FakeHost::default();
-        let spoofed = vec!["x-projects".to_string(), "x-auth-tenant".to_string()];
-        assert!(forward_identity(&mut h, &forward, Some(&id), &spoofed));
-        let set: Vec<(&str, Option<&[u8]>)> = h
-            .headers
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_deref()))
-            .collect();
-        assert_eq!(
-            set,
-            vec![
-                ("x-projects", None),
-                ("x-auth-tenant", None),
-                ("x-auth-principal", Some(&b"bob"[..])),
-                ("x-auth-attributes", Some(&br#"{"roles":["admin"]}"#[..])),
-                ("x-teams", Some(&br#"["ml","ops"]"#[..])),
-                ("x-auth-tenant", Some(&b"acme"[..])),
-            ]
-        );
-    }
-
-    #[test]
-    fn a_failed_identity_header_write_refuses_the_request() {
-        let forward = Forward::default();
-        for failing in ["x-auth-principal", "x-auth-attributes", "x_auth_principal"] {
-            for identity in [Some(alice()), None] {
-                let mut h = FakeHost {
-                    failing: vec![failing],
-                    ..FakeHost::default()
-                };
-                let spoofed = vec!["x_auth_principal".to_string()];
-                assert!(
-                    !forward_identity(&mut h, &forward, identity.as_ref(), &spoofed),
-                    "{failing} {identity:?}"
-                );
-            }
-        }
-        let mut h = FakeHost {
-            failing: vec!["authorization"],
-            ..FakeHost::default()
-        };
-        let strip = Forward {
-            strip_authorization: true,
-            ..Forward::default()
-        };
-        assert!(!forward_identity(&mut h, &strip, Some(&alice()), &[]));
-    }
+    use crate::host::fake::FakeHost;
 
     #[test]
     fn a_denial_is_sent_as_a_local_answer() {

@@ -92,7 +92,7 @@ extern "C" {
 }
 
 use crate::driver::{CalloutReply, ReplyBody, MAX_CALLOUT_BODY};
-use crate::store::StoreError;
+use crate::store::{SharedStore, StoreError};
 
 /// proxy-wasm statuses.
 const OK: u32 = 0;
@@ -288,6 +288,65 @@ pub trait RequestHost {
         body: &[u8],
         grpc_status: Option<u32>,
     ) -> bool;
+}
+
+/// Shared data through the host.
+pub struct HostStore;
+
+impl SharedStore for HostStore {
+    fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), StoreError> {
+        get_shared_data(key)
+    }
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
+        set_shared_data(key, value, cas)
+    }
+}
+
+/// Registers this VM's own queue, whose items wake its root context (call
+/// from a root callback): a name no other VM uses (queues are named per
+/// plugin VM id, which every worker's VM shares).
+pub fn register_wake_queue() -> Option<u32> {
+    use std::hash::{BuildHasher, Hasher};
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    register_queue(&format!("tollgate.wake.{random:016x}"))
+}
+
+#[cfg(test)]
+pub(crate) mod fake {
+    use super::RequestHost;
+
+    /// A host whose calls can be made to fail; it records what it was asked.
+    #[derive(Default)]
+    pub struct FakeHost {
+        /// Header names whose writes fail.
+        pub failing: Vec<&'static str>,
+        pub headers: Vec<(String, Option<Vec<u8>>)>,
+        pub answers: Vec<(u32, Option<u32>, String)>,
+    }
+
+    impl RequestHost for FakeHost {
+        fn now_ms(&self) -> Option<u64> {
+            None
+        }
+        fn set_request_header(&mut self, name: &str, value: Option<&[u8]>) -> bool {
+            self.headers
+                .push((name.to_string(), value.map(<[u8]>::to_vec)));
+            !self.failing.contains(&name)
+        }
+        fn send_local_response(
+            &mut self,
+            status: u32,
+            _h: &[u8],
+            body: &[u8],
+            grpc_status: Option<u32>,
+        ) -> bool {
+            self.answers
+                .push((status, grpc_status, String::from_utf8_lossy(body).into()));
+            true
+        }
+    }
 }
 
 /// The real host.

@@ -8,7 +8,8 @@
 //! - [`config`]: the plugin configuration, refused naming the key; read
 //!   through [`json`], the strict key-path reader.
 //! - [`path`]: request path normalisation; [`route_rules`]: public paths and
-//!   the scopes and attributes each route requires.
+//!   the scopes and attributes each route requires; [`route_policy`]: OGX's
+//!   route-level permit / forbid rules.
 //! - [`alg`]: the accepted JWS algorithms; [`key_set`]: a parsed JWKS;
 //!   [`rsa`]: RS256/384/512 with per-key precomputation; [`jwt`]: token
 //!   checks and verification; [`jwks_cache`]: when the key set is fetched and
@@ -19,8 +20,8 @@
 //! - [`claims`]: from claims to an identity and its forwarded headers.
 //! - [`token_cache`]: the per-VM cache of verdicts about tokens.
 //! - [`quota`]: per-client counters in shared data, or through a rate-limit
-//!   service ([`rls`]: its protocol); [`store`]: shared data as the core sees
-//!   it (and the one fake store of the tests).
+//!   service ([`rls`]: its protocol), windowed by [`period`]; [`store`]:
+//!   shared data as the core sees it (and the one fake store of the tests).
 //! - [`usage`]: the token usage an OpenAI-compatible answer reports (JSON or
 //!   an event stream), read incrementally with bounded memory.
 //! - [`token_quota`]: per-client token budgets (`quota.tokens`): what is
@@ -31,8 +32,9 @@
 //!   without the host.
 //!
 //! The host glue: `filter` pumps proxy-wasm callbacks into the driver and
-//! performs its effects, every host call through `host`; [`metrics`] defines
-//! and updates the Prometheus metrics. Tests that span modules live in
+//! performs its effects, every host call through `host`; [`forward`] writes
+//! an allowed request's identity headers; [`metrics`] defines and updates
+//! the Prometheus metrics. Tests that span modules live in
 //! `src/tests/`.
 #![cfg_attr(
     not(test),
@@ -50,6 +52,7 @@ pub mod claims;
 pub mod config;
 pub mod driver;
 pub mod filter;
+pub mod forward;
 mod host;
 pub mod json;
 pub mod jwks_cache;
