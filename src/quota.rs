@@ -804,7 +804,7 @@ fn table_key(cfg: &QuotaConfig, store: &dyn SharedStore) -> Result<(u64, u64), Q
 ///
 /// The stored window decides the count: the current window's count is used;
 /// an older window (or a value that does not parse, logged at warn) starts a
-/// fresh window at 0; see [`live_window`] for windows ahead.
+/// fresh window at 0; see `live_window` for windows ahead.
 ///
 /// A principal's counter is its own entry. An anonymous client (see
 /// [`anonymous_client`]) is counted in the table of `anonymous_slots`: it
