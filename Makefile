@@ -113,9 +113,11 @@ e2e: build $(STAMP) $(LLAMA_STAMP) $(OGX_WHEEL) $(OIDC) $(SCHEMAS)
 #   make bench-smoke   ~1 s per configuration: checks that the tooling still works
 bench: build $(STAMP)
 	$(PY) bench/run.py
+	$(PY) bench/stream.py 10 200
 
 bench-smoke: build $(STAMP)
 	$(PY) bench/run.py --smoke
+	$(PY) bench/stream.py 1 20
 
 # Fuzzing (fuzz/README.md): cargo-fuzz on stable (`-s none`), installed if missing.
 #   make fuzz          every target for FUZZ_SECONDS (default 600) each
