@@ -60,7 +60,7 @@ pub struct Allowed {
     /// `RateLimit-*` values for the response, when quotas send them.
     pub rate_limit: Option<RateLimit>,
     /// The token reservation, on paths with a token budget.
-    pub tokens: Option<TokenGrant>,
+    pub tokens: Option<Box<TokenGrant>>,
 }
 
 /// What to do with a request now.
@@ -308,7 +308,7 @@ impl Core {
                 remaining,
                 reset,
             } => {
-                allowed.tokens = Some(TokenGrant {
+                allowed.tokens = Some(Box::new(TokenGrant {
                     who,
                     authenticated,
                     window: t.period.window_start(now_s),
@@ -317,7 +317,8 @@ impl Core {
                     remaining,
                     reset,
                     period: t.period.seconds(),
-                });
+                    path: t.path_index(&req.path),
+                }));
                 Step::Allow(allowed)
             }
             QuotaDecision::Exceeded { limit, reset } => {

@@ -205,6 +205,15 @@ impl Config {
         !self.route_rules.is_empty() || self.counts_tokens()
     }
 
+    /// The metric labels of the token budget's paths (none without one).
+    pub fn token_path_labels(&self) -> Vec<String> {
+        self.quota
+            .as_ref()
+            .and_then(|q| q.tokens.as_ref())
+            .map(|t| t.path_labels())
+            .unwrap_or_default()
+    }
+
     /// Whether `quota.tokens` is configured.
     pub fn counts_tokens(&self) -> bool {
         self.quota.as_ref().is_some_and(|q| q.tokens.is_some())

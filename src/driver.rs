@@ -189,10 +189,12 @@ pub enum Metric {
     JwksAgeSeconds(u64),
     /// A request counted locally because the rate-limit service failed.
     QuotaFallback,
-    /// Tokens charged for an answer; `reported`: from its usage.
+    /// Tokens charged for an answer on counted path number `path`;
+    /// `usage`: what it reported, if anything.
     Tokens {
         charged: u64,
-        reported: bool,
+        path: usize,
+        usage: Option<crate::usage::Usage>,
     },
 }
 
@@ -691,7 +693,8 @@ impl Driver {
         }
         self.effects.push_back(Effect::Count(Metric::Tokens {
             charged,
-            reported: usage.is_some(),
+            path: meter.grant.path,
+            usage,
         }));
     }
 
@@ -899,7 +902,8 @@ impl Driver {
                 self.callout_waiting = self.callout_waiting.saturating_add(1);
             }
             Step::Allow(mut allowed) => {
-                if let Some(mut grant) = allowed.tokens.take() {
+                if let Some(grant) = allowed.tokens.take() {
+                    let mut grant = *grant;
                     let id = parked.req.id;
                     if let Some(Some(max_output)) = self.bodies.get(&id).map(|b| b.ended) {
                         self.bodies.remove(&id);
@@ -2317,7 +2321,9 @@ mod tests {
         effects
             .iter()
             .filter_map(|e| match e {
-                Effect::Count(Metric::Tokens { charged, reported }) => Some((*charged, *reported)),
+                Effect::Count(Metric::Tokens { charged, usage, .. }) => {
+                    Some((*charged, usage.is_some()))
+                }
                 _ => None,
             })
             .collect()

@@ -179,6 +179,8 @@ impl RootContext for Root {
             Ok(config) => {
                 metrics.inc("tollgate_config_loads_total");
                 log::set_max_level(config.log_level);
+                let mut metrics = metrics;
+                metrics.define_token_paths(config.token_path_labels());
                 let driver = Driver::new(Rc::new(config));
                 let mut guard = self.vm.borrow_mut();
                 let vm = guard.insert(Vm {

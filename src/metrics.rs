@@ -36,7 +36,13 @@ pub struct Metrics {
     ids: HashMap<String, u32>,
     /// `tollgate_requests_allowed_total`, looked up once (the hot path).
     allowed: Option<u32>,
+    /// The labels of the token budget's counted paths, by index.
+    token_paths: Vec<String>,
 }
+
+/// Tokens reported by answers on counted paths, with labels `path` (see
+/// [`crate::token_quota::path_label`]) and `direction` (`input`, `output`).
+pub const TOKENS_TOTAL: &str = "tollgate_tokens_total";
 
 /// The names of every metric tollgate defines (for the README and tests).
 pub fn all_names() -> Vec<String> {
@@ -84,7 +90,24 @@ impl Metrics {
             }
         }
         let allowed = ids.get("tollgate_requests_allowed_total").copied();
-        Metrics { ids, allowed }
+        Metrics {
+            ids,
+            allowed,
+            token_paths: Vec::new(),
+        }
+    }
+
+    /// Defines the per-path, per-direction token metrics of a token budget.
+    pub fn define_token_paths(&mut self, labels: Vec<String>) {
+        for label in &labels {
+            for direction in ["input", "output"] {
+                let name = format!("{TOKENS_TOTAL}.path.{label}.direction.{direction}");
+                if let Some(id) = host::define_metric(METRIC_COUNTER, &name) {
+                    self.ids.insert(name, id);
+                }
+            }
+        }
+        self.token_paths = labels;
     }
 
     fn add(&self, name: &str, n: u64) {
@@ -147,10 +170,20 @@ impl Metrics {
             } => self.cache(cache, hits, misses),
             Metric::JwksAgeSeconds(s) => self.set_gauge("tollgate_jwks_age_seconds", s),
             Metric::QuotaFallback => self.inc("tollgate_quota_fallbacks_total"),
-            Metric::Tokens { charged, reported } => {
+            Metric::Tokens {
+                charged,
+                path,
+                usage,
+            } => {
                 self.add("tollgate_tokens_charged_total", charged);
-                if !reported {
+                let Some(usage) = usage else {
                     self.inc("tollgate_token_usage_missing_total");
+                    return;
+                };
+                if let Some(label) = self.token_paths.get(path) {
+                    let name = |d: &str| format!("{TOKENS_TOTAL}.path.{label}.direction.{d}");
+                    self.add(&name("input"), usage.input);
+                    self.add(&name("output"), usage.output);
                 }
             }
         }

@@ -258,6 +258,8 @@ pub struct TokenGrant {
     pub reset: u64,
     /// The window's length (seconds).
     pub period: u64,
+    /// The index of its path in `paths` (for the metrics).
+    pub path: usize,
 }
 
 /// One policy of the IETF `RateLimit` / `RateLimit-Policy` fields
@@ -308,6 +310,39 @@ pub fn openai_headers(p: &Policy) -> [(&'static str, String); 3] {
         ("x-ratelimit-remaining-tokens", p.remaining.to_string()),
         ("x-ratelimit-reset-tokens", openai_duration(p.reset)),
     ]
+}
+
+/// A counted path as a metric label: lower-case letters and digits, every
+/// other run of characters one `_`, none at the ends (`/v1/chat/completions`
+/// → `v1_chat_completions`; `root` for `/`).
+pub fn path_label(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    for c in path.chars() {
+        if c.is_ascii_alphanumeric() {
+            out.push(c.to_ascii_lowercase());
+        } else if !out.is_empty() && !out.ends_with('_') {
+            out.push('_');
+        }
+    }
+    while out.ends_with('_') {
+        out.pop();
+    }
+    if out.is_empty() {
+        out.push_str("root");
+    }
+    out
+}
+
+impl TokenQuota {
+    /// The metric label of each counted path, in the order of `paths`.
+    pub fn path_labels(&self) -> Vec<String> {
+        self.paths.iter().map(|p| path_label(p)).collect()
+    }
+
+    /// The index in `paths` of a counted path.
+    pub fn path_index(&self, path: &str) -> usize {
+        self.paths.iter().position(|p| p == path).unwrap_or(0)
+    }
 }
 
 /// OpenAI's `x-ratelimit-reset-tokens` form of a number of seconds:
@@ -532,6 +567,18 @@ mod tests {
             "]".repeat(10_000)
         );
         assert_eq!(max_output_tokens(deep.as_bytes()), Some(4));
+    }
+
+    #[test]
+    fn path_labels() {
+        assert_eq!(path_label("/v1/chat/completions"), "v1_chat_completions");
+        assert_eq!(
+            path_label("/v1/openai/v1/responses"),
+            "v1_openai_v1_responses"
+        );
+        assert_eq!(path_label("/"), "root");
+        assert_eq!(path_label("/A--b//C.d/"), "a_b_c_d");
+        assert_eq!(path_label("/é/x"), "x");
     }
 
     #[test]

@@ -371,3 +371,27 @@ def test_the_reservation_covers_the_output_the_request_allows(envoy, idp, mock, 
     assert raw.headers["x-ratelimit-remaining-tokens"] == str(1000 - 66 - 10 - 200)
     # What was spent is what the answers reported.
     assert chat(c).headers["x-ratelimit-remaining-tokens"] == str(1000 - 99 - 10)
+
+
+def test_tokens_are_counted_per_path_and_direction(envoy, idp, mock, rsa):
+    """tollgate_tokens_total{path, direction} at /stats/prometheus, with the
+    stats_tags envoy/envoy.yaml ships (the harness's)."""
+    import re
+    import urllib.request
+
+    e = gateway(envoy, idp, mock, rsa, authenticated_max_tokens=10_000)
+    c = client(e, rsa)
+    mock.script = Script(prompt_tokens=11, completion_tokens=22)
+    chat(c)
+    chat(c)
+    c.embeddings.create(model="m", input="hi")  # prompt_tokens only: 11
+    with urllib.request.urlopen(e.admin_url + "/stats/prometheus", timeout=5) as r:
+        text = r.read().decode()
+    values = {(m.group(1), m.group(2)): float(m.group(3)) for m in re.finditer(
+        r'^tollgate_tokens_total\{path="([a-z0-9_]+)",direction="([a-z]+)"\} (\S+)$',
+        text, re.M)}
+    assert values[("v1_chat_completions", "input")] == 22
+    assert values[("v1_chat_completions", "output")] == 44
+    assert values[("v1_embeddings", "input")] == 11
+    assert values[("v1_embeddings", "output")] == 0
+    assert ("v1_openai_v1_responses", "input") in values  # every counted path, from the start

@@ -74,6 +74,10 @@ STATS_TAGS = [
      "regex": r"^wasmcustom\.tollgate_callouts_total(\.provider\.([a-z]+))"},
     {"tag_name": "outcome",
      "regex": r"^wasmcustom\.tollgate_callouts_total(?:\.provider\.[a-z]+)?(\.outcome\.([a-z]+))$"},
+    {"tag_name": "path",
+     "regex": r"^wasmcustom\.tollgate_tokens_total(\.path\.([a-z0-9_]+))"},
+    {"tag_name": "direction",
+     "regex": r"^wasmcustom\.tollgate_tokens_total(?:\.path\.[a-z0-9_]+)?(\.direction\.([a-z]+))$"},
 ]
 
 # Route actions for `listener_bootstrap`.
