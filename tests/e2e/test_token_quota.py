@@ -395,3 +395,26 @@ def test_tokens_are_counted_per_path_and_direction(envoy, idp, mock, rsa):
     assert values[("v1_embeddings", "input")] == 11
     assert values[("v1_embeddings", "output")] == 0
     assert ("v1_openai_v1_responses", "input") in values  # every counted path, from the start
+
+
+def test_a_spent_budget_is_renewed_when_its_window_turns(envoy, idp, mock, rsa):
+    """period "minute": the budget spent, 429 until the next minute starts,
+    then served again — the same Envoy, no restart. Waits for the boundary
+    (up to a minute)."""
+    import time
+
+    e = gateway(envoy, idp, mock, rsa, authenticated_max_tokens=50, period="minute",
+                reserve_tokens=1)
+    c = client(e, rsa)
+    mock.script = Script(prompt_tokens=30, completion_tokens=30)  # 60: over at once
+    # Far enough from the boundary that the two calls fall in one window.
+    if time.time() % 60 > 50:
+        time.sleep(61 - time.time() % 60)
+    chat(c)
+    with pytest.raises(openai.RateLimitError) as err:
+        chat(c)
+    wait = int(err.value.response.headers["retry-after"])
+    assert 1 <= wait <= 60
+    time.sleep(61 - time.time() % 60)  # into the next minute
+    raw = chat(c)
+    assert raw.headers["x-ratelimit-remaining-tokens"] == str(50 - 1)
