@@ -83,6 +83,9 @@ pub enum Step {
 pub struct Counting {
     pub identity: Option<Rc<Identity>>,
     pub count: quota::RemoteCount,
+    /// A token budget's check (`hits` 0): the request allowed once the
+    /// service says the budget is not spent. `None`: a request count.
+    pub tokens_for: Option<Box<Allowed>>,
 }
 
 #[cfg(test)]
@@ -260,7 +263,11 @@ impl Core {
         let client = client_of(name.as_deref(), req.source_ip.as_deref());
         if q.backend.is_some() {
             let count = quota::RemoteCount::new(q, &client, now_ms / 1000);
-            return Step::Count(Box::new(Counting { identity, count }));
+            return Step::Count(Box::new(Counting {
+                identity,
+                count,
+                tokens_for: None,
+            }));
         }
         let decision = quota::check(q, store, &client, now_ms / 1000);
         let step = self.quota_step(identity, decision);
@@ -308,8 +315,14 @@ impl Core {
                 remaining,
                 reset,
             } => {
-                allowed.tokens = Some(Box::new(TokenGrant {
-                    who,
+                // Tokens as hits in the rate-limit service, when there is
+                // one: is the budget spent across every Envoy?
+                let remote = q
+                    .backend
+                    .as_ref()
+                    .map(|_| quota::RemoteCount::tokens(q, t, &client, limit, 0, now_s));
+                let grant = TokenGrant {
+                    who: who.clone(),
                     authenticated,
                     window: t.period.window_start(now_s),
                     limit,
@@ -318,8 +331,16 @@ impl Core {
                     reset,
                     period: t.period.seconds(),
                     path: t.path_index(&req.path),
-                }));
-                Step::Allow(allowed)
+                };
+                allowed.tokens = Some(Box::new(grant));
+                let Some(count) = remote else {
+                    return Step::Allow(allowed);
+                };
+                Step::Count(Box::new(Counting {
+                    identity: allowed.identity.clone(),
+                    count,
+                    tokens_for: Some(Box::new(allowed)),
+                }))
             }
             QuotaDecision::Exceeded { limit, reset } => {
                 log::debug!("token budget of {limit} used up");
@@ -334,6 +355,77 @@ impl Core {
             QuotaDecision::Contended => Step::Deny(Denial::QuotaContended),
             QuotaDecision::Unavailable => Step::Deny(Denial::QuotaUnavailable),
         }
+    }
+
+    /// Ends a token budget's check in the rate-limit service: allowed; or
+    /// the budget is spent there (429), or the service failed
+    /// (`failure_mode`: 503, or allowed on this Envoy's own count) — the
+    /// local reservation given back when refused.
+    fn tokens_checked(
+        &self,
+        allowed: Allowed,
+        count: &quota::RemoteCount,
+        verdict: Option<crate::rls::Verdict>,
+        now_ms: u64,
+        store: &dyn SharedStore,
+    ) -> Step {
+        let local = self
+            .config
+            .quota
+            .as_ref()
+            .and_then(|q| q.backend.as_ref())
+            .is_some_and(|b| b.failure_mode == quota::FailureMode::Local);
+        let refuse = |denial: Denial| {
+            if let Some(grant) = &allowed.tokens {
+                self.refund_tokens(grant, now_ms, store);
+            }
+            Step::Deny(denial)
+        };
+        match verdict {
+            Some(v) if v.over_limit => refuse(Denial::TokensExceeded(Policy {
+                name: "tokens",
+                quota: count.limit.saturating_add(1),
+                window: count.period,
+                remaining: 0,
+                reset: v.reset.unwrap_or(count.reset).max(1),
+            })),
+            Some(_) => Step::Allow(allowed),
+            None if local => {
+                log::warn!("rate-limit service failed: the token budget counted in this Envoy");
+                Step::Allow(allowed)
+            }
+            None => refuse(Denial::QuotaUnavailable),
+        }
+    }
+
+    /// What a request's answer charges to its token budget in the
+    /// rate-limit service (tokens as hits), when there is one; `None` for
+    /// nothing to add.
+    pub fn remote_token_charge(
+        &self,
+        grant: &TokenGrant,
+        charge: u64,
+        now_ms: u64,
+    ) -> Option<quota::RemoteCount> {
+        let q = self.config.quota.as_ref()?;
+        let t = q.tokens.as_ref()?;
+        q.backend.as_ref()?;
+        if charge == 0 {
+            return None;
+        }
+        let client = if grant.authenticated {
+            Client::Principal(&grant.who)
+        } else {
+            Client::Anonymous(&grant.who)
+        };
+        Some(quota::RemoteCount::tokens(
+            q,
+            t,
+            &client,
+            grant.limit,
+            charge,
+            now_ms / 1000,
+        ))
     }
 
     /// Replaces a request's token reservation by what its answer spent
@@ -458,11 +550,18 @@ impl Core {
         now_ms: u64,
         store: &dyn SharedStore,
     ) -> Step {
-        let Counting { identity, count } = counting;
+        let Counting {
+            identity,
+            count,
+            tokens_for,
+        } = counting;
         let config = self.config.clone();
         let Some(q) = &config.quota else {
             return Step::Deny(Denial::QuotaUnavailable);
         };
+        if let Some(allowed) = tokens_for {
+            return self.tokens_checked(*allowed, &count, verdict, now_ms, store);
+        }
         let decision = match (verdict, q.backend.as_ref().map(|b| b.failure_mode)) {
             (Some(v), _) => count.decide(&v),
             (None, Some(quota::FailureMode::Local)) => {

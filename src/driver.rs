@@ -361,6 +361,9 @@ pub struct Driver {
     counting: HashMap<u32, CountCall>,
     /// Requests in `count_queue`, `counting_sent` and `counting`.
     count_waiting: usize,
+    /// Token charges sent to the rate-limit service, by
+    /// [`GrpcDispatch::id`], until the glue reports them sent.
+    charging: std::collections::HashSet<u64>,
     /// Allowed requests with a token reservation, by context id, until
     /// their answer ends.
     meters: HashMap<u32, Meter>,
@@ -410,6 +413,7 @@ impl Driver {
             counting_sent: HashMap::new(),
             counting: HashMap::new(),
             count_waiting: 0,
+            charging: std::collections::HashSet::new(),
             meters: HashMap::new(),
             bodies: HashMap::new(),
             wake_pending: false,
@@ -688,6 +692,22 @@ impl Driver {
         };
         let usage = meter.reader.and_then(UsageReader::finish);
         let charged = self.core.settle_tokens(&meter.grant, usage, now, store);
+        // Tokens as hits in the rate-limit service: the charge is added
+        // there too (its answer is not waited for).
+        let backend = self.backend().cloned();
+        if let (Some(count), Some(backend)) = (
+            self.core.remote_token_charge(&meter.grant, charged, now),
+            backend,
+        ) {
+            let id = self.next_id();
+            self.charging.insert(id);
+            self.effects.push_back(Effect::DispatchGrpc(GrpcDispatch {
+                id,
+                service: crate::rls::grpc_service(&backend.cluster),
+                message: crate::rls::request(&backend.domain, &[count.hit()]),
+                timeout_ms: backend.timeout_ms,
+            }));
+        }
         if usage.is_none() {
             log::debug!("an answer reported no token usage: charged {charged}");
         }
@@ -999,11 +1019,7 @@ impl Driver {
     /// ends as the service failing.
     fn send_counts(&mut self, now: u64, store: &dyn SharedStore) {
         let config = self.core.config.clone();
-        let Some((q, backend)) = config
-            .quota
-            .as_ref()
-            .and_then(|q| q.backend.as_ref().map(|b| (q, b)))
-        else {
+        let Some(backend) = config.quota.as_ref().and_then(|q| q.backend.as_ref()) else {
             return;
         };
         let most_calls = if backend.max_batch > 1 {
@@ -1028,15 +1044,9 @@ impl Driver {
             for (slot, c) in batch.iter_mut().enumerate() {
                 c.slot = slot;
             }
-            let hits: Vec<crate::rls::Hit<'_>> = batch
-                .iter()
-                .map(|c| crate::rls::Hit {
-                    key: c.counting.count.key,
-                    value: &c.counting.count.value,
-                    limit: c.counting.count.limit,
-                })
-                .collect();
-            let message = crate::rls::request(&backend.domain, &hits, q.period.seconds());
+            let hits: Vec<crate::rls::Hit<'_>> =
+                batch.iter().map(|c| c.counting.count.hit()).collect();
+            let message = crate::rls::request(&backend.domain, &hits);
             let id = self.next_id();
             self.counting_sent.insert(
                 id,
@@ -1063,6 +1073,16 @@ impl Driver {
         now: u64,
         store: &dyn SharedStore,
     ) {
+        if self.charging.remove(&id) {
+            if token.is_err() {
+                log::warn!("rate-limit service: a token charge could not be sent");
+                self.effects.push_back(Effect::Count(Metric::Callout {
+                    provider: "rls",
+                    outcome: "error",
+                }));
+            }
+            return;
+        }
         let Some(call) = self.counting_sent.remove(&id) else {
             return;
         };
@@ -2452,6 +2472,67 @@ mod tests {
         assert_eq!(kept, [2, 3, 4]);
         d.on_log(&RequestHandle::new(3), Some(NOW), &store);
         assert!(!d.bodies.contains_key(&3));
+    }
+
+    #[test]
+    fn token_budgets_go_through_the_rate_limit_service_as_hits() {
+        let store = FakeStore::new();
+        let mut d = driver(
+            r#"{"quota": {"tokens": {"authenticated_max_tokens": 1000, "anonymous_max_tokens": 100,
+                                     "reserve_tokens": 30},
+                          "backend": {"type": "rls", "cluster": "ratelimit", "domain": "tollgate"}}}"#,
+        );
+        drain(&mut d);
+        let decode = |call: &GrpcDispatch| {
+            <crate::rls::RateLimitRequest as prost::Message>::decode(call.message.as_slice())
+                .unwrap()
+        };
+        // Before: the local reservation, then a check with 0 hits.
+        let req = chat_request(&mut d, 1, "POST", &store);
+        assert_eq!(token_count(&store), Some(30));
+        let check = send_grpc(&mut d, 7, &store);
+        let sent = decode(&check);
+        let desc = &sent.descriptors[0];
+        assert_eq!(desc.entries[0].key, "tollgate_tokens_anonymous");
+        assert_eq!(desc.hits_addend.as_ref().map(|h| h.value), Some(0));
+        assert_eq!(desc.limit.as_ref().map(|l| l.requests_per_unit), Some(99));
+        assert_eq!(req.phase(), Phase::Waiting);
+        d.on_grpc_reply(7, 0, &statuses_answer(&[false]), Some(NOW), &store);
+        assert_eq!(outcomes(&drain(&mut d)), (vec![(1, true)], vec![]));
+        // After: the charge added there too, as hits.
+        d.on_response_headers(&req, Some(b"application/json"));
+        let usage = br#"{"usage":{"prompt_tokens":5,"completion_tokens":7,"total_tokens":12}}"#;
+        d.on_response_body(&req, usage, true, Some(NOW), &store);
+        let effects = drain(&mut d);
+        let charge = grpc_calls(&effects)[0];
+        let sent = decode(charge);
+        assert_eq!(
+            sent.descriptors[0].hits_addend.as_ref().map(|h| h.value),
+            Some(12)
+        );
+        d.dispatched_grpc(charge.id, Err(()), NOW, &store);
+        assert_eq!(token_count(&store), Some(12));
+        // Spent there: 429, and the local reservation given back.
+        chat_request(&mut d, 2, "POST", &store);
+        assert_eq!(token_count(&store), Some(42));
+        send_grpc(&mut d, 8, &store);
+        d.on_grpc_reply(8, 0, &statuses_answer(&[true]), Some(NOW), &store);
+        let effects = drain(&mut d);
+        assert_eq!(outcomes(&effects), (vec![], vec![(2, 429)]));
+        assert!(effects.iter().any(|e| matches!(
+            e,
+            Effect::Deny {
+                denial: Denial::TokensExceeded(Policy { quota: 100, .. }),
+                ..
+            }
+        )));
+        assert_eq!(token_count(&store), Some(12));
+        // The service failing (failure_mode deny): 503, given back too.
+        chat_request(&mut d, 3, "POST", &store);
+        send_grpc(&mut d, 9, &store);
+        d.on_grpc_reply(9, 14, b"", Some(NOW), &store);
+        assert_eq!(outcomes(&drain(&mut d)), (vec![], vec![(3, 503)]));
+        assert_eq!(token_count(&store), Some(12));
     }
 
     #[test]

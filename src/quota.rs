@@ -292,6 +292,10 @@ pub struct RemoteCount {
     pub limit: u64,
     /// Seconds to the window's end, when the service does not say.
     pub reset: u64,
+    /// The window's length (seconds).
+    pub period: u64,
+    /// Hits to add (`None`: one request).
+    pub hits: Option<u64>,
 }
 
 impl RemoteCount {
@@ -306,6 +310,47 @@ impl RemoteCount {
             value,
             limit: cfg.limit_for(client),
             reset: reset_after(start, cfg.period, now_secs),
+            period: cfg.period.seconds(),
+            hits: None,
+        }
+    }
+
+    /// A token budget in the service (tokens as hits): `hits` tokens added
+    /// for `client`, whose budget is `budget` per `t.period`. Sent with
+    /// `hits` 0 before a request, the service's OVER_LIMIT says the budget
+    /// is spent: its limit is `budget − 1`, as it answers OVER_LIMIT when
+    /// the count after the hits is above its limit.
+    pub fn tokens(
+        cfg: &QuotaConfig,
+        t: &crate::token_quota::TokenQuota,
+        client: &Client,
+        budget: u64,
+        hits: u64,
+        now_secs: u64,
+    ) -> RemoteCount {
+        let (key, value) = match client {
+            Client::Principal(p) => (crate::rls::TOKENS_PRINCIPAL_KEY, p.to_string()),
+            Client::Anonymous(ip) => (crate::rls::TOKENS_ANONYMOUS_KEY, anonymous_prefix(cfg, ip)),
+        };
+        let start = t.period.window_start(now_secs);
+        RemoteCount {
+            key,
+            value,
+            limit: budget.saturating_sub(1),
+            reset: reset_after(start, t.period, now_secs),
+            period: t.period.seconds(),
+            hits: Some(hits),
+        }
+    }
+
+    /// The descriptor of this count.
+    pub fn hit(&self) -> crate::rls::Hit<'_> {
+        crate::rls::Hit {
+            key: self.key,
+            value: &self.value,
+            limit: self.limit,
+            period: self.period,
+            hits: self.hits,
         }
     }
 

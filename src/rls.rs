@@ -12,6 +12,9 @@ pub const METHOD: &str = "ShouldRateLimit";
 /// The descriptor keys tollgate sends: one entry per request, the client.
 pub const PRINCIPAL_KEY: &str = "tollgate_principal";
 pub const ANONYMOUS_KEY: &str = "tollgate_anonymous";
+/// The descriptor keys of token budgets (`quota.tokens`): tokens as hits.
+pub const TOKENS_PRINCIPAL_KEY: &str = "tollgate_tokens_principal";
+pub const TOKENS_ANONYMOUS_KEY: &str = "tollgate_tokens_anonymous";
 
 #[derive(Clone, PartialEq, Message)]
 pub struct RateLimitRequest {
@@ -29,6 +32,16 @@ pub struct RateLimitDescriptor {
     pub entries: Vec<Entry>,
     #[prost(message, optional, tag = "2")]
     pub limit: Option<RateLimitOverride>,
+    /// This descriptor's own hits (`google.protobuf.UInt64Value`; 0
+    /// allowed: a check without counting), instead of the request's.
+    #[prost(message, optional, tag = "3")]
+    pub hits_addend: Option<UInt64Value>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct UInt64Value {
+    #[prost(uint64, tag = "1")]
+    pub value: u64,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -126,6 +139,10 @@ pub struct Hit<'a> {
     pub key: &'a str,
     pub value: &'a str,
     pub limit: u64,
+    /// The window, seconds (its `RateLimitUnit`, see [`unit_of`]).
+    pub period: u64,
+    /// Hits to add (`None`: the request's, 1).
+    pub hits: Option<u64>,
 }
 
 /// The request for a batch of counted requests: one descriptor per request,
@@ -134,8 +151,7 @@ pub struct Hit<'a> {
 /// adds each descriptor's hit with its own `INCRBY` and answers each from
 /// its own count, so two requests of one client in a batch are counted as
 /// two requests one after the other.
-pub fn request(domain: &str, hits: &[Hit<'_>], period_seconds: u64) -> Vec<u8> {
-    let unit = unit_of(period_seconds);
+pub fn request(domain: &str, hits: &[Hit<'_>]) -> Vec<u8> {
     RateLimitRequest {
         domain: domain.to_string(),
         descriptors: hits
@@ -147,8 +163,9 @@ pub fn request(domain: &str, hits: &[Hit<'_>], period_seconds: u64) -> Vec<u8> {
                 }],
                 limit: Some(RateLimitOverride {
                     requests_per_unit: u32::try_from(h.limit).unwrap_or(u32::MAX),
-                    unit,
+                    unit: unit_of(h.period),
                 }),
+                hits_addend: h.hits.map(|value| UInt64Value { value }),
             })
             .collect(),
         hits_addend: 1,
@@ -244,8 +261,10 @@ mod tests {
             key: PRINCIPAL_KEY,
             value: "alice",
             limit: 50,
+            period: 86400,
+            hits: None,
         };
-        let bytes = request("tollgate", &[alice], 86400);
+        let bytes = request("tollgate", &[alice]);
         let back = RateLimitRequest::decode(bytes.as_slice()).unwrap();
         assert_eq!(back.domain, "tollgate");
         assert_eq!(back.hits_addend, 1);
@@ -345,19 +364,25 @@ mod tests {
                 key: PRINCIPAL_KEY,
                 value: "alice",
                 limit: 2,
+                period: 60,
+                hits: None,
             },
             Hit {
                 key: ANONYMOUS_KEY,
                 value: "10.0.0.0/24",
                 limit: 7,
+                period: 60,
+                hits: None,
             },
             Hit {
                 key: PRINCIPAL_KEY,
                 value: "alice",
                 limit: 2,
+                period: 60,
+                hits: None,
             },
         ];
-        let back = RateLimitRequest::decode(request("d", &hits, 60).as_slice()).unwrap();
+        let back = RateLimitRequest::decode(request("d", &hits).as_slice()).unwrap();
         let sent: Vec<_> = back
             .descriptors
             .iter()
