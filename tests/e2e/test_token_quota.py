@@ -10,9 +10,11 @@ is a 429 the SDK raises as `RateLimitError`."""
 
 from __future__ import annotations
 
+import json
 import threading
 import uuid
 from concurrent import futures
+from pathlib import Path
 
 import openai
 import pytest
@@ -280,7 +282,9 @@ def test_200_concurrent_streams_of_one_client_are_each_counted(envoy, idp, mock,
     {"prompt_tokens": 10 ** 30, "completion_tokens": 1, "total_tokens": 10 ** 30},
     {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 1e3},
     "lots",
-], ids=["negative", "fractional", "string", "huge", "exponent", "not-an-object"])
+    {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2,
+     "deep": json.loads("[" * 300 + "]" * 300)},
+], ids=["negative", "fractional", "string", "huge", "exponent", "not-an-object", "nested-300"])
 def test_hostile_usage_is_charged_as_unreported_never_less(envoy, idp, mock, rsa, usage):
     import harness.openai_mock as om
 
@@ -472,3 +476,30 @@ def test_token_budgets_across_envoys_through_the_rate_limit_service(envoy, idp, 
         assert r.status_code == 429 and r.headers["x-ratelimit-remaining-tokens"] == "0"
     # Another client is unaffected.
     assert chat(client(a, rsa)).status_code == 200
+
+
+def test_the_readme_example_with_the_openai_sdk(envoy, idp, mock, rsa):
+    """The README's configuration for an OpenAI-compatible server, as
+    written but for the identity provider's address."""
+    import re
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = text.split("## Token quotas for LLM APIs", 1)[1].split("\n## ", 1)[0]
+    config = json.loads(re.search(r"```json\n(.*?)```", section, re.S).group(1))
+    jwt = config["auth"]["provider_config"]
+    jwt["jwks"] = {"uri": f"http://127.0.0.1:{idp.port}/jwks", "cluster": "idp"}
+    idp.set_keys(rsa)
+    envoy.upstream = mock
+    e = envoy(config)
+    key = rsa.sign(tokens.claims(sub="mia", aud=jwt["audience"], iss=jwt["issuer"]))
+    c = openai.OpenAI(base_url=f"{e.url}/v1", api_key=key, max_retries=0, timeout=15)
+    mock.script = Script(prompt_tokens=100, completion_tokens=20)  # 100 + 4 × 20 = 180
+    chunks = list(c.chat.completions.create(model="m", messages=MESSAGES, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[-1].usage.total_tokens == 120
+    raw = chat(c)
+    assert raw.headers["x-ratelimit-remaining-tokens"] == str(1_000_000 - 180 - 1000)
+    assert raw.headers["ratelimit-remaining"] == str(20000 - 2)
+    # The public path reaches the server without a token (the mock has no /health).
+    r = e.get("/health")
+    assert r.status == 404 and b"Unknown path /health" in r.body
