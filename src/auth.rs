@@ -201,10 +201,17 @@ impl Core {
             let result = match (
                 auth.and_then(AuthConfig::jwt),
                 auth.and_then(AuthConfig::callout),
+                auth.and_then(AuthConfig::api_keys),
             ) {
-                (Some(j), _) => self.authenticate_jwt(j, req.authorization.as_deref(), now_ms),
-                (None, Some(p)) => self.authenticate_by_callout(p, req, now_ms),
-                (None, None) => return self.finish(req, Ok(None), now_ms, store),
+                (Some(j), _, _) => self.authenticate_jwt(j, req.authorization.as_deref(), now_ms),
+                (None, Some(p), _) => self.authenticate_by_callout(p, req, now_ms),
+                (None, None, Some(k)) => {
+                    self.bearer(req.authorization.as_deref()).and_then(|token| {
+                        k.check(token)
+                            .ok_or(Step::Deny(Denial::Provider(ProviderError::InvalidApiKey)))
+                    })
+                }
+                (None, None, None) => return self.finish(req, Ok(None), now_ms, store),
             };
             match result {
                 Ok(id) => Some(id),

@@ -9,6 +9,7 @@
 use crate::alg::{Alg, AlgSet};
 use crate::claims::ClaimsMapping;
 use crate::json::{is_tchar, ConfigError, Obj};
+use crate::provider::api_keys::ApiKeys;
 use crate::provider::custom::Custom;
 use crate::provider::introspection::{Introspection, IntrospectionConfig};
 use crate::provider::{upstream_with, Upstream, CREDENTIALS_JWKS};
@@ -39,6 +40,8 @@ pub enum AuthConfig {
     Introspection(IntrospectionConfig),
     /// `custom`: an endpoint that validates the token.
     Custom(Custom),
+    /// `local_api_key`: static API keys.
+    ApiKeys(ApiKeys),
 }
 
 /// The 401 message for a request without a token (OAuth2 providers).
@@ -72,10 +75,18 @@ impl AuthConfig {
         }
     }
 
+    /// The static API keys, when that is the provider.
+    pub fn api_keys(&self) -> Option<&ApiKeys> {
+        match self {
+            AuthConfig::ApiKeys(k) => Some(k),
+            _ => None,
+        }
+    }
+
     /// The callout provider, when it is one.
     pub fn callout(&self) -> Option<CalloutProvider<'_>> {
         match self {
-            AuthConfig::Jwt(_) => None,
+            AuthConfig::Jwt(_) | AuthConfig::ApiKeys(_) => None,
             AuthConfig::Introspection(i) => Some(CalloutProvider::Introspection(i)),
             AuthConfig::Custom(c) => Some(CalloutProvider::Custom(c)),
         }
@@ -86,7 +97,7 @@ impl AuthConfig {
         match self {
             AuthConfig::Jwt(j) => Some(&j.claims_mapping),
             AuthConfig::Introspection(i) => Some(&i.claims_mapping),
-            AuthConfig::Custom(_) => None,
+            AuthConfig::Custom(_) | AuthConfig::ApiKeys(_) => None,
         }
     }
 
@@ -95,7 +106,7 @@ impl AuthConfig {
         match self {
             AuthConfig::Jwt(j) => j.issuer.as_deref(),
             AuthConfig::Introspection(i) => i.issuer.as_deref(),
-            AuthConfig::Custom(_) => None,
+            AuthConfig::Custom(_) | AuthConfig::ApiKeys(_) => None,
         }
     }
 
@@ -103,6 +114,8 @@ impl AuthConfig {
     pub fn missing_message(&self) -> String {
         match (self, self.issuer()) {
             (AuthConfig::Custom(c), _) => c.missing_message(),
+            // OGX's base provider message.
+            (AuthConfig::ApiKeys(_), _) => "Authentication required".to_string(),
             (_, Some(iss)) => format!("{OAUTH2_MISSING} from {iss}"),
             (_, None) => OAUTH2_MISSING.to_string(),
         }
@@ -471,9 +484,10 @@ fn parse_provider(kind: &str, kind_path: &str, o: Obj) -> Result<AuthConfig, Con
     match kind {
         "oauth2_token" => parse_oauth2(o),
         "custom" => Ok(AuthConfig::Custom(Custom::parse(o)?)),
+        "local_api_key" => Ok(AuthConfig::ApiKeys(ApiKeys::parse(o)?)),
         other => Err(ConfigError::new(
             kind_path,
-            format!("unknown provider `{other}`; expected oauth2_token or custom"),
+            format!("unknown provider `{other}`; expected oauth2_token, custom or local_api_key"),
         )),
     }
 }

@@ -19,6 +19,7 @@
 use crate::json::{ConfigError, Obj};
 use std::fmt;
 
+pub mod api_keys;
 pub mod custom;
 pub mod introspection;
 
@@ -107,6 +108,8 @@ pub enum ProviderError {
     /// 401 [`crate::claims::TENANT_RULE`]: the answer's tenant is one OGX
     /// would refuse.
     InvalidTenant,
+    /// 401 "Invalid or missing API key" (`local_api_key`, OGX's message).
+    InvalidApiKey,
 }
 
 impl ProviderError {
@@ -148,6 +151,7 @@ impl fmt::Display for ProviderError {
             ProviderError::Unavailable => f.write_str("Authentication service unavailable"),
             ProviderError::Timeout => f.write_str("Authentication service timeout"),
             ProviderError::InvalidTenant => f.write_str(crate::claims::TENANT_RULE),
+            ProviderError::InvalidApiKey => f.write_str("Invalid or missing API key"),
         }
     }
 }

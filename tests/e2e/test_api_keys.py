@@ -1,0 +1,81 @@
+"""`local_api_key` (issue #21) through a real Envoy: OGX 1.5.0's configuration
+shape pasted as is (`ogx/core/datatypes.py` `LocalApiKeyAuthConfig`,
+`api_keys`), and named keys given as SHA-256 digests with their own
+principal and attributes. Wrong and missing keys are 401 with OGX's
+messages (`LocalApiKeyAuthProvider.validate_token`; the base
+`get_auth_error_message`); no key reaches a forwarded header."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+API = "/v1/models"
+CI_KEY = "ci-0123456789abcdef"
+OGX_KEY = "sk-ogx-plain-key"
+
+
+@pytest.fixture(scope="module")
+def gw(module_envoy):
+    return module_envoy({
+        "auth": {"provider_config": {
+            "type": "local_api_key",
+            "api_keys": [OGX_KEY],
+            "keys": [{"name": "ci", "sha256": hashlib.sha256(CI_KEY.encode()).hexdigest(),
+                      "attributes": {"roles": ["ci"], "teams": ["build"]}}]}},
+        "forward": {"strip_authorization": True},
+        "route_policy": [{"permit": {"paths": "*"}, "when": "user with ci in roles"},
+                         {"permit": {"paths": "/v1/models"}, "when": "user with admin in roles"}],
+    })
+
+
+def identity(upstream) -> tuple[str, dict, list[str]]:
+    (req,) = upstream.received()
+    h = req.headers
+    return h["x-auth-principal"], json.loads(h["x-auth-attributes"]), list(h)
+
+
+def test_ogx_shaped_keys_are_admins_without_the_key_in_any_header(gw, upstream):
+    r = gw.get(API, token=OGX_KEY)
+    assert r.status == 200, r
+    principal, attributes, names = identity(upstream)
+    short = hashlib.sha256(OGX_KEY.encode()).hexdigest()[:12]
+    assert principal == f"api-key-{short}"
+    assert attributes == {"roles": ["admin", "owner"], "teams": [principal]}
+    assert "authorization" not in names
+    (req,) = upstream.received()
+    assert OGX_KEY not in json.dumps(req.headers)
+
+
+def test_named_keys_by_digest(gw, upstream):
+    assert gw.get("/v1/anything", token=CI_KEY).status == 200
+    principal, attributes, _ = identity(upstream)
+    assert (principal, attributes) == ("ci", {"roles": ["ci"], "teams": ["build"]})
+
+
+@pytest.mark.parametrize("token", ["nope", OGX_KEY + "x", OGX_KEY.upper(), CI_KEY[:-1]])
+def test_wrong_keys_are_401(gw, upstream, token):
+    r = gw.get(API, token=token)
+    assert r.status == 401
+    assert json.loads(r.body) == {"error": {"message": "Invalid or missing API key"}}
+    assert upstream.received() == []
+
+
+def test_missing_key_is_401(gw, upstream):
+    r = gw.get(API)
+    assert r.status == 401
+    assert json.loads(r.body) == {"error": {"message": "Authentication required"}}
+    # route_policy applies to the key's identity: the OGX key is not ci.
+    assert gw.get("/v1/other", token=OGX_KEY).status == 403
+
+
+@pytest.mark.parametrize("provider,key", [
+    ({"type": "local_api_key"}, "auth.provider_config"),
+    ({"type": "local_api_key", "keys": [{"name": "x", "sha256": "00"}]},
+     "auth.provider_config.keys[0].sha256"),
+])
+def test_bad_key_configurations_refuse_to_load(expect_config_rejected, provider, key):
+    log = expect_config_rejected({"auth": {"provider_config": provider}})
+    assert key in log, log
