@@ -43,6 +43,9 @@ pub struct RequestFacts {
     pub path: String,
     /// The raw `Authorization` value, if any.
     pub authorization: Option<Vec<u8>>,
+    /// The values of the other credential headers (`auth.credentials`) the
+    /// request has: the source's index and the raw value.
+    pub credentials: Vec<(usize, Vec<u8>)>,
     /// The client's address without the port; filled for anonymous requests
     /// when quotas are on.
     pub source_ip: Option<String>,
@@ -203,14 +206,12 @@ impl Core {
                 auth.and_then(AuthConfig::callout),
                 auth.and_then(AuthConfig::api_keys),
             ) {
-                (Some(j), _, _) => self.authenticate_jwt(j, req.authorization.as_deref(), now_ms),
+                (Some(j), _, _) => self.authenticate_jwt(j, req, now_ms),
                 (None, Some(p), _) => self.authenticate_by_callout(p, req, now_ms),
-                (None, None, Some(k)) => {
-                    self.bearer(req.authorization.as_deref()).and_then(|token| {
-                        k.check(token)
-                            .ok_or(Step::Deny(Denial::Provider(ProviderError::InvalidApiKey)))
-                    })
-                }
+                (None, None, Some(k)) => self.credential(req).and_then(|token| {
+                    k.check(token)
+                        .ok_or(Step::Deny(Denial::Provider(ProviderError::InvalidApiKey)))
+                }),
                 (None, None, None) => return self.finish(req, Ok(None), now_ms, store),
             };
             match result {
@@ -598,6 +599,37 @@ impl Core {
         }
     }
 
+    /// The request's credential from the sources of `auth.credentials`:
+    /// `Authorization: Bearer` read as [`Core::bearer`] does, other headers
+    /// with their prefix removed. Two different credentials are refused
+    /// (401), never chosen between; none is the provider's 401.
+    fn credential<'a>(&self, req: &'a RequestFacts) -> Result<&'a [u8], Step> {
+        let sources = &self.config.credentials;
+        let mut found: Option<&[u8]> = None;
+        if sources
+            .iter()
+            .any(crate::config::CredentialSource::is_bearer)
+        {
+            match self.bearer(req.authorization.as_deref()) {
+                Ok(t) => found = Some(t),
+                Err(Step::Deny(Denial::MissingCredentials(_))) => {}
+                Err(step) => return Err(step),
+            }
+        }
+        for (i, value) in &req.credentials {
+            let token = sources
+                .get(*i)
+                .and_then(|s| s.token(value))
+                .filter(|t| !t.is_empty())
+                .ok_or(Step::Deny(Denial::InvalidHeaderFormat))?;
+            match found {
+                Some(f) if f != token => return Err(Step::Deny(Denial::MultipleCredentials)),
+                _ => found = Some(token),
+            }
+        }
+        found.ok_or_else(|| Step::Deny(Denial::MissingCredentials(self.missing_message.clone())))
+    }
+
     /// Introspection and custom providers: a cached answer, or a callout.
     /// The custom endpoint is sent the normalised path (percent-decoded, see
     /// `provider::custom::endpoint_path`) and its answer is keyed by the token and
@@ -610,7 +642,7 @@ impl Core {
         req: &RequestFacts,
         now_ms: u64,
     ) -> Result<Rc<Identity>, Step> {
-        let token = as_token(self.bearer(req.authorization.as_deref())?);
+        let token = as_token(self.credential(req)?);
         if token.is_empty() {
             // Nothing to ask the provider about.
             return Err(Step::Deny(Denial::InvalidHeaderFormat));
@@ -719,10 +751,10 @@ impl Core {
     fn authenticate_jwt(
         &mut self,
         j: &JwtConfig,
-        authorization: Option<&[u8]>,
+        req: &RequestFacts,
         now_ms: u64,
     ) -> Result<Rc<Identity>, Step> {
-        let raw = self.bearer(authorization)?;
+        let raw = self.credential(req)?;
         let now_s = now_ms / 1000;
         let rules = Rules {
             audiences: &j.audiences,

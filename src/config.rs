@@ -24,6 +24,8 @@ pub struct Config {
     pub auth: Option<AuthConfig>,
     pub public_paths: PublicPaths,
     pub forward: Forward,
+    /// Where a request's credential is read (`auth.credentials`), in order.
+    pub credentials: Vec<CredentialSource>,
     /// OGX's `route_policy` (top level, or inside `auth`).
     pub route_policy: RoutePolicy,
     pub route_rules: RouteRules,
@@ -42,6 +44,97 @@ pub enum AuthConfig {
     Custom(Custom),
     /// `local_api_key`: static API keys.
     ApiKeys(ApiKeys),
+}
+
+/// A header a credential is read from, with the prefix before the token
+/// (compared without regard to ASCII case).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CredentialSource {
+    /// Lower case.
+    pub header: String,
+    pub prefix: Option<String>,
+}
+
+impl CredentialSource {
+    /// `Authorization: Bearer <token>`, the default, read with the
+    /// Bearer rules of Llama Stack and OGX.
+    pub fn is_bearer(&self) -> bool {
+        self.header == "authorization"
+            && self
+                .prefix
+                .as_deref()
+                .is_some_and(|p| p.trim().eq_ignore_ascii_case("bearer"))
+    }
+
+    /// The token of a value read from this header: the prefix (when there is
+    /// one) removed, outer white space trimmed; `None` when the prefix is
+    /// missing.
+    pub fn token<'a>(&self, value: &'a [u8]) -> Option<&'a [u8]> {
+        let v = value.trim_ascii();
+        let rest = match &self.prefix {
+            None => v,
+            Some(p) => {
+                let (head, rest) = v.split_at_checked(p.len())?;
+                if !head.eq_ignore_ascii_case(p.as_bytes()) {
+                    return None;
+                }
+                rest
+            }
+        };
+        Some(rest.trim_ascii())
+    }
+}
+
+fn default_credentials() -> Vec<CredentialSource> {
+    vec![CredentialSource {
+        header: "authorization".into(),
+        prefix: Some("Bearer ".into()),
+    }]
+}
+
+fn parse_credentials(v: &Value, key: &str) -> Result<Vec<CredentialSource>, ConfigError> {
+    let Value::Array(items) = v else {
+        return Err(ConfigError::new(
+            key,
+            "must be a list of credential sources",
+        ));
+    };
+    if items.is_empty() {
+        return Err(ConfigError::new(key, "must not be empty"));
+    }
+    let mut out: Vec<CredentialSource> = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let mut o = Obj::new(item, &format!("{key}[{i}]"))?;
+        let header = o
+            .nonempty_str("header")?
+            .ok_or_else(|| ConfigError::new(o.path("header"), "is required"))?
+            .to_ascii_lowercase();
+        if !header.bytes().all(is_tchar) || matches!(header.as_str(), "host" | "content-length") {
+            return Err(ConfigError::new(
+                o.path("header"),
+                "not a header a credential can be in",
+            ));
+        }
+        let prefix = o.nonempty_str("prefix")?.map(str::to_string);
+        if prefix
+            .as_deref()
+            .is_some_and(|p| !p.bytes().all(|b| (0x20..0x7f).contains(&b)))
+        {
+            return Err(ConfigError::new(
+                o.path("prefix"),
+                "must be printable ASCII",
+            ));
+        }
+        o.finish()?;
+        if out.iter().any(|s| s.header == header) {
+            return Err(ConfigError::new(
+                format!("{key}[{i}].header"),
+                "the header is given twice",
+            ));
+        }
+        out.push(CredentialSource { header, prefix });
+    }
+    Ok(out)
 }
 
 /// The 401 message for a request without a token (OAuth2 providers).
@@ -159,7 +252,11 @@ pub struct Forward {
     /// Per-category headers (OGX's `attribute_headers`): header → category;
     /// those categories then leave `attributes_header`.
     pub attribute_headers: Vec<(String, String)>,
+    /// Removes the credential before the upstream: `Authorization` and
+    /// every header of `auth.credentials`.
     pub strip_authorization: bool,
+    /// The headers of `auth.credentials` (not configuration of `forward`).
+    pub credential_headers: Vec<String>,
 }
 
 impl Default for Forward {
@@ -170,6 +267,7 @@ impl Default for Forward {
             tenant_header: "x-auth-tenant".into(),
             attribute_headers: Vec::new(),
             strip_authorization: false,
+            credential_headers: vec!["authorization".into()],
         }
     }
 }
@@ -269,13 +367,22 @@ impl Config {
             None => Forward::default(),
             Some(o) => parse_forward(o)?,
         };
-        let (auth, auth_route_policy) = match top.obj("auth")? {
-            None => (None, None),
+        let (auth, auth_route_policy, credentials) = match top.obj("auth")? {
+            None => (None, None, default_credentials()),
             Some(o) => {
-                let (auth, policy) = parse_auth(o)?;
-                (Some(auth), policy)
+                let (auth, policy, credentials) = parse_auth(o)?;
+                (Some(auth), policy, credentials)
             }
         };
+        let mut forward = forward;
+        forward.credential_headers = std::iter::once("authorization".to_string())
+            .chain(credentials.iter().map(|c| c.header.clone()))
+            .fold(Vec::new(), |mut all, h| {
+                if !all.contains(&h) {
+                    all.push(h);
+                }
+                all
+            });
         let route_policy = match (top.get("route_policy"), auth_route_policy) {
             (Some(_), Some(inner)) if !inner.is_empty() => {
                 return Err(ConfigError::new(
@@ -308,6 +415,7 @@ impl Config {
             auth,
             public_paths,
             forward,
+            credentials,
             route_policy,
             route_rules,
             quota,
@@ -398,6 +506,7 @@ fn parse_forward(mut o: Obj) -> Result<Forward, ConfigError> {
         tenant_header,
         attribute_headers,
         strip_authorization,
+        credential_headers: d.credential_headers,
     };
     // Each identity header carries one thing.
     let names: Vec<&str> = forward.identity_headers().collect();
@@ -429,8 +538,11 @@ fn header_name(o: &mut Obj, key: &str) -> Result<Option<String>, ConfigError> {
     Ok(Some(lower))
 }
 
-/// `auth` and the `route_policy` pasted inside it (OGX's `server.auth`).
-fn parse_auth(mut o: Obj) -> Result<(AuthConfig, Option<RoutePolicy>), ConfigError> {
+/// `auth`, the `route_policy` pasted inside it (OGX's `server.auth`) and
+/// where credentials are read (`credentials`).
+type ParsedAuth = (AuthConfig, Option<RoutePolicy>, Vec<CredentialSource>);
+
+fn parse_auth(mut o: Obj) -> Result<ParsedAuth, ConfigError> {
     // Their dumps carry empty lists (no rules); only rules are refused.
     if o.array("access_policy")?
         .is_some_and(|rules| !rules.is_empty())
@@ -444,7 +556,11 @@ fn parse_auth(mut o: Obj) -> Result<(AuthConfig, Option<RoutePolicy>), ConfigErr
         Some(v) => Some(RoutePolicy::parse(v, &o.path("route_policy"))?),
         None => None,
     };
-    parse_provider_of(o).map(|auth| (auth, route_policy))
+    let credentials = match o.get("credentials") {
+        Some(v) => parse_credentials(v, &o.path("credentials"))?,
+        None => default_credentials(),
+    };
+    parse_provider_of(o).map(|auth| (auth, route_policy, credentials))
 }
 
 fn parse_provider_of(mut o: Obj) -> Result<AuthConfig, ConfigError> {
@@ -1219,6 +1335,69 @@ mod tests {
                 (e.key.as_str(), e.reason.as_str()),
                 (key, reason),
                 "{forward}"
+            );
+        }
+    }
+
+    #[test]
+    fn credential_sources() {
+        let c = Config::from_value(&jwt_example()).unwrap();
+        assert!(matches!(c.credentials.as_slice(), [s] if s.is_bearer()));
+        let mut v = jwt_example();
+        v["auth"]["credentials"] = json!([
+            {"header": "Authorization", "prefix": "Bearer "},
+            {"header": "X-API-Key"},
+            {"header": "api-key", "prefix": "Key "}
+        ]);
+        let c = Config::from_value(&v).unwrap();
+        assert_eq!(
+            c.forward.credential_headers,
+            ["authorization", "x-api-key", "api-key"]
+        );
+        let key = &c.credentials[2];
+        assert_eq!(key.token(b" key abc "), Some(&b"abc"[..]));
+        assert_eq!(key.token(b"abc"), None);
+        assert_eq!(c.credentials[1].token(b" k1 "), Some(&b"k1"[..]));
+        for (creds, path, reason) in [
+            (json!([]), "auth.credentials", "must not be empty"),
+            (
+                json!({}),
+                "auth.credentials",
+                "must be a list of credential sources",
+            ),
+            (
+                json!([{"prefix": "x"}]),
+                "auth.credentials[0].header",
+                "is required",
+            ),
+            (
+                json!([{"header": "host"}]),
+                "auth.credentials[0].header",
+                "not a header a credential can be in",
+            ),
+            (
+                json!([{"header": "x-k"}, {"header": "X-K"}]),
+                "auth.credentials[1].header",
+                "the header is given twice",
+            ),
+            (
+                json!([{"header": "x-k", "prefix": "é"}]),
+                "auth.credentials[0].prefix",
+                "must be printable ASCII",
+            ),
+            (
+                json!([{"header": "x-k", "cookie": "c"}]),
+                "auth.credentials[0].cookie",
+                "unknown key",
+            ),
+        ] {
+            let mut v = jwt_example();
+            v["auth"]["credentials"] = creds.clone();
+            let e = err(v);
+            assert_eq!(
+                (e.key.as_str(), e.reason.as_str()),
+                (path, reason),
+                "{creds}"
             );
         }
     }

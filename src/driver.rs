@@ -458,11 +458,24 @@ impl Driver {
         // `content-type`, and the identity headers' other spellings.
         let (mut authorization, mut content_type) = (None, None);
         let mut spoofed: Vec<String> = Vec::new();
+        // Other credential headers than `Authorization: Bearer`, when
+        // `auth.credentials` names some.
+        let sources = &config.credentials;
+        let other_sources = !matches!(sources.as_slice(), [s] if s.is_bearer());
+        let mut credentials: Vec<(usize, Vec<u8>)> = Vec::new();
         for (name, value) in head.pairs() {
             match name {
                 b"authorization" if authorization.is_none() => authorization = Some(value),
                 b"content-type" if content_type.is_none() => content_type = Some(value),
                 _ => {}
+            }
+            if other_sources {
+                let source = sources
+                    .iter()
+                    .position(|s| !s.is_bearer() && name == s.header.as_bytes());
+                if let Some(i) = source.filter(|i| !credentials.iter().any(|(j, _)| j == i)) {
+                    credentials.push((i, value.to_vec()));
+                }
             }
             // The tenant and per-category headers are only written when
             // there is something to write: a client's own copy is removed.
@@ -494,6 +507,7 @@ impl Driver {
         if !config.needs_path() && !debug {
             let facts = RequestFacts {
                 authorization,
+                credentials,
                 source_ip: config.counts_by_address("").then(source_ip).flatten(),
                 ..RequestFacts::default()
             };
@@ -540,6 +554,7 @@ impl Driver {
             method,
             path,
             authorization,
+            credentials,
             source_ip,
             raw_path,
             headers,

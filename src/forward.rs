@@ -43,7 +43,9 @@ pub fn forward_identity(
         ok &= h.set_request_header(&forward.tenant_header, Some(tenant.as_bytes()));
     }
     if forward.strip_authorization {
-        ok &= h.set_request_header("authorization", None);
+        for header in &forward.credential_headers {
+            ok &= h.set_request_header(header, None);
+        }
     }
     ok
 }

@@ -17,6 +17,8 @@ pub enum Denial {
     MissingCredentials(String),
     /// `Authorization` is not `Bearer <token>`.
     InvalidHeaderFormat,
+    /// Two different credentials in one request (`auth.credentials`).
+    MultipleCredentials,
     /// The token failed verification.
     InvalidToken(TokenError),
     /// The introspection or custom endpoint refused, or could not answer.
@@ -51,6 +53,7 @@ impl fmt::Display for Denial {
         match self {
             Denial::MissingCredentials(m) => f.write_str(m),
             Denial::InvalidHeaderFormat => f.write_str("Invalid Authorization header format"),
+            Denial::MultipleCredentials => f.write_str("More than one credential in the request"),
             Denial::InvalidToken(crate::jwt::TokenError::InvalidTenant) => {
                 f.write_str(crate::claims::TENANT_RULE)
             }
@@ -82,6 +85,7 @@ impl Denial {
         match self {
             Denial::MissingCredentials(_)
             | Denial::InvalidHeaderFormat
+            | Denial::MultipleCredentials
             | Denial::InvalidToken(_) => 401,
             Denial::AuthUnavailable | Denial::AuthTimeout | Denial::QuotaUnavailable => 503,
             Denial::Forbidden(_) => 403,
@@ -98,7 +102,7 @@ impl Denial {
     pub fn reason(&self) -> &'static str {
         match self {
             Denial::MissingCredentials(_) => "missing",
-            Denial::InvalidHeaderFormat => "malformed",
+            Denial::InvalidHeaderFormat | Denial::MultipleCredentials => "malformed",
             Denial::InvalidToken(e) => e.reason(),
             Denial::Provider(e) => e.reason(),
             Denial::AuthUnavailable => "auth_unavailable",

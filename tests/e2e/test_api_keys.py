@@ -79,3 +79,55 @@ def test_missing_key_is_401(gw, upstream):
 def test_bad_key_configurations_refuse_to_load(expect_config_rejected, provider, key):
     log = expect_config_rejected({"auth": {"provider_config": provider}})
     assert key in log, log
+
+
+# -- where the credential comes from (auth.credentials) ------------------------
+
+SDK_HEADERS = [  # the headers LLM SDKs send keys in
+    {"header": "authorization", "prefix": "Bearer "},
+    {"header": "x-api-key"},                 # Anthropic's SDK
+    {"header": "api-key"},                   # Azure OpenAI
+    {"header": "x-goog-api-key"},            # Google's
+]
+
+
+@pytest.fixture(scope="module")
+def sdk_gw(module_envoy):
+    return module_envoy({
+        "auth": {"provider_config": {"type": "local_api_key",
+                                     "keys": [{"name": "ci", "key": CI_KEY},
+                                              {"name": "ops", "key": "ops-key"}]},
+                 "credentials": SDK_HEADERS},
+        "forward": {"strip_authorization": True},
+    })
+
+
+@pytest.mark.parametrize("header,value", [
+    ("Authorization", f"Bearer {CI_KEY}"),
+    ("x-api-key", CI_KEY),
+    ("api-key", f"  {CI_KEY} "),
+    ("x-goog-api-key", CI_KEY),
+])
+def test_every_configured_header_carries_the_key_and_is_stripped(sdk_gw, upstream, header, value):
+    r = sdk_gw.get(API, headers={header: value})
+    assert r.status == 200, r
+    (req,) = upstream.received()
+    assert req.headers["x-auth-principal"] == "ci"
+    assert not any(h in req.headers for h in ("authorization", "x-api-key", "api-key",
+                                              "x-goog-api-key"))
+
+
+def test_two_different_credentials_are_refused(sdk_gw, upstream):
+    r = sdk_gw.get(API, headers={"x-api-key": CI_KEY, "Authorization": "Bearer ops-key"})
+    assert r.status == 401
+    assert json.loads(r.body) == {"error": {"message": "More than one credential in the request"}}
+    # The same key twice is one credential.
+    assert sdk_gw.get(API, headers={"x-api-key": CI_KEY, "api-key": CI_KEY}).status == 200
+    assert len(upstream.received()) == 1
+
+
+def test_a_header_outside_the_list_is_not_read(sdk_gw, upstream):
+    r = sdk_gw.get(API, headers={"x-other-key": CI_KEY})
+    assert r.status == 401
+    assert json.loads(r.body) == {"error": {"message": "Authentication required"}}
+    assert sdk_gw.get(API, headers={"x-api-key": ""}).status == 401
