@@ -116,6 +116,7 @@ fn main() {
             method: String::new(),
             path: "/v1/models".into(),
             authorization: Some(format!("Bearer {t}").into_bytes()),
+            credentials: vec![],
             source_ip: None,
             raw_path: String::new(),
             headers: vec![],
