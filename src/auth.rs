@@ -666,6 +666,11 @@ impl Core {
                 let request = c.request(token, &path, &req.raw_path, &req.headers);
                 (key, &c.endpoint, request)
             }
+            CalloutProvider::Kubernetes(k) => (
+                self.hasher.key(&[token.as_bytes()]),
+                &k.endpoint,
+                k.request(token),
+            ),
         };
         match self.tokens.get(&key, 0, now_ms / 1000) {
             Some(Ok(id)) => Ok(id),
@@ -710,6 +715,13 @@ impl Core {
                 ),
                 Err(e) => (Err(e), None),
             },
+            Some(CalloutProvider::Kubernetes(k)) => match k.interpret(answer) {
+                Ok(id) => (
+                    Ok(Rc::new(id)),
+                    Some((k.cache_ttl, now_s.saturating_add(k.cache_ttl))),
+                ),
+                Err(e) => (Err(e), None),
+            },
             _ => (Err(ProviderError::Unavailable), None),
         };
         match result {
@@ -732,6 +744,7 @@ impl Core {
                         | ProviderError::Expired
                         | ProviderError::WrongAudience
                         | ProviderError::AuthFailed(401 | 403)
+                        | ProviderError::KubernetesInvalid
                 );
                 let uncached =
                     matches!(provider, Some(CalloutProvider::Custom(c)) if c.cache_ttl == 0);

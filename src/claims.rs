@@ -42,6 +42,19 @@ impl ClaimsMapping {
         }
     }
 
+    /// A mapping of claims to categories, in this order (a provider's own
+    /// default).
+    pub fn from_pairs(pairs: &[(&str, &str)]) -> Self {
+        ClaimsMapping {
+            entries: pairs
+                .iter()
+                .map(|(c, a)| (vec![c.to_string()], a.to_string()))
+                .collect(),
+            default: false,
+            tenant_claim: None,
+        }
+    }
+
     /// Whether this is the default mapping, not one from the configuration.
     pub fn is_default(&self) -> bool {
         self.default

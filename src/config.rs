@@ -12,6 +12,7 @@ use crate::json::{is_tchar, ConfigError, Obj};
 use crate::provider::api_keys::ApiKeys;
 use crate::provider::custom::Custom;
 use crate::provider::introspection::{Introspection, IntrospectionConfig};
+use crate::provider::kubernetes::Kubernetes;
 use crate::provider::{upstream_with, Upstream, CREDENTIALS_JWKS};
 use crate::quota::QuotaConfig;
 use crate::route_policy::RoutePolicy;
@@ -44,6 +45,8 @@ pub enum AuthConfig {
     Custom(Custom),
     /// `local_api_key`: static API keys.
     ApiKeys(ApiKeys),
+    /// `kubernetes`: a `SelfSubjectReview` with the token.
+    Kubernetes(Kubernetes),
 }
 
 /// A header a credential is read from, with the prefix before the token
@@ -145,6 +148,7 @@ const OAUTH2_MISSING: &str = "Authentication required. Please provide a valid OA
 pub enum CalloutProvider<'a> {
     Introspection(&'a IntrospectionConfig),
     Custom(&'a Custom),
+    Kubernetes(&'a Kubernetes),
 }
 
 impl CalloutProvider<'_> {
@@ -153,6 +157,7 @@ impl CalloutProvider<'_> {
         match self {
             CalloutProvider::Introspection(_) => "introspection",
             CalloutProvider::Custom(_) => "custom",
+            CalloutProvider::Kubernetes(_) => "kubernetes",
         }
     }
 }
@@ -182,6 +187,7 @@ impl AuthConfig {
             AuthConfig::Jwt(_) | AuthConfig::ApiKeys(_) => None,
             AuthConfig::Introspection(i) => Some(CalloutProvider::Introspection(i)),
             AuthConfig::Custom(c) => Some(CalloutProvider::Custom(c)),
+            AuthConfig::Kubernetes(k) => Some(CalloutProvider::Kubernetes(k)),
         }
     }
 
@@ -190,6 +196,7 @@ impl AuthConfig {
         match self {
             AuthConfig::Jwt(j) => Some(&j.claims_mapping),
             AuthConfig::Introspection(i) => Some(&i.claims_mapping),
+            AuthConfig::Kubernetes(k) => Some(&k.claims_mapping),
             AuthConfig::Custom(_) | AuthConfig::ApiKeys(_) => None,
         }
     }
@@ -199,7 +206,7 @@ impl AuthConfig {
         match self {
             AuthConfig::Jwt(j) => j.issuer.as_deref(),
             AuthConfig::Introspection(i) => i.issuer.as_deref(),
-            AuthConfig::Custom(_) | AuthConfig::ApiKeys(_) => None,
+            AuthConfig::Custom(_) | AuthConfig::ApiKeys(_) | AuthConfig::Kubernetes(_) => None,
         }
     }
 
@@ -208,7 +215,9 @@ impl AuthConfig {
         match (self, self.issuer()) {
             (AuthConfig::Custom(c), _) => c.missing_message(),
             // OGX's base provider message.
-            (AuthConfig::ApiKeys(_), _) => "Authentication required".to_string(),
+            (AuthConfig::ApiKeys(_) | AuthConfig::Kubernetes(_), _) => {
+                "Authentication required".to_string()
+            }
             (_, Some(iss)) => format!("{OAUTH2_MISSING} from {iss}"),
             (_, None) => OAUTH2_MISSING.to_string(),
         }
@@ -601,9 +610,12 @@ fn parse_provider(kind: &str, kind_path: &str, o: Obj) -> Result<AuthConfig, Con
         "oauth2_token" => parse_oauth2(o),
         "custom" => Ok(AuthConfig::Custom(Custom::parse(o)?)),
         "local_api_key" => Ok(AuthConfig::ApiKeys(ApiKeys::parse(o)?)),
+        "kubernetes" => Ok(AuthConfig::Kubernetes(Kubernetes::parse(o)?)),
         other => Err(ConfigError::new(
             kind_path,
-            format!("unknown provider `{other}`; expected oauth2_token, custom or local_api_key"),
+            format!(
+                "unknown provider `{other}`; expected oauth2_token, custom, local_api_key or kubernetes"
+            ),
         )),
     }
 }

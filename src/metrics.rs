@@ -65,7 +65,7 @@ pub fn all_names() -> Vec<String> {
     names.push("tollgate_quota_fallbacks_total".to_string());
     names.push("tollgate_tokens_charged_total".to_string());
     names.push("tollgate_token_usage_missing_total".to_string());
-    for provider in ["introspection", "custom", "rls"] {
+    for provider in ["introspection", "custom", "kubernetes", "rls"] {
         for outcome in CALLOUT_OUTCOMES {
             names.push(format!(
                 "tollgate_callouts_total.provider.{provider}.outcome.{outcome}"

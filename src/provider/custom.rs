@@ -39,7 +39,7 @@ use serde_json::{json, Map, Value};
 
 /// Default seconds an endpoint's answer is reused for the same token.
 pub const DEFAULT_CACHE_TTL: u64 = 30;
-const MAX_CACHE_TTL: u64 = 10 * 365 * 86400;
+use super::MAX_CACHE_TTL;
 
 /// The `custom` provider's settings.
 #[derive(Debug, Clone, PartialEq, Eq)]

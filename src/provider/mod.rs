@@ -22,9 +22,12 @@ use std::fmt;
 pub mod api_keys;
 pub mod custom;
 pub mod introspection;
+pub mod kubernetes;
 
 /// Default callout timeout of both callout providers (Llama Stack's 10 s).
 pub const DEFAULT_TIMEOUT_MS: u64 = 10_000;
+/// The longest `cache_ttl` of a callout provider (ten years).
+pub const MAX_CACHE_TTL: u64 = 10 * 365 * 86400;
 /// Longest callout timeout accepted.
 pub const MAX_TIMEOUT_MS: u64 = 600_000;
 
@@ -110,6 +113,13 @@ pub enum ProviderError {
     InvalidTenant,
     /// 401 "Invalid or missing API key" (`local_api_key`, OGX's message).
     InvalidApiKey,
+    /// 401 "Invalid token": the API server refused the token (`kubernetes`).
+    KubernetesInvalid,
+    /// 401 "Token validation failed: `<status>`" (`kubernetes`).
+    KubernetesFailed(u16),
+    /// 401 "Invalid SelfSubjectReview response" (`kubernetes`: no
+    /// `status.userInfo.username`, or an answer that is not JSON).
+    KubernetesReview,
 }
 
 impl ProviderError {
@@ -152,6 +162,9 @@ impl fmt::Display for ProviderError {
             ProviderError::Timeout => f.write_str("Authentication service timeout"),
             ProviderError::InvalidTenant => f.write_str(crate::claims::TENANT_RULE),
             ProviderError::InvalidApiKey => f.write_str("Invalid or missing API key"),
+            ProviderError::KubernetesInvalid => f.write_str("Invalid token"),
+            ProviderError::KubernetesFailed(s) => write!(f, "Token validation failed: {s}"),
+            ProviderError::KubernetesReview => f.write_str("Invalid SelfSubjectReview response"),
         }
     }
 }

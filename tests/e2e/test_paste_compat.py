@@ -280,7 +280,6 @@ def test_ogx_1_5_0_custom_example_with_quota(envoy, module_idp, authsvc, cluster
 
 
 @pytest.mark.parametrize("provider", [
-    {"type": "kubernetes", "api_server_url": "https://kubernetes.default.svc"},
     {"type": "github_token", "github_api_base_url": "https://api.github.com"},
 ])
 def test_ogx_providers_tollgate_lacks_refuse_to_load(expect_config_rejected, provider):
