@@ -134,6 +134,9 @@ pub struct Core {
     pub tokens: TokenCache,
     hasher: TokenHasher,
     missing_message: String,
+    /// Makes the cache key of an unshared custom-endpoint callout unique
+    /// (its `cache_ttl` 0: see `authenticate_by_callout`).
+    unshared: u64,
 }
 
 /// What `Authorization` holds.
@@ -185,6 +188,7 @@ impl Core {
             tokens: TokenCache::default(),
             hasher: TokenHasher::default(),
             missing_message,
+            unshared: 0,
         }
     }
 
@@ -656,9 +660,8 @@ impl Core {
             CalloutProvider::Custom(c) => {
                 let path = crate::provider::custom::endpoint_path(&req.path);
                 let key = if c.cache_ttl == 0 {
-                    use std::sync::atomic::{AtomicU64, Ordering};
-                    static UNSHARED: AtomicU64 = AtomicU64::new(0);
-                    let n = UNSHARED.fetch_add(1, Ordering::Relaxed).to_le_bytes();
+                    self.unshared = self.unshared.wrapping_add(1);
+                    let n = self.unshared.to_le_bytes();
                     self.hasher.key(&[token.as_bytes(), path.as_bytes(), &n])
                 } else {
                     self.hasher.key(&[token.as_bytes(), path.as_bytes()])
