@@ -758,19 +758,34 @@ impl Driver {
             !gone
         });
         self.callout_waiting = self.callout_waiting.saturating_sub(removed);
-        let before = self.count_queue.len();
-        self.count_queue.retain(|c| c.parked.req.id != id);
-        removed = before.saturating_sub(self.count_queue.len());
+        // Waiting for the rate-limit service: forgotten, and a token
+        // reservation it holds (a budget's check) given back.
+        let mut gone: Vec<Counted> = Vec::new();
+        let (keep, left): (VecDeque<Counted>, VecDeque<Counted>) =
+            std::mem::take(&mut self.count_queue)
+                .into_iter()
+                .partition(|c| c.parked.req.id != id);
+        self.count_queue = keep;
+        gone.extend(left);
         for call in self
             .counting_sent
             .values_mut()
             .chain(self.counting.values_mut())
         {
-            let before = call.waiting.len();
-            call.waiting.retain(|c| c.parked.req.id != id);
-            removed = removed.saturating_add(before.saturating_sub(call.waiting.len()));
+            let (keep, left): (Vec<Counted>, Vec<Counted>) = std::mem::take(&mut call.waiting)
+                .into_iter()
+                .partition(|c| c.parked.req.id != id);
+            call.waiting = keep;
+            gone.extend(left);
         }
-        self.count_waiting = self.count_waiting.saturating_sub(removed);
+        self.count_waiting = self.count_waiting.saturating_sub(gone.len());
+        if let Some(now) = now {
+            for c in gone {
+                if let Some(grant) = c.counting.tokens_for.and_then(|a| a.tokens) {
+                    self.core.refund_tokens(&grant, now, store);
+                }
+            }
+        }
     }
 
     /// The glue sent the callout [`Dispatch`] `id`: with the host's token, or
@@ -2548,6 +2563,15 @@ mod tests {
         d.on_grpc_reply(9, 14, b"", Some(NOW), &store);
         assert_eq!(outcomes(&drain(&mut d)), (vec![], vec![(3, 503)]));
         assert_eq!(token_count(&store), Some(12));
+        // A request that ends while its check is under way: given back too.
+        let gone = chat_request(&mut d, 4, "POST", &store);
+        send_grpc(&mut d, 10, &store);
+        assert_eq!(token_count(&store), Some(42));
+        d.on_log(&gone, Some(NOW), &store);
+        assert_eq!(token_count(&store), Some(12));
+        assert_eq!(d.count_waiting, 0);
+        d.on_grpc_reply(10, 0, &statuses_answer(&[false]), Some(NOW), &store);
+        assert_eq!(outcomes(&drain(&mut d)), (vec![], vec![]));
     }
 
     #[test]
