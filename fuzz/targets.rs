@@ -105,7 +105,11 @@ pub fn fixture_config(kind: u8) -> String {
             .to_string(),
         _ => {
             return r#"{"public_paths": ["/v1/health"], "log_level": "off",
-              "quota": {"anonymous_max_requests": 2, "period": "minute"}}"#
+              "route_policy": [{"forbid": {"paths": "regex:/v1/admin(/.*)?$"}},
+                               {"permit": {"paths": "*"}}],
+              "quota": {"anonymous_max_requests": 2, "period": "minute",
+                        "tokens": {"authenticated_max_tokens": 100, "anonymous_max_tokens": 50,
+                                   "reserve_tokens": 20}}}"#
                 .to_string()
         }
     };
