@@ -131,6 +131,58 @@ def test_istio_ratelimit_stays_in_the_gateway_namespace():
     assert dr["spec"]["trafficPolicy"]["connectionPool"]["http"]["h2UpgradePolicy"] == "UPGRADE"
 
 
+EG_SCHEMAS = REPO_ROOT / "deploy/schema-check/envoy-gateway"
+EG_VERSIONS = ["v1.8.3", "v1.9.0"]  # the Envoy Gateway releases the manifests are checked against
+
+
+def strict(schema):
+    """A CRD schema as the API server applies it, but refusing unknown fields
+    (which it would silently drop: a typo would go unnoticed) unless the
+    schema keeps them (x-kubernetes-preserve-unknown-fields)."""
+    if isinstance(schema, list):
+        return [strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: strict(v) for k, v in schema.items()}
+    if ("properties" in out and "additionalProperties" not in out
+            and not out.get("x-kubernetes-preserve-unknown-fields")):
+        out["additionalProperties"] = False
+    return out
+
+
+def eg_errors(doc: dict, version: str) -> list[str]:
+    import jsonschema
+
+    schema = json.loads((EG_SCHEMAS / version / f"{doc['kind']}.json").read_text())
+    validator = jsonschema.Draft7Validator(strict(schema))
+    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
+            for e in validator.iter_errors(doc)]
+
+
+@pytest.mark.parametrize("version", EG_VERSIONS)
+@pytest.mark.parametrize("path", [GATEWAY, GATEWAY_RLS], ids=["envoy-gateway", "ratelimit"])
+def test_envoy_gateway_manifests_match_the_published_crd_schemas(path, version):
+    """Every Envoy Gateway object shipped in envoy/ against the CRD schema of
+    that Envoy Gateway release (deploy/schema-check/envoy-gateway/SOURCES)."""
+    for doc in load_all(path):
+        assert doc["apiVersion"] == "gateway.envoyproxy.io/v1alpha1"
+        assert eg_errors(doc, version) == [], (doc["kind"], version)
+
+
+def test_envoy_gateway_schema_check_refuses_bad_fields():
+    doc = by_kind(load_all(GATEWAY), "EnvoyExtensionPolicy")
+    bad = copy.deepcopy(doc)
+    bad["spec"]["wasm"][0]["failOpn"] = False          # a typo
+    assert any("failOpn" in e for e in eg_errors(bad, "v1.9.0"))
+    bad = copy.deepcopy(doc)
+    bad["spec"]["wasm"][0]["code"]["type"] = "File"     # not an enum value
+    assert eg_errors(bad, "v1.9.0")
+    patch = by_kind(load_all(GATEWAY), "EnvoyPatchPolicy")
+    bad = copy.deepcopy(patch)
+    bad["spec"]["type"] = "StrategicMerge"
+    assert eg_errors(bad, "v1.9.0")
+
+
 def test_envoy_gateway_ratelimit_fields_exist_in_the_api():
     (epp,) = load_all(GATEWAY_RLS)
     assert epp["apiVersion"] == "gateway.envoyproxy.io/v1alpha1" and epp["kind"] == "EnvoyPatchPolicy"
