@@ -49,40 +49,60 @@ pub enum AuthConfig {
     Kubernetes(Kubernetes),
 }
 
-/// A header a credential is read from, with the prefix before the token
-/// (compared without regard to ASCII case).
+/// Where a credential is read from (Envoy `jwt_authn`'s `from_headers`,
+/// `from_cookies`, `from_params`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CredentialPlace {
+    /// A header (name lower case), with the prefix before the token
+    /// (compared without regard to ASCII case).
+    Header {
+        name: String,
+        prefix: Option<String>,
+    },
+    /// A cookie of the `Cookie` header.
+    Cookie(String),
+    /// A query parameter of the request target.
+    Query(String),
+}
+
+/// One entry of `auth.credentials`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CredentialSource {
-    /// Lower case.
-    pub header: String,
-    pub prefix: Option<String>,
+    pub place: CredentialPlace,
 }
 
 impl CredentialSource {
     /// `Authorization: Bearer <token>`, the default, read with the
     /// Bearer rules of Llama Stack and OGX.
     pub fn is_bearer(&self) -> bool {
-        self.header == "authorization"
-            && self
-                .prefix
-                .as_deref()
-                .is_some_and(|p| p.trim().eq_ignore_ascii_case("bearer"))
+        matches!(&self.place, CredentialPlace::Header { name, prefix: Some(p) }
+            if name == "authorization" && p.trim().eq_ignore_ascii_case("bearer"))
     }
 
-    /// The token of a value read from this header: the prefix (when there is
-    /// one) removed, outer white space trimmed; `None` when the prefix is
-    /// missing.
+    /// The header this source reads, if it is one.
+    pub fn header(&self) -> Option<&str> {
+        match &self.place {
+            CredentialPlace::Header { name, .. } => Some(name),
+            _ => None,
+        }
+    }
+
+    /// The token of a value read from this source: a header's prefix (when
+    /// there is one) removed, outer white space trimmed; `None` when the
+    /// prefix is missing.
     pub fn token<'a>(&self, value: &'a [u8]) -> Option<&'a [u8]> {
         let v = value.trim_ascii();
-        let rest = match &self.prefix {
-            None => v,
-            Some(p) => {
+        let rest = match &self.place {
+            CredentialPlace::Header {
+                prefix: Some(p), ..
+            } => {
                 let (head, rest) = v.split_at_checked(p.len())?;
                 if !head.eq_ignore_ascii_case(p.as_bytes()) {
                     return None;
                 }
                 rest
             }
+            _ => v,
         };
         Some(rest.trim_ascii())
     }
@@ -90,8 +110,10 @@ impl CredentialSource {
 
 fn default_credentials() -> Vec<CredentialSource> {
     vec![CredentialSource {
-        header: "authorization".into(),
-        prefix: Some("Bearer ".into()),
+        place: CredentialPlace::Header {
+            name: "authorization".into(),
+            prefix: Some("Bearer ".into()),
+        },
     }]
 }
 
@@ -108,34 +130,71 @@ fn parse_credentials(v: &Value, key: &str) -> Result<Vec<CredentialSource>, Conf
     let mut out: Vec<CredentialSource> = Vec::new();
     for (i, item) in items.iter().enumerate() {
         let mut o = Obj::new(item, &format!("{key}[{i}]"))?;
-        let header = o
-            .nonempty_str("header")?
-            .ok_or_else(|| ConfigError::new(o.path("header"), "is required"))?
-            .to_ascii_lowercase();
-        if !header.bytes().all(is_tchar) || matches!(header.as_str(), "host" | "content-length") {
-            return Err(ConfigError::new(
-                o.path("header"),
-                "not a header a credential can be in",
-            ));
-        }
+        let header = o.nonempty_str("header")?.map(str::to_ascii_lowercase);
+        let cookie = o.nonempty_str("cookie")?.map(str::to_string);
+        let query = o.nonempty_str("query")?.map(str::to_string);
         let prefix = o.nonempty_str("prefix")?.map(str::to_string);
-        if prefix
-            .as_deref()
-            .is_some_and(|p| !p.bytes().all(|b| (0x20..0x7f).contains(&b)))
-        {
-            return Err(ConfigError::new(
-                o.path("prefix"),
-                "must be printable ASCII",
-            ));
-        }
+        let place = match (header, cookie, query) {
+            (Some(name), None, None) => {
+                if !name.bytes().all(is_tchar) || matches!(name.as_str(), "host" | "content-length")
+                {
+                    return Err(ConfigError::new(
+                        o.path("header"),
+                        "not a header a credential can be in",
+                    ));
+                }
+                if prefix
+                    .as_deref()
+                    .is_some_and(|p| !p.bytes().all(|b| (0x20..0x7f).contains(&b)))
+                {
+                    return Err(ConfigError::new(
+                        o.path("prefix"),
+                        "must be printable ASCII",
+                    ));
+                }
+                CredentialPlace::Header { name, prefix }
+            }
+            (None, Some(name), None) | (None, None, Some(name)) => {
+                if prefix.is_some() {
+                    return Err(ConfigError::new(
+                        o.path("prefix"),
+                        "only a header has a prefix",
+                    ));
+                }
+                // RFC 6265 cookie-name / a query name: no separators.
+                if !name.bytes().all(is_tchar) {
+                    return Err(ConfigError::new(
+                        format!("{key}[{i}]"),
+                        "the name must be a token (letters, digits, !#$%&'*+-.^_`|~)",
+                    ));
+                }
+                if o.has("cookie") {
+                    CredentialPlace::Cookie(name)
+                } else {
+                    CredentialPlace::Query(name)
+                }
+            }
+            (None, None, None) => {
+                return Err(ConfigError::new(
+                    format!("{key}[{i}]"),
+                    "needs one of header, cookie or query",
+                ))
+            }
+            _ => {
+                return Err(ConfigError::new(
+                    format!("{key}[{i}]"),
+                    "give one of header, cookie or query",
+                ))
+            }
+        };
         o.finish()?;
-        if out.iter().any(|s| s.header == header) {
+        if out.iter().any(|s| s.place == place) {
             return Err(ConfigError::new(
-                format!("{key}[{i}].header"),
-                "the header is given twice",
+                format!("{key}[{i}]"),
+                "the source is given twice",
             ));
         }
-        out.push(CredentialSource { header, prefix });
+        out.push(CredentialSource { place });
     }
     Ok(out)
 }
@@ -315,6 +374,10 @@ impl Config {
         !self.public_paths.is_empty()
             || !self.route_rules.is_empty()
             || !self.route_policy.is_empty()
+            || self
+                .credentials
+                .iter()
+                .any(|c| matches!(c.place, CredentialPlace::Query(_)))
             || self.auth.as_ref().is_some_and(AuthConfig::sees_request)
             || self.counts_tokens()
     }
@@ -385,7 +448,11 @@ impl Config {
         };
         let mut forward = forward;
         forward.credential_headers = std::iter::once("authorization".to_string())
-            .chain(credentials.iter().map(|c| c.header.clone()))
+            .chain(
+                credentials
+                    .iter()
+                    .filter_map(|c| c.header().map(str::to_string)),
+            )
             .fold(Vec::new(), |mut all, h| {
                 if !all.contains(&h) {
                     all.push(h);
@@ -1379,8 +1446,8 @@ mod tests {
             ),
             (
                 json!([{"prefix": "x"}]),
-                "auth.credentials[0].header",
-                "is required",
+                "auth.credentials[0]",
+                "needs one of header, cookie or query",
             ),
             (
                 json!([{"header": "host"}]),
@@ -1389,8 +1456,18 @@ mod tests {
             ),
             (
                 json!([{"header": "x-k"}, {"header": "X-K"}]),
-                "auth.credentials[1].header",
-                "the header is given twice",
+                "auth.credentials[1]",
+                "the source is given twice",
+            ),
+            (
+                json!([{"cookie": "s", "prefix": "x"}]),
+                "auth.credentials[0].prefix",
+                "only a header has a prefix",
+            ),
+            (
+                json!([{"query": "a b"}]),
+                "auth.credentials[0]",
+                "the name must be a token (letters, digits, !#$%&'*+-.^_`|~)",
             ),
             (
                 json!([{"header": "x-k", "prefix": "é"}]),
@@ -1399,7 +1476,12 @@ mod tests {
             ),
             (
                 json!([{"header": "x-k", "cookie": "c"}]),
-                "auth.credentials[0].cookie",
+                "auth.credentials[0]",
+                "give one of header, cookie or query",
+            ),
+            (
+                json!([{"query": "k", "x": 1}]),
+                "auth.credentials[0].x",
                 "unknown key",
             ),
         ] {

@@ -20,7 +20,7 @@
 
 use crate::auth::{self, AuthResult, Core, Counting, RequestFacts, Step, LEASE_MARGIN_MS};
 use crate::claims::Identity;
-use crate::config::{AuthConfig, CalloutProvider, Config, JwtConfig};
+use crate::config::{AuthConfig, CalloutProvider, Config, CredentialPlace, JwtConfig};
 use crate::jwks_cache::{self, FetchError, SharedKeys};
 use crate::path::normalize_path;
 use crate::provider::Answer;
@@ -209,6 +209,10 @@ pub enum Effect {
         req: RequestHandle,
         identity: Option<Rc<Identity>>,
         spoofed: Vec<String>,
+        /// With an identity and `strip_authorization`: headers to set
+        /// (`None`: remove) that take a cookie or query credential out
+        /// (`cookie`, `:path`).
+        rewrite: Vec<(String, Option<Vec<u8>>)>,
         grpc: bool,
         resume: bool,
     },
@@ -275,6 +279,8 @@ struct Parked {
     facts: RequestFacts,
     /// Client headers that spell an identity header another way.
     spoofed: Vec<String>,
+    /// See [`Effect::Allow`].
+    rewrite: Vec<(String, Option<Vec<u8>>)>,
     /// A gRPC call: denials are answered with gRPC statuses.
     grpc: bool,
     /// When its headers arrived (ms).
@@ -463,6 +469,7 @@ impl Driver {
         let sources = &config.credentials;
         let other_sources = !matches!(sources.as_slice(), [s] if s.is_bearer());
         let mut credentials: Vec<(usize, Vec<u8>)> = Vec::new();
+        let mut cookie_header: Option<&[u8]> = None;
         for (name, value) in head.pairs() {
             match name {
                 b"authorization" if authorization.is_none() => authorization = Some(value),
@@ -470,11 +477,21 @@ impl Driver {
                 _ => {}
             }
             if other_sources {
-                let source = sources
-                    .iter()
-                    .position(|s| !s.is_bearer() && name == s.header.as_bytes());
+                let source = sources.iter().position(|s| {
+                    !s.is_bearer() && s.header().is_some_and(|h| name == h.as_bytes())
+                });
                 if let Some(i) = source.filter(|i| !credentials.iter().any(|(j, _)| j == i)) {
                     credentials.push((i, value.to_vec()));
+                }
+                if name == b"cookie" && cookie_header.is_none() {
+                    cookie_header = Some(value);
+                    for (i, s) in sources.iter().enumerate() {
+                        if let CredentialPlace::Cookie(c) = &s.place {
+                            if let Some(v) = crate::credentials::cookie(value, c) {
+                                credentials.push((i, v.to_vec()));
+                            }
+                        }
+                    }
                 }
             }
             // The tenant and per-category headers are only written when
@@ -495,6 +512,7 @@ impl Driver {
             req: req.clone(),
             facts,
             spoofed,
+            rewrite: Vec::new(),
             grpc,
             arrived: now.unwrap_or_default(),
         };
@@ -516,6 +534,39 @@ impl Driver {
             return;
         }
         let raw_path = head.get(":path").unwrap_or_default();
+        // Query credentials, and (to strip them) the request without them.
+        let target = std::str::from_utf8(raw_path).unwrap_or_default();
+        let mut rewrite = Vec::new();
+        if other_sources {
+            let mut in_query: Vec<&str> = Vec::new();
+            let mut in_cookie: Vec<&str> = Vec::new();
+            for (i, s) in sources.iter().enumerate() {
+                match &s.place {
+                    CredentialPlace::Query(q) => {
+                        if let Some(v) = crate::credentials::query(target, q) {
+                            credentials.push((i, v.into_bytes()));
+                            in_query.push(q);
+                        }
+                    }
+                    CredentialPlace::Cookie(c) => {
+                        if credentials.iter().any(|(j, _)| *j == i) {
+                            in_cookie.push(c);
+                        }
+                    }
+                    CredentialPlace::Header { .. } => {}
+                }
+            }
+            if forward.strip_authorization {
+                if !in_query.is_empty() {
+                    let stripped = crate::credentials::without_query(target, &in_query);
+                    rewrite.push((":path".to_string(), Some(stripped.into_bytes())));
+                }
+                if let (false, Some(h)) = (in_cookie.is_empty(), cookie_header) {
+                    let kept = crate::credentials::without_cookies(h, &in_cookie);
+                    rewrite.push(("cookie".to_string(), kept));
+                }
+            }
+        }
         let path = match std::str::from_utf8(raw_path).ok().map(normalize_path) {
             Some(Ok(p)) => p,
             // Read for debug lines only: nothing matches on it, so a path
@@ -564,7 +615,9 @@ impl Driver {
             self.bodies.insert(req.id, BodyScan::default());
         }
         let step = self.core.decide(&facts, now, store);
-        self.carry_out(parked(facts), step, now, store);
+        let mut parked = parked(facts);
+        parked.rewrite = rewrite;
+        self.carry_out(parked, step, now, store);
     }
 
     /// An identity header could not be written for an allowed request: it
@@ -585,6 +638,7 @@ impl Driver {
             req: req.clone(),
             facts: RequestFacts::default(),
             spoofed: Vec::new(),
+            rewrite: Vec::new(),
             grpc,
             arrived: 0,
         };
@@ -972,6 +1026,7 @@ impl Driver {
                     req: parked.req,
                     identity: allowed.identity,
                     spoofed: parked.spoofed,
+                    rewrite: parked.rewrite,
                     grpc: parked.grpc,
                     resume: resumed,
                 });

@@ -42,6 +42,7 @@ fn perform(vm: &mut Vm, current: Option<u32>, now: u64) {
                 req,
                 identity,
                 spoofed,
+                rewrite,
                 grpc,
                 resume,
             } => {
@@ -54,6 +55,7 @@ fn perform(vm: &mut Vm, current: Option<u32>, now: u64) {
                     &config.forward,
                     identity.as_deref(),
                     &spoofed,
+                    &rewrite,
                 ) {
                     vm.driver.forward_failed(&req, grpc, now, &HostStore);
                 } else if resume {

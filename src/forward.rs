@@ -16,6 +16,7 @@ pub fn forward_identity(
     forward: &Forward,
     identity: Option<&Identity>,
     spoofed: &[String],
+    rewrite: &[(String, Option<Vec<u8>>)],
 ) -> bool {
     let mut ok = true;
     for name in spoofed {
@@ -46,6 +47,9 @@ pub fn forward_identity(
         for header in &forward.credential_headers {
             ok &= h.set_request_header(header, None);
         }
+        for (name, value) in rewrite {
+            ok &= h.set_request_header(name, value.as_deref());
+        }
     }
     ok
 }
@@ -75,7 +79,13 @@ mod tests {
             "x_auth_principal".to_string(),
             "x-auth_attributes".to_string(),
         ];
-        assert!(forward_identity(&mut h, &forward, Some(&alice()), &spoofed));
+        assert!(forward_identity(
+            &mut h,
+            &forward,
+            Some(&alice()),
+            &spoofed,
+            &[]
+        ));
         let set: Vec<(&str, Option<&[u8]>)> = h
             .headers
             .iter()
@@ -93,7 +103,7 @@ mod tests {
         );
         // Anonymous: removed, the Authorization header kept.
         let mut h = FakeHost::default();
-        assert!(forward_identity(&mut h, &forward, None, &spoofed));
+        assert!(forward_identity(&mut h, &forward, None, &spoofed, &[]));
         assert!(h
             .headers
             .iter()
@@ -118,7 +128,7 @@ mod tests {
             .with_tenant(Some("acme".into()));
         let mut h = FakeHost::default();
         let spoofed = vec!["x-projects".to_string(), "x-auth-tenant".to_string()];
-        assert!(forward_identity(&mut h, &forward, Some(&id), &spoofed));
+        assert!(forward_identity(&mut h, &forward, Some(&id), &spoofed, &[]));
         let set: Vec<(&str, Option<&[u8]>)> = h
             .headers
             .iter()
@@ -148,7 +158,7 @@ mod tests {
                 };
                 let spoofed = vec!["x_auth_principal".to_string()];
                 assert!(
-                    !forward_identity(&mut h, &forward, identity.as_ref(), &spoofed),
+                    !forward_identity(&mut h, &forward, identity.as_ref(), &spoofed, &[]),
                     "{failing} {identity:?}"
                 );
             }
@@ -161,6 +171,6 @@ mod tests {
             strip_authorization: true,
             ..Forward::default()
         };
-        assert!(!forward_identity(&mut h, &strip, Some(&alice()), &[]));
+        assert!(!forward_identity(&mut h, &strip, Some(&alice()), &[], &[]));
     }
 }

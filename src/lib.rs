@@ -7,6 +7,8 @@
 //!
 //! - [`config`]: the plugin configuration, refused naming the key; read
 //!   through [`json`], the strict key-path reader.
+//! - [`credentials`]: credentials in cookies and query parameters, and the
+//!   request without them.
 //! - [`path`]: request path normalisation; [`route_rules`]: public paths and
 //!   the scopes and attributes each route requires; [`route_policy`]: OGX's
 //!   route-level permit / forbid rules.
@@ -50,6 +52,7 @@ pub mod alg;
 pub mod auth;
 pub mod claims;
 pub mod config;
+pub mod credentials;
 pub mod driver;
 pub mod filter;
 pub mod forward;

@@ -119,6 +119,32 @@ fn hex_value(b: u8) -> Option<u8> {
     }
 }
 
+/// Percent-decodes `s` (and `+` as a space when `plus_is_space`); a `%` not
+/// followed by two hex digits is kept; the bytes are read as lossy UTF-8.
+pub fn percent_decode(s: &str, plus_is_space: bool) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        match b {
+            b'%' => {
+                let hi = bytes.get(i + 1).and_then(|&h| hex_value(h));
+                let lo = bytes.get(i + 2).and_then(|&l| hex_value(l));
+                if let (Some(hi), Some(lo)) = (hi, lo) {
+                    out.push(hi << 4 | lo);
+                    i += 3;
+                    continue;
+                }
+                out.push(b'%');
+            }
+            b'+' if plus_is_space => out.push(b' '),
+            _ => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 fn hex_upper(n: u8) -> char {
     char::from_digit(u32::from(n), 16)
         .map(|c| c.to_ascii_uppercase())

@@ -40,6 +40,7 @@ use serde_json::{json, Map, Value};
 /// Default seconds an endpoint's answer is reused for the same token.
 pub const DEFAULT_CACHE_TTL: u64 = 30;
 use super::MAX_CACHE_TTL;
+use crate::path::percent_decode;
 
 /// The `custom` provider's settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -235,38 +236,6 @@ fn query_params(query: &str) -> Map<String, Value> {
         }
     }
     out
-}
-
-/// Percent-decodes `s` (and `+` as a space when `plus_is_space`); a `%` not
-/// followed by two hex digits is kept; the bytes are read as lossy UTF-8.
-fn percent_decode(s: &str, plus_is_space: bool) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while let Some(&b) = bytes.get(i) {
-        match b {
-            b'%' => {
-                let hi = bytes.get(i + 1).and_then(|&h| hex(h));
-                let lo = bytes.get(i + 2).and_then(|&l| hex(l));
-                if let (Some(hi), Some(lo)) = (hi, lo) {
-                    out.push(hi << 4 | lo);
-                    i += 3;
-                    continue;
-                }
-                out.push(b'%');
-            }
-            b'+' if plus_is_space => out.push(b' '),
-            _ => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn hex(b: u8) -> Option<u8> {
-    char::from(b)
-        .to_digit(16)
-        .and_then(|d| u8::try_from(d).ok())
 }
 
 #[cfg(test)]

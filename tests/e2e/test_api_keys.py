@@ -131,3 +131,51 @@ def test_a_header_outside_the_list_is_not_read(sdk_gw, upstream):
     assert r.status == 401
     assert json.loads(r.body) == {"error": {"message": "Authentication required"}}
     assert sdk_gw.get(API, headers={"x-api-key": ""}).status == 401
+
+
+@pytest.fixture(scope="module")
+def cookie_query_gw(module_envoy):
+    return module_envoy({
+        "auth": {"provider_config": {"type": "local_api_key",
+                                     "keys": [{"name": "ci", "key": CI_KEY},
+                                              {"name": "ops", "key": "ops-key"}]},
+                 "credentials": [{"header": "authorization", "prefix": "Bearer "},
+                                 {"cookie": "session"}, {"query": "key"}]},
+        "forward": {"strip_authorization": True},
+    })
+
+
+def test_a_cookie_credential_is_read_and_stripped(cookie_query_gw, upstream):
+    r = cookie_query_gw.get(API, headers={"Cookie": f"theme=dark; session={CI_KEY}; lang=en"})
+    assert r.status == 200, r
+    (req,) = upstream.received()
+    assert req.headers["x-auth-principal"] == "ci"
+    assert req.headers["cookie"] == "theme=dark; lang=en"
+    upstream.reset_log()
+    assert cookie_query_gw.get(API, headers={"Cookie": f'session="{CI_KEY}"'}).status == 200
+    (req,) = upstream.received()
+    assert "cookie" not in req.headers
+
+
+def test_a_query_credential_is_read_and_never_reaches_the_upstream_or_the_log(cookie_query_gw,
+                                                                                upstream):
+    import time
+
+    r = cookie_query_gw.get(f"/v1/models?limit=5&key={CI_KEY}&x=1")
+    assert r.status == 200, r
+    (req,) = upstream.received()
+    assert req.headers["x-auth-principal"] == "ci"
+    assert req.path == "/v1/models?limit=5&x=1"
+    time.sleep(0.3)  # the access log flushes every 100 ms
+    assert CI_KEY not in cookie_query_gw.access_log_text()
+    assert CI_KEY not in cookie_query_gw.log_text()
+
+
+def test_credentials_in_two_places_must_agree(cookie_query_gw, upstream):
+    r = cookie_query_gw.get(f"{API}?key={CI_KEY}", headers={"Authorization": "Bearer ops-key"})
+    assert r.status == 401
+    assert json.loads(r.body) == {"error": {"message": "More than one credential in the request"}}
+    r = cookie_query_gw.get(f"{API}?key=ops-key", headers={"Cookie": "session=ops-key"})
+    assert r.status == 200
+    r = cookie_query_gw.get(f"{API}?key=nope")
+    assert r.status == 401 and json.loads(r.body)["error"]["message"] == "Invalid or missing API key"
