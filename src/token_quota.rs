@@ -560,7 +560,13 @@ mod tests {
                 String::from_utf8_lossy(body)
             );
         }
-        // Deep nesting elsewhere in the body is skipped, not refused.
+    }
+
+    #[test]
+    // Native only, as usage.rs's deep-nesting test: the wasm test runner
+    // (Node 20) has crashed after all tests passed when deep documents ran.
+    #[cfg_attr(target_arch = "wasm32", ignore)]
+    fn deep_nesting_elsewhere_in_the_body_is_skipped() {
         let deep = format!(
             r#"{{"max_tokens": 4, "x": {}{}}}"#,
             "[".repeat(10_000),
