@@ -726,6 +726,17 @@ impl Driver {
             .resize_reservation(&mut meter.grant, max_output, now, store);
     }
 
+    /// Whether request `req`'s answer is counted against a token budget
+    /// (its headers get the token headers, its body is read).
+    pub fn counts_answer(&self, req: &RequestHandle) -> bool {
+        self.meters.contains_key(&req.id)
+    }
+
+    /// Whether effects wait to be performed.
+    pub fn has_effects(&self) -> bool {
+        !self.effects.is_empty()
+    }
+
     /// Whether request `req`'s answer body is read (for its token usage).
     pub fn meters(&self, req: &RequestHandle) -> bool {
         self.meters.get(&req.id).is_some_and(|m| m.reader.is_some())
@@ -790,10 +801,22 @@ impl Driver {
     /// A request ended (`on_log`): its token reservation is settled (with
     /// what its answer reported, if anything) and it is forgotten wherever
     /// it waits.
-    pub fn on_log(&mut self, req: &RequestHandle, now: Option<u64>, store: &dyn SharedStore) {
+    /// `now` is asked only when something is settled or given back (the
+    /// common request needs no clock here).
+    pub fn on_log(
+        &mut self,
+        req: &RequestHandle,
+        now: impl FnOnce() -> Option<u64>,
+        store: &dyn SharedStore,
+    ) {
         self.bodies.remove(&req.id);
+        let waiting = req.phase() == Phase::Waiting;
+        if !waiting && !self.meters.contains_key(&req.id) {
+            return;
+        }
+        let now = now();
         self.settle(req, now, store);
-        if req.phase() != Phase::Waiting {
+        if !waiting {
             return;
         }
         let id = req.id;
@@ -1808,7 +1831,7 @@ mod tests {
         let mut d = driver(INTROSPECTION);
         let a = headers(&mut d, 1, &bearer("tok"), &store);
         headers(&mut d, 2, &bearer("tok"), &store);
-        d.on_log(&a, Some(NOW), &store);
+        d.on_log(&a, || Some(NOW), &store);
         d.on_tick(NOW, &store);
         send(&mut d, 3, &store);
         d.on_callout_reply(3, active("alice"), Some(NOW), &store);
@@ -2137,7 +2160,7 @@ mod tests {
         let mut d = driver(&rls_config("deny"));
         let req = headers(&mut d, 1, &anonymous(), &store);
         send_grpc(&mut d, 9, &store);
-        d.on_log(&req, Some(NOW), &store);
+        d.on_log(&req, || Some(NOW), &store);
         d.on_grpc_reply(9, 0, &rls_answer(1, 1, 1), Some(NOW), &store);
         assert_eq!(outcomes(&drain(&mut d)), (vec![], vec![]));
         assert!(d.counting.is_empty() && d.counting_sent.is_empty());
@@ -2374,14 +2397,14 @@ mod tests {
             .map(|id| counted_request(&mut d, id, NOW, &store))
             .collect();
         // One leaves while queued, one while its batch is under way.
-        d.on_log(&reqs[0], Some(NOW), &store);
+        d.on_log(&reqs[0], || Some(NOW), &store);
         d.on_grpc_reply(1, 0, &statuses_answer(&[false]), Some(NOW), &store);
         let effects = pump(&mut d, NOW, &store);
         assert_eq!(outcomes(&effects), (vec![(1, true)], vec![]));
         let call = grpc_calls(&effects)[0];
         assert_eq!(clients(call), ["192.0.2.3/32", "192.0.2.4/32"]);
         d.dispatched_grpc(call.id, Ok(2), NOW, &store);
-        d.on_log(&reqs[1], Some(NOW), &store);
+        d.on_log(&reqs[1], || Some(NOW), &store);
         assert_eq!(d.count_waiting, 1);
         d.on_grpc_reply(2, 0, &statuses_answer(&[true, false]), Some(NOW), &store);
         assert_eq!(
@@ -2469,7 +2492,7 @@ mod tests {
         // An answer that ended without usage (the client hung up before
         // the body): unreported_tokens.
         let req = chat_request(&mut d, 2, "POST", &store);
-        d.on_log(&req, Some(NOW + 6), &store);
+        d.on_log(&req, || Some(NOW + 6), &store);
         assert_eq!(token_count(&store), Some(12 + 25));
         assert_eq!(charged(&drain(&mut d)), [(25, false)]);
         // A stream with usage in its last chunk, read across chunks.
@@ -2555,7 +2578,7 @@ mod tests {
         let mut kept: Vec<u32> = d.bodies.keys().copied().collect();
         kept.sort_unstable();
         assert_eq!(kept, [2, 3, 4]);
-        d.on_log(&RequestHandle::new(3), Some(NOW), &store);
+        d.on_log(&RequestHandle::new(3), || Some(NOW), &store);
         assert!(!d.bodies.contains_key(&3));
     }
 
@@ -2622,7 +2645,7 @@ mod tests {
         let gone = chat_request(&mut d, 4, "POST", &store);
         send_grpc(&mut d, 10, &store);
         assert_eq!(token_count(&store), Some(42));
-        d.on_log(&gone, Some(NOW), &store);
+        d.on_log(&gone, || Some(NOW), &store);
         assert_eq!(token_count(&store), Some(12));
         assert_eq!(d.count_waiting, 0);
         d.on_grpc_reply(10, 0, &statuses_answer(&[false]), Some(NOW), &store);

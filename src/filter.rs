@@ -324,7 +324,10 @@ impl HttpContext for Request {
             }
         }
         let mut guard = self.vm.borrow_mut();
-        let Some(vm) = guard.as_mut() else {
+        let Some(vm) = guard
+            .as_mut()
+            .filter(|vm| vm.driver.counts_answer(&self.req))
+        else {
             return Action::Continue;
         };
         let content_type = host::header_map_value(MAP_RESPONSE_HEADERS, "content-type");
@@ -364,9 +367,10 @@ impl HttpContext for Request {
 
     fn on_log(&mut self) {
         if let Some(vm) = self.vm.borrow_mut().as_mut() {
-            let now = now_ms();
-            vm.driver.on_log(&self.req, now, &HostStore);
-            perform(vm, Some(self.req.id()), now.unwrap_or_default());
+            vm.driver.on_log(&self.req, now_ms, &HostStore);
+            if vm.driver.has_effects() {
+                perform(vm, Some(self.req.id()), now_ms().unwrap_or_default());
+            }
         }
     }
 }
