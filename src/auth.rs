@@ -4,7 +4,7 @@
 //! that have to wait for them.
 
 use crate::claims::Identity;
-use crate::config::{AuthConfig, CalloutProvider, Config, JwtConfig};
+use crate::config::{Auth, CalloutProvider, Config, JwtConfig, Route};
 use crate::jwks_cache::{FetchError, JwksState};
 use crate::jwt::{self, Rules, TokenError};
 use crate::provider::{Answer, CalloutRequest, ProviderError, Upstream};
@@ -130,7 +130,8 @@ pub const LEASE_MARGIN_MS: u64 = 1000;
 #[derive(Debug)]
 pub struct Core {
     pub config: Rc<Config>,
-    pub jwks: JwksState,
+    /// One key set per JWT provider, in [`Auth::jwts`] order.
+    pub jwks: Vec<JwksState>,
     pub tokens: TokenCache,
     hasher: TokenHasher,
     missing_message: String,
@@ -180,11 +181,12 @@ impl Core {
         let missing_message = config
             .auth
             .as_ref()
-            .map(AuthConfig::missing_message)
+            .map(Auth::missing_message)
             .unwrap_or_default();
+        let key_sets = config.auth.as_ref().map_or(0, |a| a.jwts().count());
         Core {
             config,
-            jwks: JwksState::default(),
+            jwks: (0..key_sets).map(|_| JwksState::default()).collect(),
             tokens: TokenCache::default(),
             hasher: TokenHasher::default(),
             missing_message,
@@ -192,9 +194,18 @@ impl Core {
         }
     }
 
-    /// The JWT settings, when that is the provider.
-    pub fn jwt_config(&self) -> Option<&JwtConfig> {
-        self.config.auth.as_ref().and_then(AuthConfig::jwt)
+    /// The JWT providers' settings, in key-set order.
+    pub fn jwt_configs(&self) -> Vec<JwtConfig> {
+        self.config
+            .auth
+            .as_ref()
+            .map(|a| a.jwts().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// The settings of the JWT provider with key set `i`.
+    pub fn jwt_config(&self, i: usize) -> Option<&JwtConfig> {
+        self.config.auth.as_ref().and_then(|a| a.jwts().nth(i))
     }
 
     /// Decides a request at `now_ms`. Idempotent until it allows: a request
@@ -204,21 +215,10 @@ impl Core {
         let identity = if config.public_paths.matches(&req.path) {
             None
         } else {
-            let auth = config.auth.as_ref();
-            let result = match (
-                auth.and_then(AuthConfig::jwt),
-                auth.and_then(AuthConfig::callout),
-                auth.and_then(AuthConfig::api_keys),
-            ) {
-                (Some(j), _, _) => self.authenticate_jwt(j, req, now_ms),
-                (None, Some(p), _) => self.authenticate_by_callout(p, req, now_ms),
-                (None, None, Some(k)) => self.credential(req).and_then(|token| {
-                    k.check(token)
-                        .ok_or(Step::Deny(Denial::Provider(ProviderError::InvalidApiKey)))
-                }),
-                (None, None, None) => return self.finish(req, Ok(None), now_ms, store),
+            let Some(auth) = config.auth.as_ref() else {
+                return self.finish(req, Ok(None), now_ms, store);
             };
-            match result {
+            match self.authenticate(auth, req, now_ms) {
                 Ok(id) => Some(id),
                 Err(step) => return step,
             }
@@ -634,6 +634,47 @@ impl Core {
         found.ok_or_else(|| Step::Deny(Denial::MissingCredentials(self.missing_message.clone())))
     }
 
+    /// The caller's identity by the provider its token goes to
+    /// ([`Auth::route`]): a JWT provider, or the fallbacks: the API keys
+    /// (an unknown key passes on), then the callout provider. A token no
+    /// provider takes gets the 401 of the one tried last.
+    fn authenticate(
+        &mut self,
+        auth: &Auth,
+        req: &RequestFacts,
+        now_ms: u64,
+    ) -> Result<Rc<Identity>, Step> {
+        let raw = self.credential(req)?;
+        let iss = if auth.routes_by_issuer() {
+            jwt::unverified_issuer(raw)
+        } else {
+            None
+        };
+        match auth.route(iss.as_deref()) {
+            Route::Jwt(i) => match auth.jwts().nth(i) {
+                Some(j) => self.authenticate_jwt(i, j, raw, now_ms),
+                None => Err(Step::Deny(Denial::AuthUnavailable)),
+            },
+            Route::Fallback => {
+                if let Some(k) = auth.api_keys() {
+                    if let Some(id) = k.check(raw) {
+                        return Ok(id);
+                    }
+                }
+                if let Some(p) = auth.callout() {
+                    return self.authenticate_by_callout(p, raw, req, now_ms);
+                }
+                Err(Step::Deny(if auth.api_keys().is_some() {
+                    Denial::Provider(ProviderError::InvalidApiKey)
+                } else if iss.is_some() {
+                    Denial::InvalidToken(TokenError::WrongIssuer)
+                } else {
+                    Denial::InvalidToken(TokenError::Malformed)
+                }))
+            }
+        }
+    }
+
     /// Introspection and custom providers: a cached answer, or a callout.
     /// The custom endpoint is sent the normalised path (percent-decoded, see
     /// `provider::custom::endpoint_path`) and its answer is keyed by the token and
@@ -643,10 +684,11 @@ impl Core {
     fn authenticate_by_callout(
         &mut self,
         provider: CalloutProvider,
+        raw: &[u8],
         req: &RequestFacts,
         now_ms: u64,
     ) -> Result<Rc<Identity>, Step> {
-        let token = as_token(self.credential(req)?);
+        let token = as_token(raw);
         if token.is_empty() {
             // Nothing to ask the provider about.
             return Err(Step::Deny(Denial::InvalidHeaderFormat));
@@ -692,7 +734,7 @@ impl Core {
     pub fn provider_answer(&mut self, key: CacheKey, answer: Answer, now_ms: u64) -> AuthResult {
         let now_s = now_ms / 1000;
         let config = self.config.clone();
-        let provider = config.auth.as_ref().and_then(AuthConfig::callout);
+        let provider = config.auth.as_ref().and_then(Auth::callout);
         let (result, ttl) = match provider {
             Some(CalloutProvider::Introspection(i)) => {
                 match i.introspection.interpret(
@@ -766,11 +808,14 @@ impl Core {
 
     fn authenticate_jwt(
         &mut self,
+        i: usize,
         j: &JwtConfig,
-        req: &RequestFacts,
+        raw: &[u8],
         now_ms: u64,
     ) -> Result<Rc<Identity>, Step> {
-        let raw = self.credential(req)?;
+        let Some(jw) = self.jwks.get_mut(i) else {
+            return Err(Step::Deny(Denial::AuthUnavailable));
+        };
         let now_s = now_ms / 1000;
         let rules = Rules {
             audiences: &j.audiences,
@@ -783,24 +828,24 @@ impl Core {
         let max_age = ttl_ms.saturating_add(j.max_stale_seconds.saturating_mul(1000));
         // Keys first: a token verified with keys that are now too stale to
         // use is not served from the cache either.
-        let Some(keys) = self.jwks.usable_keys(now_ms, max_age) else {
+        let Some(keys) = jw.usable_keys(now_ms, max_age) else {
             // No keys yet: refuse what is refused without keys, else wait.
             if let Err(e) = jwt::parse_allowing(as_token(raw), &rules, j.algorithms, now_s) {
                 return Err(Step::Deny(Denial::InvalidToken(e)));
             }
-            if self.jwks.in_flight(now_ms, lease_ms) {
+            if jw.in_flight(now_ms, lease_ms) {
                 return Err(Step::WaitForKeys);
             }
-            if self.jwks.fetch_due(now_ms, ttl_ms) {
-                self.jwks.want(now_ms);
+            if jw.fetch_due(now_ms, ttl_ms) {
+                jw.want(now_ms);
                 return Err(Step::WaitForKeys);
             }
-            let why = self.jwks.record.error.unwrap_or(FetchError::Unavailable);
+            let why = jw.record.error.unwrap_or(FetchError::Unavailable);
             return Err(Step::Deny(why.denial()));
         };
         // Only verified tokens are cached, so a hit is a token that is UTF-8.
         let key = self.hasher.key(&[raw]);
-        match self.tokens.get(&key, self.jwks.generation, now_s) {
+        match self.tokens.get(&key, jw.generation, now_s) {
             Some(Ok(id)) => return Ok(id),
             Some(Err(denial)) => return Err(Step::Deny(denial)),
             None => {}
@@ -813,13 +858,12 @@ impl Core {
                 Ok(id)
             }
             Err(TokenError::UnknownKid) => {
-                if self.jwks.in_flight(now_ms, lease_ms) {
+                if jw.in_flight(now_ms, lease_ms) {
                     Err(Step::WaitForKeys)
-                } else if self
-                    .jwks
+                } else if jw
                     .kid_refresh_allowed(now_ms, j.refresh_cooldown_seconds.saturating_mul(1000))
                 {
-                    self.jwks.want(now_ms);
+                    jw.want(now_ms);
                     Err(Step::WaitForKeys)
                 } else {
                     Err(Step::Deny(Denial::InvalidToken(TokenError::UnknownKid)))

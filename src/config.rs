@@ -22,7 +22,7 @@ use serde_json::Value;
 /// The whole plugin configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub auth: Option<AuthConfig>,
+    pub auth: Option<Auth>,
     pub public_paths: PublicPaths,
     pub forward: Forward,
     /// Where a request's credential is read (`auth.credentials`), in order.
@@ -34,7 +34,86 @@ pub struct Config {
     pub log_level: log::LevelFilter,
 }
 
-/// The authentication provider.
+/// The authentication providers: one (`provider_config`), or several
+/// (`auth.providers`), chosen per token by [`Auth::route`].
+#[derive(Debug, Clone)]
+pub struct Auth {
+    /// In the configured order; never empty.
+    pub providers: Vec<AuthConfig>,
+}
+
+/// Which provider a token goes to ([`Auth::route`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// The JWT provider of this index among [`Auth::jwts`].
+    Jwt(usize),
+    /// The fallbacks: the API keys, then the callout provider.
+    Fallback,
+}
+
+impl Auth {
+    /// One provider.
+    pub fn single(provider: AuthConfig) -> Auth {
+        Auth {
+            providers: vec![provider],
+        }
+    }
+
+    /// The JWT providers, in order: their index is their key set's.
+    pub fn jwts(&self) -> impl Iterator<Item = &JwtConfig> {
+        self.providers.iter().filter_map(AuthConfig::jwt)
+    }
+
+    /// The provider that answers by callout (at most one).
+    pub fn callout(&self) -> Option<CalloutProvider<'_>> {
+        self.providers.iter().find_map(AuthConfig::callout)
+    }
+
+    /// The static API keys (at most one provider).
+    pub fn api_keys(&self) -> Option<&ApiKeys> {
+        self.providers.iter().find_map(AuthConfig::api_keys)
+    }
+
+    /// Whether a provider is sent the request (the custom endpoint).
+    pub fn sees_request(&self) -> bool {
+        self.providers.iter().any(AuthConfig::sees_request)
+    }
+
+    /// The 401 message for a request without a token: the first provider's.
+    pub fn missing_message(&self) -> String {
+        self.providers
+            .first()
+            .map_or_else(String::new, AuthConfig::missing_message)
+    }
+
+    /// Where a token goes. One provider takes every token. With several, a
+    /// JWT whose `iss` is a JWT provider's `issuer` goes to that provider;
+    /// any other token to the fallbacks (`iss` of `None`: not a JWT).
+    pub fn route(&self, iss: Option<&str>) -> Route {
+        if self.providers.len() == 1 {
+            return match self.providers.first() {
+                Some(AuthConfig::Jwt(_)) => Route::Jwt(0),
+                _ => Route::Fallback,
+            };
+        }
+        iss.and_then(|iss| self.jwts().position(|j| j.issuer.as_deref() == Some(iss)))
+            .map_or(Route::Fallback, Route::Jwt)
+    }
+
+    /// The one provider (tests).
+    #[cfg(test)]
+    pub fn only(self) -> AuthConfig {
+        self.providers.into_iter().next().unwrap()
+    }
+
+    /// Whether tokens are routed by their `iss` (several providers, one of
+    /// them a JWT provider).
+    pub fn routes_by_issuer(&self) -> bool {
+        self.providers.len() > 1 && self.jwts().next().is_some()
+    }
+}
+
+/// One authentication provider.
 #[derive(Debug, Clone)]
 pub enum AuthConfig {
     /// `oauth2_token` with a JWKS.
@@ -378,7 +457,7 @@ impl Config {
                 .credentials
                 .iter()
                 .any(|c| matches!(c.place, CredentialPlace::Query(_)))
-            || self.auth.as_ref().is_some_and(AuthConfig::sees_request)
+            || self.auth.as_ref().is_some_and(Auth::sees_request)
             || self.counts_tokens()
     }
 
@@ -503,11 +582,13 @@ impl Config {
 /// Configure-time warnings about the route rules (`route_scopes`, already
 /// parsed): a rule requiring `roles` while the default `claims_mapping`,
 /// which maps the caller's own name into `roles`, is in force.
-fn rule_warnings(auth: Option<&AuthConfig>, route_scopes: Option<&Value>) -> Vec<String> {
-    let Some(mapping) = auth.and_then(AuthConfig::claims_mapping) else {
-        return Vec::new();
-    };
-    if !mapping.is_default() {
+fn rule_warnings(auth: Option<&Auth>, route_scopes: Option<&Value>) -> Vec<String> {
+    let defaulted = auth
+        .into_iter()
+        .flat_map(|a| a.providers.iter())
+        .filter_map(AuthConfig::claims_mapping)
+        .any(ClaimsMapping::is_default);
+    if !defaulted {
         return Vec::new();
     }
     let rules = route_scopes.and_then(Value::as_array);
@@ -616,7 +697,7 @@ fn header_name(o: &mut Obj, key: &str) -> Result<Option<String>, ConfigError> {
 
 /// `auth`, the `route_policy` pasted inside it (OGX's `server.auth`) and
 /// where credentials are read (`credentials`).
-type ParsedAuth = (AuthConfig, Option<RoutePolicy>, Vec<CredentialSource>);
+type ParsedAuth = (Auth, Option<RoutePolicy>, Vec<CredentialSource>);
 
 fn parse_auth(mut o: Obj) -> Result<ParsedAuth, ConfigError> {
     // Their dumps carry empty lists (no rules); only rules are refused.
@@ -636,7 +717,74 @@ fn parse_auth(mut o: Obj) -> Result<ParsedAuth, ConfigError> {
         Some(v) => parse_credentials(v, &o.path("credentials"))?,
         None => default_credentials(),
     };
-    parse_provider_of(o).map(|auth| (auth, route_policy, credentials))
+    if o.has("providers") {
+        if o.has("provider_config") || o.has("provider_type") || o.has("config") {
+            return Err(ConfigError::new(
+                o.path("providers"),
+                "use either providers or one provider (provider_config, provider_type), not both",
+            ));
+        }
+        let auth = parse_providers(&mut o)?;
+        o.finish()?;
+        return Ok((auth, route_policy, credentials));
+    }
+    parse_provider_of(o).map(|auth| (Auth::single(auth), route_policy, credentials))
+}
+
+/// `auth.providers`: a list of OGX `provider_config` objects. JWT providers
+/// are told apart by `issuer`; the others are fallbacks, tried in order, and
+/// the one that answers by callout (its answer is final) must come last.
+fn parse_providers(o: &mut Obj) -> Result<Auth, ConfigError> {
+    let key = o.path("providers");
+    let Some(items) = o.array("providers")? else {
+        return Err(ConfigError::new(
+            key,
+            "must be a list of provider configurations",
+        ));
+    };
+    if items.is_empty() {
+        return Err(ConfigError::new(key, "must not be empty"));
+    }
+    let mut providers: Vec<AuthConfig> = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let at = format!("{key}[{i}]");
+        let mut inner = Obj::new(item, &at)?;
+        let kind = inner
+            .nonempty_str("type")?
+            .ok_or_else(|| ConfigError::new(inner.path("type"), "missing"))?;
+        let provider = parse_provider(kind, &inner.path("type"), inner)?;
+        if providers.iter().any(|p| p.callout().is_some()) {
+            return Err(ConfigError::new(
+                at,
+                "comes after a provider that answers by callout (introspection, custom, kubernetes, github_token), whose answer is final: put that one last",
+            ));
+        }
+        if provider.api_keys().is_some() && providers.iter().any(|p| p.api_keys().is_some()) {
+            return Err(ConfigError::new(
+                at,
+                "a second local_api_key provider: put all keys in one",
+            ));
+        }
+        providers.push(provider);
+    }
+    if providers.len() > 1 {
+        let mut seen: Vec<&str> = Vec::new();
+        for (i, p) in providers.iter().enumerate() {
+            let Some(jwt) = p.jwt() else { continue };
+            let at = format!("{key}[{i}].issuer");
+            let Some(iss) = jwt.issuer.as_deref() else {
+                return Err(ConfigError::new(
+                    at,
+                    "missing: with several providers a JWT is routed by its `iss`, so every oauth2_token provider with jwks names its issuer",
+                ));
+            };
+            if seen.contains(&iss) {
+                return Err(ConfigError::new(at, "another provider has this issuer"));
+            }
+            seen.push(iss);
+        }
+    }
+    Ok(Auth { providers })
 }
 
 fn parse_provider_of(mut o: Obj) -> Result<AuthConfig, ConfigError> {
@@ -1013,7 +1161,7 @@ mod tests {
         let with = |audience: Value| {
             let v = json!({"auth": {"provider_config": {"type": "oauth2_token",
                 "introspection": {"url": "http://idp/i"}, "audience": audience}}});
-            match Config::from_value(&v).unwrap().auth {
+            match Config::from_value(&v).unwrap().auth.map(Auth::only) {
                 Some(AuthConfig::Introspection(i)) => i.introspection.audiences,
                 other => panic!("{other:?}"),
             }
@@ -1071,7 +1219,7 @@ mod tests {
     #[test]
     fn parses_the_documented_example() {
         let c = Config::from_value(&jwt_example()).unwrap();
-        let Some(AuthConfig::Jwt(j)) = c.auth else {
+        let Some(AuthConfig::Jwt(j)) = c.auth.map(Auth::only) else {
             panic!("no jwt")
         };
         assert_eq!(j.audiences, vec!["llama-stack"]);
@@ -1120,7 +1268,7 @@ mod tests {
             "audience": ["a", "b"],
             "jwks": {"uri": "http://keys.local:8080/certs", "key_recheck_period": 60}}}});
         let c = Config::from_value(&v).unwrap();
-        let Some(AuthConfig::Jwt(j)) = c.auth else {
+        let Some(AuthConfig::Jwt(j)) = c.auth.map(Auth::only) else {
             panic!("no jwt")
         };
         assert_eq!(j.audiences, vec!["a", "b"]);
@@ -1184,13 +1332,16 @@ mod tests {
                               "client_secret": "s", "send_secret_in_body": false}},
             "access_policy": []});
         let c = Config::from_value(&json!({"auth": introspection})).unwrap();
-        assert!(matches!(c.auth, Some(AuthConfig::Introspection(_))));
+        assert!(matches!(
+            c.auth.map(Auth::only),
+            Some(AuthConfig::Introspection(_))
+        ));
         let jwks = json!({"provider_config": {"type": "oauth2_token", "audience": "ogx",
             "verify_tls": true, "tls_cafile": null, "issuer": null, "tenant_claim": null,
             "jwks": {"uri": "http://idp/jwks", "token": null, "key_recheck_period": 3600},
             "introspection": null}, "route_policy": [], "access_policy": []});
         let c = Config::from_value(&json!({"auth": jwks, "quota": null})).unwrap();
-        assert!(matches!(c.auth, Some(AuthConfig::Jwt(_))));
+        assert!(matches!(c.auth.map(Auth::only), Some(AuthConfig::Jwt(_))));
         // Only non-null values count for the exactly-one-of rules.
         let neither = json!({"auth": {"provider_type": "oauth2_token",
             "config": {"jwks": null, "introspection": null}}});
@@ -1251,7 +1402,7 @@ mod tests {
     fn no_clock_skew_unless_configured() {
         let mut v = jwt_example();
         v["auth"]["config"]["clock_skew_seconds"] = Value::Null;
-        let Some(AuthConfig::Jwt(j)) = Config::from_value(&v).unwrap().auth else {
+        let Some(AuthConfig::Jwt(j)) = Config::from_value(&v).unwrap().auth.map(Auth::only) else {
             panic!("no jwt")
         };
         assert_eq!(j.clock_skew_seconds, 0);
@@ -1264,7 +1415,7 @@ mod tests {
             v["auth"]["config"]["algorithms"] = algs;
             Config::from_value(&v)
         };
-        let algs = |c: Config| match c.auth {
+        let algs = |c: Config| match c.auth.map(Auth::only) {
             Some(AuthConfig::Jwt(j)) => j.algorithms,
             other => panic!("{other:?}"),
         };
@@ -1308,7 +1459,7 @@ mod tests {
             {"introspection": {"url": "http://idp/introspect", "client_id": "gw", "client_secret": "s3cret"},
              "cache_ttl": 5, "claims_mapping": {"scope": "scopes"}}}});
         let c = Config::from_value(&v).unwrap();
-        let Some(AuthConfig::Introspection(i)) = c.auth else {
+        let Some(AuthConfig::Introspection(i)) = c.auth.map(Auth::only) else {
             panic!("not introspection")
         };
         assert_eq!(i.cache_ttl, 5);
@@ -1316,7 +1467,7 @@ mod tests {
         assert!(!format!("{i:?}").contains("s3cret"));
         let v = json!({"auth": {"provider_type": "custom", "config": {"endpoint": "http://a/v"}}});
         assert!(matches!(
-            Config::from_value(&v).unwrap().auth,
+            Config::from_value(&v).unwrap().auth.map(Auth::only),
             Some(AuthConfig::Custom(_))
         ));
         let v = json!({"auth": {"provider_type": "oauth2_token", "config":
@@ -1368,7 +1519,7 @@ mod tests {
         v["forward"]["tenant_header"] = json!("X-Tenant-Id");
         v["forward"]["attribute_headers"] = json!({"X-MaaS-Group": "teams"});
         let c = Config::from_value(&v).unwrap();
-        let Some(AuthConfig::Jwt(j)) = &c.auth else {
+        let Some(AuthConfig::Jwt(j)) = &c.auth.clone().map(Auth::only) else {
             panic!("jwt")
         };
         assert_eq!(j.claims_mapping.tenant_claim.as_deref(), Some("org"));

@@ -20,7 +20,7 @@
 
 use crate::auth::{self, AuthResult, Core, Counting, RequestFacts, Step, LEASE_MARGIN_MS};
 use crate::claims::Identity;
-use crate::config::{AuthConfig, CalloutProvider, Config, CredentialPlace, JwtConfig};
+use crate::config::{Auth, CalloutProvider, Config, CredentialPlace, JwtConfig};
 use crate::jwks_cache::{self, FetchError, SharedKeys};
 use crate::path::normalize_path;
 use crate::provider::Answer;
@@ -326,6 +326,8 @@ struct CountCall {
 #[derive(Debug, Clone, Copy)]
 enum Pending {
     Jwks {
+        /// The key set's index (its JWT provider's, [`Auth::jwts`]).
+        set: usize,
         started_ms: u64,
     },
     Provider {
@@ -338,8 +340,8 @@ enum Pending {
 /// One VM's requests and callouts.
 pub struct Driver {
     core: Core,
-    /// Where the key set is shared with the other VMs.
-    shared_keys: Option<SharedKeys>,
+    /// Where each key set is shared with the other VMs.
+    shared_keys: Vec<SharedKeys>,
     /// Requests parked for keys, to decide again.
     waiters: Vec<Parked>,
     /// Requests parked on a provider callout, by decision cache key.
@@ -393,7 +395,11 @@ impl Driver {
     /// A VM's driver for a configuration; asks for a first tick at once.
     pub fn new(config: Rc<Config>) -> Driver {
         let core = Core::new(config);
-        let shared_keys = core.jwt_config().map(|j| SharedKeys::for_url(&j.jwks.url));
+        let shared_keys = core
+            .jwt_configs()
+            .iter()
+            .map(|j| SharedKeys::for_url(&j.jwks.url))
+            .collect();
         let mut effects = VecDeque::new();
         effects.push_back(Effect::SetTick(SOON_TICK_MS));
         let batched = core
@@ -585,7 +591,7 @@ impl Driver {
                 .to_string()
         };
         let source_ip = config.counts_by_address(&path).then(source_ip).flatten();
-        let (raw_path, headers) = if config.auth.as_ref().is_some_and(AuthConfig::sees_request) {
+        let (raw_path, headers) = if config.auth.as_ref().is_some_and(Auth::sees_request) {
             // The endpoint sees the request as the client sent it, less any
             // identity headers the client made up (in any spelling).
             let headers = head
@@ -881,17 +887,20 @@ impl Driver {
             (Ok(token), pending) => {
                 self.callouts.insert(token, pending);
             }
-            (Err(()), Pending::Jwks { .. }) => {
+            (Err(()), Pending::Jwks { set, .. }) => {
                 let cluster = self
                     .core
-                    .jwt_config()
+                    .jwt_config(set)
                     .map(|j| j.jwks.cluster.clone())
                     .unwrap_or_default();
                 log::error!(
                     "JWKS fetch could not start (is cluster `{cluster}` defined in Envoy?)"
                 );
-                let record = self.core.jwks.record.failure(FetchError::Unavailable, now);
-                self.finish_fetch(record, store);
+                let Some(jw) = self.core.jwks.get(set) else {
+                    return;
+                };
+                let record = jw.record.failure(FetchError::Unavailable, now);
+                self.finish_fetch(set, record, store);
                 self.resume_waiters(now, store);
             }
             (Err(()), Pending::Provider { key, .. }) => {
@@ -941,9 +950,11 @@ impl Driver {
                 };
                 self.complete_callout(key, answer, now, store);
             }
-            Pending::Jwks { started_ms } => {
-                let timeout_ms = self.core.jwt_config().map_or(0, |j| j.jwks.timeout_ms);
-                let jw = &mut self.core.jwks;
+            Pending::Jwks { set, started_ms } => {
+                let timeout_ms = self.core.jwt_config(set).map_or(0, |j| j.jwks.timeout_ms);
+                let Some(jw) = self.core.jwks.get_mut(set) else {
+                    return;
+                };
                 let record = match classify(reply, started_ms, timeout_ms, now) {
                     Reply::Response { status: 200, body } => jw.fetched(body, now),
                     Reply::Response { status, .. } => {
@@ -955,7 +966,7 @@ impl Driver {
                         jw.record.failure(FetchError::Unavailable, now)
                     }
                 };
-                self.finish_fetch(record, store);
+                self.finish_fetch(set, record, store);
                 self.resume_waiters(now, store);
             }
         }
@@ -971,10 +982,12 @@ impl Driver {
         self.expire_waiters(now);
         self.drain_ready(now, store);
         self.dispatch_queued(now);
-        if let Some(j) = self.core.jwt_config().cloned() {
-            if self.tick_jwks(&j, now, store) {
-                self.resume_waiters(now, store);
-            }
+        let mut changed = false;
+        for (set, j) in self.core.jwt_configs().iter().enumerate() {
+            changed |= self.tick_jwks(set, j, now, store);
+        }
+        if changed {
+            self.resume_waiters(now, store);
         }
         if !self.tick_soon {
             let period = if self.waiters.is_empty() && self.queued.is_empty() {
@@ -1326,7 +1339,7 @@ impl Driver {
     /// refused (503): whatever happened to the fetch (a lease never freed,
     /// shared data failing), no request waits for keys without end.
     fn expire_waiters(&mut self, now: u64) {
-        let Some(limit) = self.core.jwt_config().map(key_wait_limit_ms) else {
+        let Some(limit) = self.core.jwt_configs().iter().map(key_wait_limit_ms).max() else {
             return;
         };
         if self.waiters.is_empty() {
@@ -1378,7 +1391,7 @@ impl Driver {
             .config
             .auth
             .as_ref()
-            .and_then(AuthConfig::callout)
+            .and_then(Auth::callout)
             .map_or("introspection", CalloutProvider::name);
         let outcome = match &result {
             Ok(_) => "ok",
@@ -1456,31 +1469,41 @@ impl Driver {
     }
 
     /// Ends this VM's fetch: shares the record, gives the lease back, applies it.
-    fn finish_fetch(&mut self, record: jwks_cache::FetchRecord, store: &dyn SharedStore) {
-        if let Some(keys) = &self.shared_keys {
+    fn finish_fetch(
+        &mut self,
+        set: usize,
+        record: jwks_cache::FetchRecord,
+        store: &dyn SharedStore,
+    ) {
+        if let Some(keys) = self.shared_keys.get(set) {
             if jwks_cache::write_record(store, &keys.record, &record).is_err() {
                 log::warn!("could not share the JWKS with the other workers");
             }
             jwks_cache::release_lease(store, &keys.lease);
         }
-        self.core.jwks.in_flight_since = None;
+        let Some(jw) = self.core.jwks.get_mut(set) else {
+            return;
+        };
+        jw.in_flight_since = None;
         let failed = record.error.is_some();
         if !failed {
             log::info!("JWKS fetched ({} bytes)", record.body.len());
         }
+        jw.apply(record, None);
         self.effects
             .push_back(Effect::Count(Metric::JwksFetch { failed }));
-        self.core.jwks.apply(record, None);
     }
 
     /// Key set upkeep on every tick: take in what another VM fetched, and
     /// fetch when due and this VM holds the lease. True when parked requests
     /// should be decided again.
-    fn tick_jwks(&mut self, j: &JwtConfig, now: u64, store: &dyn SharedStore) -> bool {
-        let Some(keys) = self.shared_keys.clone() else {
+    fn tick_jwks(&mut self, set: usize, j: &JwtConfig, now: u64, store: &dyn SharedStore) -> bool {
+        let Some(keys) = self.shared_keys.get(set).cloned() else {
             return false;
         };
-        let jw = &mut self.core.jwks;
+        let Some(jw) = self.core.jwks.get_mut(set) else {
+            return false;
+        };
         let mut changed = false;
         if jw.in_flight_since.is_none() {
             if let Some((record, cas)) =
@@ -1529,7 +1552,13 @@ impl Driver {
             body: None,
             timeout_ms: j.jwks.timeout_ms,
         };
-        self.dispatch(Pending::Jwks { started_ms: now }, d);
+        self.dispatch(
+            Pending::Jwks {
+                set,
+                started_ms: now,
+            },
+            d,
+        );
         changed
     }
 
@@ -1540,7 +1569,7 @@ impl Driver {
             self.effects
                 .push_back(Effect::Count(Metric::Allowed(allowed)));
         }
-        let cache = if self.core.jwt_config().is_some() {
+        let cache = if !self.core.jwks.is_empty() {
             "token"
         } else {
             "decision"
@@ -1559,7 +1588,15 @@ impl Driver {
         }
         self.reported_hits = hits;
         self.reported_misses = misses;
-        let fetched = self.core.jwks.record.fetched;
+        // The oldest key set's age.
+        let fetched = self
+            .core
+            .jwks
+            .iter()
+            .map(|jw| jw.record.fetched)
+            .filter(|&f| f > 0)
+            .min()
+            .unwrap_or(0);
         if fetched > 0 {
             self.effects.push_back(Effect::Count(Metric::JwksAgeSeconds(
                 now.saturating_sub(fetched) / 1000,
@@ -1982,7 +2019,7 @@ mod tests {
         store.inject_mismatches(u32::MAX);
         let mut d = driver(JWKS);
         let req = headers(&mut d, 1, &bearer(&unverified_jwt()), &store);
-        let limit = key_wait_limit_ms(d.core.jwt_config().unwrap());
+        let limit = key_wait_limit_ms(d.core.jwt_config(0).unwrap());
         d.on_tick(NOW, &store);
         d.on_tick(NOW + limit, &store);
         let effects = drain(&mut d);

@@ -24,8 +24,8 @@ fn core() -> Core {
 /// The key set `jwks`, as fetched by this VM at `now_s`.
 fn install(core: &mut Core, jwks: Vec<Value>, now_s: u64) {
     let body = json!({ "keys": jwks }).to_string().into_bytes();
-    let record = core.jwks.fetched(body, now_s * 1000);
-    core.jwks.apply(record, None);
+    let record = core.jwks[0].fetched(body, now_s * 1000);
+    core.jwks[0].apply(record, None);
 }
 
 /// Decides at `now_s` (plus 999 ms: the cache works in whole seconds).
@@ -86,10 +86,10 @@ fn a_new_key_set_empties_the_cache() {
 
 /// The document `body`, answered 200 to this VM's fetch at `now_s`.
 fn fetched(core: &mut Core, body: &[u8], now_s: u64) {
-    let started = core.jwks.record.start(now_s * 1000);
-    core.jwks.apply(started, None);
-    let record = core.jwks.fetched(body.to_vec(), now_s * 1000);
-    core.jwks.apply(record, None);
+    let started = core.jwks[0].record.start(now_s * 1000);
+    core.jwks[0].apply(started, None);
+    let record = core.jwks[0].fetched(body.to_vec(), now_s * 1000);
+    core.jwks[0].apply(record, None);
 }
 
 fn unknown_kid() -> Step {
