@@ -108,8 +108,8 @@ fn main() {
     let config = tollgate::config::Config::parse(config.as_bytes()).unwrap();
     let mut core = Core::new(std::rc::Rc::new(config));
     let now_ms = NOW * 1000;
-    let record = core.jwks.fetched(jwks.to_string().into_bytes(), now_ms);
-    core.jwks.apply(record, None);
+    let record = core.jwks[0].fetched(jwks.to_string().into_bytes(), now_ms);
+    core.jwks[0].apply(record, None);
     let facts: Vec<RequestFacts> = tokens
         .iter()
         .map(|t| RequestFacts {

@@ -130,7 +130,7 @@ fn config_of(kind: u8) -> Rc<Config> {
 }
 
 fn jwt_config(c: &Config) -> &JwtConfig {
-    match &c.auth {
+    match c.auth.as_ref().and_then(|a| a.providers.first()) {
         Some(AuthConfig::Jwt(j)) => j,
         _ => panic!("the fixture is not a JWT configuration"),
     }
@@ -497,7 +497,7 @@ pub fn provider_answers(data: &[u8]) {
         .collect();
 
     let intro_config = config_of(1);
-    let Some(AuthConfig::Introspection(i)) = &intro_config.auth else {
+    let Some(AuthConfig::Introspection(i)) = intro_config.auth.as_ref().and_then(|a| a.providers.first()) else {
         panic!("fixture 1 is not introspection");
     };
     let default_mapping = tollgate::claims::ClaimsMapping::llama_stack_default();
@@ -526,7 +526,7 @@ pub fn provider_answers(data: &[u8]) {
     assert_eq!(form_urlencode(&token).len() + 6, request.body.len());
 
     let custom_config = config_of(2);
-    let Some(AuthConfig::Custom(c)) = &custom_config.auth else {
+    let Some(AuthConfig::Custom(c)) = custom_config.auth.as_ref().and_then(|a| a.providers.first()) else {
         panic!("fixture 2 is not custom");
     };
     match c.interpret(answer, &token) {
@@ -765,6 +765,7 @@ fn run_to_end(
                     CalloutReply {
                         status: Some(200),
                         body,
+                        throttled: false,
                     },
                     now,
                 )
@@ -779,6 +780,7 @@ fn run_to_end(
                             CalloutReply {
                                 status: Some(status),
                                 body,
+                                throttled: false,
                             },
                             now,
                         )
@@ -787,6 +789,7 @@ fn run_to_end(
                         CalloutReply {
                             status: None,
                             body: ReplyBody::Read(Vec::new()),
+                            throttled: false,
                         },
                         now,
                     ),
@@ -794,6 +797,7 @@ fn run_to_end(
                         CalloutReply {
                             status: None,
                             body: ReplyBody::Read(Vec::new()),
+                            throttled: false,
                         },
                         now + d.timeout_ms,
                     ),

@@ -7,7 +7,7 @@ use crate::claims::Identity;
 use crate::config::{Auth, CalloutProvider, Config, JwtConfig, Route};
 use crate::jwks_cache::{FetchError, JwksState};
 use crate::jwt::{self, Rules, TokenError};
-use crate::provider::{Answer, CalloutRequest, ProviderError, Upstream};
+use crate::provider::{github, Answer, CalloutRequest, ProviderError, Upstream};
 use crate::quota::{self, Client, QuotaDecision, RateLimit};
 use crate::response::Denial;
 use crate::route_rules::AccessDenied;
@@ -109,6 +109,28 @@ pub struct Callout {
     pub key: CacheKey,
     pub upstream: Upstream,
     pub request: CalloutRequest,
+    /// An exchange of several calls (`github_token`): what it has read.
+    pub progress: Option<Box<github::Progress>>,
+}
+
+/// What a provider's answer leads to.
+#[derive(Debug)]
+pub enum Answered {
+    /// The identity, or the denial, for every request that waited on it.
+    Done(AuthResult),
+    /// Another call of the same exchange, waited on by the same requests.
+    Next(Box<Callout>),
+}
+
+#[cfg(test)]
+impl Answered {
+    /// The result; panics on a next call.
+    pub fn done(self) -> AuthResult {
+        match self {
+            Answered::Done(r) => r,
+            Answered::Next(c) => panic!("a next call: {c:?}"),
+        }
+    }
 }
 
 /// The identity of a caller, or why there is none.
@@ -716,6 +738,20 @@ impl Core {
                 &k.endpoint,
                 k.request(token),
             ),
+            CalloutProvider::GitHub(g) => {
+                let (request, progress) = g.start(token);
+                let key = self.hasher.key(&[token.as_bytes()]);
+                return match self.tokens.get(&key, 0, now_ms / 1000) {
+                    Some(Ok(id)) => Ok(id),
+                    Some(Err(denial)) => Err(Step::Deny(denial)),
+                    None => Err(Step::Callout(Box::new(Callout {
+                        key,
+                        upstream: g.endpoint.clone(),
+                        request,
+                        progress: Some(progress),
+                    }))),
+                };
+            }
         };
         match self.tokens.get(&key, 0, now_ms / 1000) {
             Some(Ok(id)) => Ok(id),
@@ -724,18 +760,47 @@ impl Core {
                 key,
                 upstream: upstream.clone(),
                 request,
+                progress: None,
             }))),
         }
     }
 
-    /// Reads a provider's answer to the callout for `key`, caches what may be
-    /// cached, and returns the identity or the denial for every request that
-    /// waited on it.
-    pub fn provider_answer(&mut self, key: CacheKey, answer: Answer, now_ms: u64) -> AuthResult {
+    /// Reads a provider's answer to the callout for `key` (`progress`: what
+    /// its exchange read before), caches what may be cached, and returns
+    /// the identity or the denial for every request that waited on it, or
+    /// the exchange's next call.
+    pub fn provider_answer(
+        &mut self,
+        key: CacheKey,
+        answer: Answer,
+        progress: Option<Box<github::Progress>>,
+        now_ms: u64,
+    ) -> Answered {
         let now_s = now_ms / 1000;
         let config = self.config.clone();
         let provider = config.auth.as_ref().and_then(Auth::callout);
         let (result, ttl) = match provider {
+            Some(CalloutProvider::GitHub(g)) => {
+                let step = match progress {
+                    Some(p) => g.interpret(answer, p),
+                    None => Err(ProviderError::Unavailable),
+                };
+                match step {
+                    Ok(github::Step::Next(progress, request)) => {
+                        return Answered::Next(Box::new(Callout {
+                            key,
+                            upstream: g.endpoint.clone(),
+                            request,
+                            progress: Some(progress),
+                        }))
+                    }
+                    Ok(github::Step::Done(id)) => (
+                        Ok(Rc::new(id)),
+                        Some((g.cache_ttl, now_s.saturating_add(g.cache_ttl))),
+                    ),
+                    Err(e) => (Err(e), None),
+                }
+            }
             Some(CalloutProvider::Introspection(i)) => {
                 match i.introspection.interpret(
                     answer,
@@ -776,7 +841,7 @@ impl Core {
                         self.tokens.put(key, Ok(id.clone()), until, now_s);
                     }
                 }
-                Ok(Some(id))
+                Answered::Done(Ok(Some(id)))
             }
             Err(e) => {
                 let denial = Denial::Provider(e.clone());
@@ -790,6 +855,7 @@ impl Core {
                         | ProviderError::WrongAudience
                         | ProviderError::AuthFailed(401 | 403)
                         | ProviderError::KubernetesInvalid
+                        | ProviderError::GitHubInvalid
                 );
                 let uncached =
                     matches!(provider, Some(CalloutProvider::Custom(c)) if c.cache_ttl == 0);
@@ -801,7 +867,7 @@ impl Core {
                         now_s,
                     );
                 }
-                Err(denial)
+                Answered::Done(Err(denial))
             }
         }
     }
@@ -993,7 +1059,9 @@ mod tests {
         let key = callout_key(&decide_at(&mut core, &req, NOW));
         let exp = NOW + 3600;
         let body = format!(r#"{{"active": true, "sub": "alice", "exp": {exp}}}"#);
-        let id = core.provider_answer(key, ok(&body), NOW * 1000 + 999);
+        let id = core
+            .provider_answer(key, ok(&body), None, NOW * 1000 + 999)
+            .done();
         assert_eq!(id.unwrap().unwrap().principal, "alice");
         assert_eq!(
             decide_at(&mut core, &req, NOW + 1).principal(),
@@ -1026,7 +1094,10 @@ mod tests {
         let req = request(Some("tok-b"), "/v1/models");
         let key = callout_key(&decide_at(&mut core, &req, NOW));
         let body = format!(r#"{{"active": true, "sub": "bob", "exp": {}}}"#, NOW + 10);
-        assert!(core.provider_answer(key, ok(&body), NOW * 1000).is_ok());
+        assert!(core
+            .provider_answer(key, ok(&body), None, NOW * 1000)
+            .done()
+            .is_ok());
         assert_eq!(
             decide_at(&mut core, &req, NOW + 10).principal(),
             Some("bob")
@@ -1044,7 +1115,7 @@ mod tests {
         let req = request(Some("tok-aud"), "/v1/models");
         let key = callout_key(&decide_at(&mut core, &req, NOW));
         let answer = ok(r#"{"active": true, "sub": "a", "aud": "other", "exp": 99999999999}"#);
-        let no = core.provider_answer(key, answer, NOW * 1000);
+        let no = core.provider_answer(key, answer, None, NOW * 1000).done();
         let denied = Denial::Provider(ProviderError::WrongAudience);
         assert_eq!(no, Err(denied.clone()));
         assert_eq!(
@@ -1062,7 +1133,9 @@ mod tests {
         let mut core = core_for(INTROSPECTION);
         let req = request(Some("tok-c"), "/v1/models");
         let key = callout_key(&decide_at(&mut core, &req, NOW));
-        let no = core.provider_answer(key, ok(r#"{"active": false}"#), NOW * 1000);
+        let no = core
+            .provider_answer(key, ok(r#"{"active": false}"#), None, NOW * 1000)
+            .done();
         let denied = Step::Deny(Denial::Provider(ProviderError::NotActive));
         assert_eq!(no, Err(Denial::Provider(ProviderError::NotActive)));
         assert_eq!(decide_at(&mut core, &req, NOW + NEGATIVE_TTL), denied);
@@ -1075,7 +1148,10 @@ mod tests {
             status: 500,
             body: b"",
         };
-        assert!(core.provider_answer(key, err, NOW * 1000).is_err());
+        assert!(core
+            .provider_answer(key, err, None, NOW * 1000)
+            .done()
+            .is_err());
         assert_eq!(callout_key(&decide_at(&mut core, &req, NOW + 1)), key);
     }
 
@@ -1085,7 +1161,10 @@ mod tests {
         let req = request(Some("tok-d"), "/v1/models");
         let key = callout_key(&decide_at(&mut core, &req, NOW));
         let body = format!(r#"{{"active": true, "sub": "dan", "exp": {}}}"#, NOW + 60);
-        assert!(core.provider_answer(key, ok(&body), NOW * 1000).is_ok());
+        assert!(core
+            .provider_answer(key, ok(&body), None, NOW * 1000)
+            .done()
+            .is_ok());
         assert_eq!(callout_key(&decide_at(&mut core, &req, NOW)), key);
         assert!(core.tokens.is_empty());
     }
@@ -1098,7 +1177,9 @@ mod tests {
         );
         let a = request(Some("key-1"), "/v1/a");
         let key = callout_key(&decide_at(&mut core, &a, NOW));
-        let id = core.provider_answer(key, ok(r#"{"principal": "carol"}"#), NOW * 1000);
+        let id = core
+            .provider_answer(key, ok(r#"{"principal": "carol"}"#), None, NOW * 1000)
+            .done();
         assert_eq!(id.unwrap().unwrap().principal, "carol");
         assert_eq!(
             decide_at(&mut core, &a, NOW + 30).principal(),
@@ -1112,7 +1193,10 @@ mod tests {
             status: 401,
             body: b"",
         };
-        assert!(core.provider_answer(other, refused, NOW * 1000).is_err());
+        assert!(core
+            .provider_answer(other, refused, None, NOW * 1000)
+            .done()
+            .is_err());
         assert!(matches!(
             decide_at(&mut core, &b, NOW + 1),
             Step::Deny(Denial::Provider(ProviderError::AuthFailed(401)))
@@ -1123,7 +1207,10 @@ mod tests {
             status: 500,
             body: b"",
         };
-        assert!(core.provider_answer(third, failed, NOW * 1000).is_err());
+        assert!(core
+            .provider_answer(third, failed, None, NOW * 1000)
+            .done()
+            .is_err());
         assert_eq!(callout_key(&decide_at(&mut core, &c, NOW)), third);
     }
 
@@ -1200,7 +1287,9 @@ mod tests {
         assert_eq!(body["request"]["params"], serde_json::json!({"p": ["1"]}));
         let plain = raw_request("key-1", "/v1/admin/x");
         assert_eq!(callout_key(&decide_at(&mut core, &plain, NOW)), key);
-        let id = core.provider_answer(key, ok(r#"{"principal": "carol"}"#), NOW * 1000);
+        let id = core
+            .provider_answer(key, ok(r#"{"principal": "carol"}"#), None, NOW * 1000)
+            .done();
         assert!(id.is_ok());
         // The answer given for `/v1/admin/x` serves every spelling of it.
         for raw in ["/v1/admin/x", "/v1//admin/x", "/v1/x/../%61dmin/x?q"] {
@@ -1231,9 +1320,13 @@ mod tests {
             status: 401,
             body: b"",
         };
-        assert!(core.provider_answer(k2, refused, NOW * 1000).is_err());
         assert!(core
-            .provider_answer(k1, ok(r#"{"principal": "carol"}"#), NOW * 1000)
+            .provider_answer(k2, refused, None, NOW * 1000)
+            .done()
+            .is_err());
+        assert!(core
+            .provider_answer(k1, ok(r#"{"principal": "carol"}"#), None, NOW * 1000)
+            .done()
             .is_ok());
         assert!(core.tokens.is_empty());
         assert!(matches!(

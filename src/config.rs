@@ -11,6 +11,7 @@ use crate::claims::ClaimsMapping;
 use crate::json::{is_tchar, ConfigError, Obj};
 use crate::provider::api_keys::ApiKeys;
 use crate::provider::custom::Custom;
+use crate::provider::github::GitHub;
 use crate::provider::introspection::{Introspection, IntrospectionConfig};
 use crate::provider::kubernetes::Kubernetes;
 use crate::provider::{upstream_with, Upstream, CREDENTIALS_JWKS};
@@ -126,6 +127,8 @@ pub enum AuthConfig {
     ApiKeys(ApiKeys),
     /// `kubernetes`: a `SelfSubjectReview` with the token.
     Kubernetes(Kubernetes),
+    /// `github_token`: GitHub's `/user` and `/user/orgs` with the token.
+    GitHub(GitHub),
 }
 
 /// Where a credential is read from (Envoy `jwt_authn`'s `from_headers`,
@@ -287,6 +290,7 @@ pub enum CalloutProvider<'a> {
     Introspection(&'a IntrospectionConfig),
     Custom(&'a Custom),
     Kubernetes(&'a Kubernetes),
+    GitHub(&'a GitHub),
 }
 
 impl CalloutProvider<'_> {
@@ -296,6 +300,7 @@ impl CalloutProvider<'_> {
             CalloutProvider::Introspection(_) => "introspection",
             CalloutProvider::Custom(_) => "custom",
             CalloutProvider::Kubernetes(_) => "kubernetes",
+            CalloutProvider::GitHub(_) => "github",
         }
     }
 }
@@ -326,6 +331,7 @@ impl AuthConfig {
             AuthConfig::Introspection(i) => Some(CalloutProvider::Introspection(i)),
             AuthConfig::Custom(c) => Some(CalloutProvider::Custom(c)),
             AuthConfig::Kubernetes(k) => Some(CalloutProvider::Kubernetes(k)),
+            AuthConfig::GitHub(g) => Some(CalloutProvider::GitHub(g)),
         }
     }
 
@@ -335,6 +341,7 @@ impl AuthConfig {
             AuthConfig::Jwt(j) => Some(&j.claims_mapping),
             AuthConfig::Introspection(i) => Some(&i.claims_mapping),
             AuthConfig::Kubernetes(k) => Some(&k.claims_mapping),
+            AuthConfig::GitHub(g) => Some(&g.claims_mapping),
             AuthConfig::Custom(_) | AuthConfig::ApiKeys(_) => None,
         }
     }
@@ -344,7 +351,10 @@ impl AuthConfig {
         match self {
             AuthConfig::Jwt(j) => j.issuer.as_deref(),
             AuthConfig::Introspection(i) => i.issuer.as_deref(),
-            AuthConfig::Custom(_) | AuthConfig::ApiKeys(_) | AuthConfig::Kubernetes(_) => None,
+            AuthConfig::Custom(_)
+            | AuthConfig::ApiKeys(_)
+            | AuthConfig::Kubernetes(_)
+            | AuthConfig::GitHub(_) => None,
         }
     }
 
@@ -352,6 +362,7 @@ impl AuthConfig {
     pub fn missing_message(&self) -> String {
         match (self, self.issuer()) {
             (AuthConfig::Custom(c), _) => c.missing_message(),
+            (AuthConfig::GitHub(_), _) => crate::provider::github::MISSING.to_string(),
             // OGX's base provider message.
             (AuthConfig::ApiKeys(_) | AuthConfig::Kubernetes(_), _) => {
                 "Authentication required".to_string()
@@ -826,10 +837,11 @@ fn parse_provider(kind: &str, kind_path: &str, o: Obj) -> Result<AuthConfig, Con
         "custom" => Ok(AuthConfig::Custom(Custom::parse(o)?)),
         "local_api_key" => Ok(AuthConfig::ApiKeys(ApiKeys::parse(o)?)),
         "kubernetes" => Ok(AuthConfig::Kubernetes(Kubernetes::parse(o)?)),
+        "github_token" => Ok(AuthConfig::GitHub(GitHub::parse(o)?)),
         other => Err(ConfigError::new(
             kind_path,
             format!(
-                "unknown provider `{other}`; expected oauth2_token, custom, local_api_key or kubernetes"
+                "unknown provider `{other}`; expected oauth2_token, custom, local_api_key, kubernetes or github_token"
             ),
         )),
     }

@@ -18,12 +18,14 @@
 //! whether Envoy calls the body callbacks while headers are paused
 //! (`allow_on_headers_stop_iteration`) or not.
 
-use crate::auth::{self, AuthResult, Core, Counting, RequestFacts, Step, LEASE_MARGIN_MS};
+use crate::auth::{
+    self, Answered, AuthResult, Core, Counting, RequestFacts, Step, LEASE_MARGIN_MS,
+};
 use crate::claims::Identity;
 use crate::config::{Auth, CalloutProvider, Config, CredentialPlace, JwtConfig};
 use crate::jwks_cache::{self, FetchError, SharedKeys};
 use crate::path::normalize_path;
-use crate::provider::Answer;
+use crate::provider::{github, Answer, Method};
 use crate::quota::RateLimit;
 use crate::response::{is_grpc, Denial};
 use crate::store::SharedStore;
@@ -246,6 +248,9 @@ pub struct CalloutReply {
     /// for an answer cut off after its headers).
     pub status: Option<u16>,
     pub body: ReplyBody,
+    /// The answer says the caller is rate limited: 429, or 403 with
+    /// `retry-after` or `x-ratelimit-remaining: 0`.
+    pub throttled: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -257,7 +262,11 @@ pub enum ReplyBody {
 
 /// A callout's answer as the driver classifies it.
 enum Reply {
-    Response { status: u16, body: Vec<u8> },
+    Response {
+        status: u16,
+        body: Vec<u8>,
+        throttled: bool,
+    },
     TooLarge,
     NoAnswer,
     TimedOut,
@@ -323,7 +332,7 @@ struct CountCall {
 }
 
 /// What a sent callout is for.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 enum Pending {
     Jwks {
         /// The key set's index (its JWT provider's, [`Auth::jwts`]).
@@ -334,6 +343,8 @@ enum Pending {
         key: CacheKey,
         started_ms: u64,
         timeout_ms: u64,
+        /// What the exchange read before this call (`github_token`).
+        progress: Option<Box<github::Progress>>,
     },
 }
 
@@ -903,11 +914,11 @@ impl Driver {
                 self.finish_fetch(set, record, store);
                 self.resume_waiters(now, store);
             }
-            (Err(()), Pending::Provider { key, .. }) => {
+            (Err(()), Pending::Provider { key, progress, .. }) => {
                 log::error!(
                     "a provider callout could not start (is its cluster defined in Envoy?)"
                 );
-                self.complete_callout(key, Answer::NoAnswer, now, store);
+                self.complete_callout(key, Answer::NoAnswer, progress, now, store);
             }
         }
     }
@@ -927,9 +938,9 @@ impl Driver {
         };
         let Some(now) = now else {
             log::error!("the host clock failed: callout answer dropped");
-            if let Pending::Provider { key, .. } = pending {
+            if let Pending::Provider { key, progress, .. } = pending {
                 // Never cached (an error), so the time does not matter.
-                self.complete_callout(key, Answer::NoAnswer, 0, store);
+                self.complete_callout(key, Answer::NoAnswer, progress, 0, store);
             }
             return;
         };
@@ -938,17 +949,30 @@ impl Driver {
                 key,
                 started_ms,
                 timeout_ms,
+                progress,
             } => {
                 let reply = classify(reply, started_ms, timeout_ms, now);
                 let answer = match &reply {
-                    Reply::Response { status, body } => Answer::Response {
+                    Reply::Response {
+                        status,
+                        body,
+                        throttled: false,
+                    } => Answer::Response {
+                        status: *status,
+                        body,
+                    },
+                    Reply::Response {
+                        status,
+                        body,
+                        throttled: true,
+                    } => Answer::Throttled {
                         status: *status,
                         body,
                     },
                     Reply::TimedOut => Answer::TimedOut,
                     Reply::NoAnswer | Reply::TooLarge => Answer::NoAnswer,
                 };
-                self.complete_callout(key, answer, now, store);
+                self.complete_callout(key, answer, progress, now, store);
             }
             Pending::Jwks { set, started_ms } => {
                 let timeout_ms = self.core.jwt_config(set).map_or(0, |j| j.jwks.timeout_ms);
@@ -956,7 +980,9 @@ impl Driver {
                     return;
                 };
                 let record = match classify(reply, started_ms, timeout_ms, now) {
-                    Reply::Response { status: 200, body } => jw.fetched(body, now),
+                    Reply::Response {
+                        status: 200, body, ..
+                    } => jw.fetched(body, now),
                     Reply::Response { status, .. } => {
                         log::warn!("JWKS endpoint answered {status}");
                         jw.record.failure(FetchError::Unavailable, now)
@@ -1382,10 +1408,19 @@ impl Driver {
         &mut self,
         key: CacheKey,
         answer: Answer,
+        progress: Option<Box<github::Progress>>,
         now: u64,
         store: &dyn SharedStore,
     ) {
-        let result = self.core.provider_answer(key, answer, now);
+        let result = match self.core.provider_answer(key, answer, progress, now) {
+            Answered::Done(result) => result,
+            Answered::Next(next) => {
+                // The same requests wait on the exchange's next call.
+                self.queued.push(*next);
+                self.tick_soon();
+                return;
+            }
+        };
         let provider = self
             .core
             .config
@@ -1446,22 +1481,28 @@ impl Driver {
     /// Sends the queued provider callouts.
     fn dispatch_queued(&mut self, now: u64) {
         for c in std::mem::take(&mut self.queued) {
+            let path = c.request.path.as_ref().unwrap_or(&c.upstream.path);
             let mut headers = vec![
-                (":method".to_string(), "POST".to_string()),
-                (":path".to_string(), c.upstream.path.clone()),
+                (":method".to_string(), c.request.method.as_str().to_string()),
+                (":path".to_string(), path.clone()),
                 (":authority".to_string(), c.upstream.authority.clone()),
             ];
             headers.extend(c.request.headers.iter().cloned());
+            let body = match c.request.method {
+                Method::Post => Some(c.request.body.clone()),
+                Method::Get => None,
+            };
             let pending = Pending::Provider {
                 key: c.key,
                 started_ms: now,
                 timeout_ms: c.upstream.timeout_ms,
+                progress: c.progress,
             };
             let d = Dispatch {
                 id: self.next_id(),
                 cluster: c.upstream.cluster.clone(),
                 headers,
-                body: Some(c.request.body.clone()),
+                body,
                 timeout_ms: c.upstream.timeout_ms,
             };
             self.dispatch(pending, d);
@@ -1626,7 +1667,11 @@ fn classify(reply: CalloutReply, started_ms: u64, timeout_ms: u64, now: u64) -> 
             log::warn!("callout answer of {size} bytes is over the {MAX_CALLOUT_BODY}-byte limit");
             Reply::TooLarge
         }
-        (Some(status), ReplyBody::Read(body)) => Reply::Response { status, body },
+        (Some(status), ReplyBody::Read(body)) => Reply::Response {
+            status,
+            body,
+            throttled: reply.throttled,
+        },
     };
     match &reply {
         Reply::Response { status, .. } => {
@@ -1755,6 +1800,7 @@ mod tests {
         CalloutReply {
             status: Some(200),
             body: ReplyBody::Read(body.into_bytes()),
+            throttled: false,
         }
     }
 
@@ -1850,6 +1896,7 @@ mod tests {
         let refused = CalloutReply {
             status: Some(200),
             body: ReplyBody::Read(br#"{"active": false}"#.to_vec()),
+            throttled: false,
         };
         d.on_callout_reply(1, refused, Some(NOW), &store);
         let effects = drain(&mut d);
@@ -1891,6 +1938,7 @@ mod tests {
             let none = CalloutReply {
                 status: None,
                 body: ReplyBody::Read(Vec::new()),
+                throttled: false,
             };
             d.on_callout_reply(4, none, Some(NOW + after), &store);
             let effects = drain(&mut d);
@@ -1988,6 +2036,7 @@ mod tests {
         let keys = CalloutReply {
             status: Some(200),
             body: ReplyBody::Read(br#"{"keys": []}"#.to_vec()),
+            throttled: false,
         };
         d.on_callout_reply(9, keys, Some(NOW + 3), &store);
         let effects = drain(&mut d);

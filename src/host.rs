@@ -527,7 +527,21 @@ pub fn callout_reply(num_headers: usize, body_size: usize) -> CalloutReply {
     } else {
         ReplyBody::Read(buffer(BUFFER_CALLOUT_RESPONSE_BODY, body_size).unwrap_or_default())
     };
-    CalloutReply { status, body }
+    // GitHub's rule ("Rate limits for the REST API"); 429 is everyone's.
+    let throttled = match status {
+        Some(429) => true,
+        Some(403) => {
+            header_map_value(MAP_CALLOUT_RESPONSE_HEADERS, "retry-after").is_some()
+                || header_map_value(MAP_CALLOUT_RESPONSE_HEADERS, "x-ratelimit-remaining")
+                    .is_some_and(|v| v.trim_ascii() == b"0")
+        }
+        _ => false,
+    };
+    CalloutReply {
+        status,
+        body,
+        throttled,
+    }
 }
 
 /// A rate-limit service's answer (gRPC `status` 0) as the host has it.

@@ -104,6 +104,8 @@ impl Custom {
             }
         });
         CalloutRequest {
+            method: super::Method::Post,
+            path: None,
             headers: vec![
                 ("content-type".to_string(), "application/json".to_string()),
                 ("accept".to_string(), "application/json".to_string()),

@@ -171,6 +171,8 @@ impl Introspection {
             }
         }
         CalloutRequest {
+            method: super::Method::Post,
+            path: None,
             headers,
             body: body.into_bytes(),
         }

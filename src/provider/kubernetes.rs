@@ -70,6 +70,8 @@ impl Kubernetes {
     /// The review request, sent with the caller's token.
     pub fn request(&self, token: &str) -> CalloutRequest {
         CalloutRequest {
+            method: super::Method::Post,
+            path: None,
             headers: vec![
                 ("authorization".into(), format!("Bearer {token}")),
                 ("content-type".into(), "application/json".into()),

@@ -21,6 +21,7 @@ use std::fmt;
 
 pub mod api_keys;
 pub mod custom;
+pub mod github;
 pub mod introspection;
 pub mod kubernetes;
 
@@ -31,11 +32,31 @@ pub const MAX_CACHE_TTL: u64 = 10 * 365 * 86400;
 /// Longest callout timeout accepted.
 pub const MAX_TIMEOUT_MS: u64 = 600_000;
 
-/// What to send to a provider: the regular headers and the body. The glue adds
-/// the pseudo-headers (`:method` `POST`, `:path`, `:authority` from the
-/// provider's [`Upstream`]); Envoy sets `content-length` from the body.
+/// A callout's HTTP method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Post,
+    Get,
+}
+
+impl Method {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Post => "POST",
+            Method::Get => "GET",
+        }
+    }
+}
+
+/// What to send to a provider: the method, the path when it is not the
+/// [`Upstream`]'s, the regular headers and the body. The driver adds the
+/// pseudo-headers (`:authority` from the provider's [`Upstream`]); Envoy
+/// sets `content-length` from the body.
 #[derive(Clone, PartialEq, Eq)]
 pub struct CalloutRequest {
+    pub method: Method,
+    /// `None`: the upstream's path.
+    pub path: Option<String>,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
 }
@@ -56,6 +77,8 @@ impl fmt::Debug for CalloutRequest {
             })
             .collect();
         f.debug_struct("CalloutRequest")
+            .field("method", &self.method)
+            .field("path", &self.path)
             .field("headers", &headers)
             .field("body", &format_args!("<{} bytes>", self.body.len()))
             .finish()
@@ -67,6 +90,10 @@ impl fmt::Debug for CalloutRequest {
 pub enum Answer<'a> {
     /// An HTTP answer (any status) and its body.
     Response { status: u16, body: &'a [u8] },
+    /// An HTTP answer that says the caller is rate limited: 429, or 403
+    /// with `retry-after` or `x-ratelimit-remaining: 0` (GitHub's rule).
+    /// Read as a `Response` by every provider but `github_token`.
+    Throttled { status: u16, body: &'a [u8] },
     /// No answer: connection refused or reset, unknown cluster, dispatch
     /// failure, body too large to read.
     NoAnswer,
@@ -120,6 +147,11 @@ pub enum ProviderError {
     /// 401 "Invalid SelfSubjectReview response" (`kubernetes`: no
     /// `status.userInfo.username`, or an answer that is not JSON).
     KubernetesReview,
+    /// 401 with OGX's message: GitHub refused the token (401 or 403).
+    GitHubInvalid,
+    /// 401 "Invalid GitHub user response": `/user` answered 200 without a
+    /// string `login` and an `id`.
+    GitHubUser,
 }
 
 impl ProviderError {
@@ -165,6 +197,10 @@ impl fmt::Display for ProviderError {
             ProviderError::KubernetesInvalid => f.write_str("Invalid token"),
             ProviderError::KubernetesFailed(s) => write!(f, "Token validation failed: {s}"),
             ProviderError::KubernetesReview => f.write_str("Invalid SelfSubjectReview response"),
+            ProviderError::GitHubInvalid => f.write_str(
+                "GitHub token validation failed. Please check your token and try again.",
+            ),
+            ProviderError::GitHubUser => f.write_str("Invalid GitHub user response"),
         }
     }
 }
@@ -176,10 +212,14 @@ pub(crate) fn http_outcome<'a>(answer: Answer<'a>) -> Result<(u16, &'a [u8]), Pr
     match answer {
         Answer::TimedOut => Err(ProviderError::Timeout),
         Answer::NoAnswer => Err(ProviderError::Unavailable),
-        Answer::Response { status, .. } if (500..=599).contains(&status) => {
+        Answer::Response { status, .. } | Answer::Throttled { status, .. }
+            if (500..=599).contains(&status) =>
+        {
             Err(ProviderError::Unavailable)
         }
-        Answer::Response { status, body } => Ok((status, body)),
+        Answer::Response { status, body } | Answer::Throttled { status, body } => {
+            Ok((status, body))
+        }
     }
 }
 
@@ -306,6 +346,8 @@ mod tests {
     #[test]
     fn debug_output_hides_credentials_and_body() {
         let r = CalloutRequest {
+            method: Method::Post,
+            path: None,
             headers: vec![
                 ("Authorization".into(), "Basic c2VjcmV0".into()),
                 (
@@ -318,7 +360,7 @@ mod tests {
         let shown = format!("{r:?}");
         assert_eq!(
             shown,
-            "CalloutRequest { headers: [(\"Authorization\", \"<redacted>\"), \
+            "CalloutRequest { method: Post, path: None, headers: [(\"Authorization\", \"<redacted>\"), \
              (\"content-type\", \"application/x-www-form-urlencoded\")], body: <22 bytes> }"
         );
     }
