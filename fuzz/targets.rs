@@ -497,7 +497,9 @@ pub fn provider_answers(data: &[u8]) {
         .collect();
 
     let intro_config = config_of(1);
-    let Some(AuthConfig::Introspection(i)) = intro_config.auth.as_ref().and_then(|a| a.providers.first()) else {
+    let Some(AuthConfig::Introspection(i)) =
+        intro_config.auth.as_ref().and_then(|a| a.providers.first())
+    else {
         panic!("fixture 1 is not introspection");
     };
     let default_mapping = tollgate::claims::ClaimsMapping::llama_stack_default();
@@ -526,7 +528,11 @@ pub fn provider_answers(data: &[u8]) {
     assert_eq!(form_urlencode(&token).len() + 6, request.body.len());
 
     let custom_config = config_of(2);
-    let Some(AuthConfig::Custom(c)) = custom_config.auth.as_ref().and_then(|a| a.providers.first()) else {
+    let Some(AuthConfig::Custom(c)) = custom_config
+        .auth
+        .as_ref()
+        .and_then(|a| a.providers.first())
+    else {
         panic!("fixture 2 is not custom");
     };
     match c.interpret(answer, &token) {
