@@ -923,7 +923,10 @@ pub fn decision(data: &[u8]) {
             Some(_) => authenticated += 1,
             None => anonymous += 1,
         }
-        if let (Some(id), Some(AuthConfig::Jwt(j))) = (&identity, &config.auth) {
+        if let (Some(id), Some(AuthConfig::Jwt(j))) = (
+            &identity,
+            config.auth.as_ref().and_then(|a| a.providers.first()),
+        ) {
             let token = authorization.as_deref().and_then(bearer);
             let token = token.expect("allowed with a JWT provider but no bearer token");
             let keys = KEYS.with(|k| k.0.clone());
