@@ -1002,6 +1002,59 @@ mod tests {
     }
 
     #[test]
+    fn several_providers_and_their_errors() {
+        let jwt = |iss: Option<&str>| {
+            let mut p = json!({"type": "oauth2_token", "jwks": {"uri": "http://idp/jwks"}});
+            if let Some(i) = iss {
+                p["issuer"] = json!(i);
+            }
+            p
+        };
+        let keys = json!({"type": "local_api_key", "api_keys": ["k"]});
+        let intro = json!({"type": "oauth2_token", "introspection": {"url": "http://idp/i"}});
+        let gh = json!({"type": "github_token"});
+        let ok = Config::from_value(&json!({"auth": {"providers": [
+            jwt(Some("a")), jwt(Some("b")), keys, gh]}}))
+        .unwrap();
+        let auth = ok.auth.unwrap();
+        assert_eq!(auth.jwts().count(), 2);
+        assert_eq!(auth.route(Some("b")), Route::Jwt(1));
+        assert_eq!(auth.route(Some("c")), Route::Fallback);
+        assert_eq!(auth.route(None), Route::Fallback);
+        assert!(matches!(auth.callout(), Some(CalloutProvider::GitHub(_))));
+        // One JWT provider alone takes every token, issuer or not.
+        let one = Config::from_value(&json!({"auth": {"providers": [jwt(None)]}})).unwrap();
+        assert_eq!(one.auth.unwrap().route(Some("x")), Route::Jwt(0));
+        for (providers, key) in [
+            (json!([]), "auth.providers"),
+            (json!({}), "auth.providers"),
+            (
+                json!([jwt(Some("a")), jwt(None)]),
+                "auth.providers[1].issuer",
+            ),
+            (json!([jwt(None), keys]), "auth.providers[0].issuer"),
+            (
+                json!([jwt(Some("a")), jwt(Some("a"))]),
+                "auth.providers[1].issuer",
+            ),
+            (json!([intro, gh]), "auth.providers[1]"),
+            (json!([gh, keys]), "auth.providers[1]"),
+            (json!([keys, keys]), "auth.providers[1]"),
+            (json!([{"type": "saml"}]), "auth.providers[0].type"),
+            (
+                json!([{"type": "github_token", "x": 1}]),
+                "auth.providers[0].x",
+            ),
+        ] {
+            let e = err(json!({"auth": {"providers": providers}}));
+            assert_eq!(e.key, key, "{e}");
+        }
+        let both = err(json!({"auth": {"providers": [keys],
+            "provider_config": {"type": "local_api_key", "api_keys": ["k"]}}}));
+        assert_eq!(both.key, "auth.providers");
+    }
+
+    #[test]
     fn every_log_level_name() {
         use log::LevelFilter::*;
         for (name, level) in [

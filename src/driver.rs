@@ -2046,6 +2046,187 @@ mod tests {
             .any(|e| matches!(e, Effect::Count(Metric::JwksFetch { failed: false }))));
     }
 
+    const SEVERAL: &str = r#"{"auth": {"providers": [
+        {"type": "oauth2_token", "issuer": "https://a", "jwks": {"uri": "http://a/jwks", "cluster": "ia"}},
+        {"type": "oauth2_token", "issuer": "https://b", "jwks": {"uri": "http://b/jwks", "cluster": "ib"}},
+        {"type": "local_api_key", "api_keys": ["key-1"]}]}}"#;
+
+    /// An RS256 token of `iss` whose key (`kid` `k1`) no key set has.
+    fn jwt_of(iss: &str) -> String {
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        use base64::Engine;
+        let part = |json: &str| URL_SAFE_NO_PAD.encode(json);
+        format!(
+            "{}.{}.{}",
+            part(r#"{"alg":"RS256","kid":"k1"}"#),
+            part(&format!(
+                r#"{{"sub":"alice","iss":"{iss}","aud":"llama-stack","exp":4102444800}}"#
+            )),
+            URL_SAFE_NO_PAD.encode([7u8; 256])
+        )
+    }
+
+    #[test]
+    fn several_providers_each_issuer_its_own_key_set_other_tokens_the_fallback() {
+        let store = FakeStore::new();
+        let mut d = driver(SEVERAL);
+        // Both key sets are fetched, each from its own cluster.
+        d.on_tick(NOW, &store);
+        let sent: Vec<Dispatch> = drain(&mut d)
+            .into_iter()
+            .filter_map(|e| match e {
+                Effect::Dispatch(x) => Some(x),
+                _ => None,
+            })
+            .collect();
+        let clusters: Vec<&str> = sent.iter().map(|x| x.cluster.as_str()).collect();
+        assert_eq!(clusters, ["ia", "ib"]);
+        d.dispatched(sent[0].id, Ok(1), NOW, &store);
+        d.dispatched(sent[1].id, Ok(2), NOW, &store);
+        // A's keys arrive; B's are still on their way.
+        let keys = CalloutReply {
+            status: Some(200),
+            body: ReplyBody::Read(br#"{"keys": []}"#.to_vec()),
+            throttled: false,
+        };
+        d.on_callout_reply(1, keys.clone(), Some(NOW + 1), &store);
+        drain(&mut d);
+        // A's token is decided by A's keys (none has `k1`; the refresh is
+        // in its cooldown); B's waits for B's.
+        let a = headers(&mut d, 10, &bearer(&jwt_of("https://a")), &store);
+        let b = headers(&mut d, 11, &bearer(&jwt_of("https://b")), &store);
+        assert_eq!(a.phase(), Phase::Answered);
+        assert_eq!(b.phase(), Phase::Waiting);
+        d.on_callout_reply(2, keys, Some(NOW + 2), &store);
+        assert_eq!(b.phase(), Phase::Answered);
+        drain(&mut d);
+        // Any other token: the API keys, whose 401 is the last word.
+        let key = headers(&mut d, 12, &bearer("key-1"), &store);
+        assert!(matches!(key.phase(), Phase::Allowed(_)));
+        for (id, token) in [(13, jwt_of("https://c")), (14, "nope".to_string())] {
+            headers(&mut d, id, &bearer(&token), &store);
+            let effects = drain(&mut d);
+            let denial = effects.iter().find_map(|e| match e {
+                Effect::Deny { denial, .. } => Some(denial.to_string()),
+                _ => None,
+            });
+            assert_eq!(denial.as_deref(), Some("Invalid or missing API key"));
+        }
+        // No token: the first provider's message.
+        let none = Head(vec![(":path", b"/v1/models".to_vec())]);
+        headers(&mut d, 15, &none, &store);
+        let effects = drain(&mut d);
+        assert!(effects
+            .iter()
+            .any(|e| matches!(e, Effect::Deny { denial, .. }
+            if denial.to_string().ends_with("OAuth2 Bearer token from https://a"))));
+    }
+
+    const GITHUB: &str = r#"{"auth": {"provider_config": {"type": "github_token",
+        "github_api_base_url": "http://gh/api", "cluster": "gh"}}}"#;
+
+    fn reply(status: u16, body: &str, throttled: bool) -> CalloutReply {
+        CalloutReply {
+            status: Some(status),
+            body: ReplyBody::Read(body.as_bytes().to_vec()),
+            throttled,
+        }
+    }
+
+    fn header<'a>(x: &'a Dispatch, name: &str) -> &'a str {
+        x.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+            .unwrap()
+    }
+
+    #[test]
+    fn a_github_exchange_is_chained_calls_that_its_waiters_share() {
+        let store = FakeStore::new();
+        let mut d = driver(GITHUB);
+        let a = headers(&mut d, 1, &bearer("ghp_x"), &store);
+        let b = headers(&mut d, 2, &bearer("ghp_x"), &store);
+        d.on_tick(NOW, &store);
+        let user = send(&mut d, 7, &store);
+        assert_eq!(
+            (
+                header(&user, ":method"),
+                header(&user, ":path"),
+                user.cluster.as_str()
+            ),
+            ("GET", "/api/user", "gh")
+        );
+        assert_eq!(header(&user, "authorization"), "Bearer ghp_x");
+        assert_eq!(user.body, None);
+        d.on_callout_reply(
+            7,
+            reply(200, r#"{"login": "octocat", "id": 1}"#, false),
+            Some(NOW + 1),
+            &store,
+        );
+        assert_eq!((a.phase(), b.phase()), (Phase::Waiting, Phase::Waiting));
+        d.on_tick(NOW + 2, &store);
+        let orgs = send(&mut d, 8, &store);
+        assert_eq!(header(&orgs, ":path"), "/api/user/orgs?per_page=100&page=1");
+        assert_eq!(header(&orgs, "authorization"), "Bearer ghp_x");
+        d.on_callout_reply(
+            8,
+            reply(200, r#"[{"login": "github"}]"#, false),
+            Some(NOW + 3),
+            &store,
+        );
+        let effects = drain(&mut d);
+        assert_eq!(outcomes(&effects), (vec![(1, true), (2, true)], vec![]));
+        assert!(effects.iter().any(|e| matches!(
+            e,
+            Effect::Count(Metric::Callout {
+                provider: "github",
+                outcome: "ok"
+            })
+        )));
+        // Cached: no call.
+        let c = headers(&mut d, 3, &bearer("ghp_x"), &store);
+        assert!(matches!(c.phase(), Phase::Allowed(_)));
+    }
+
+    #[test]
+    fn github_rate_limits_are_503_and_never_cached() {
+        let store = FakeStore::new();
+        let mut d = driver(GITHUB);
+        for (round, at_orgs) in [(0u32, false), (1, true)] {
+            let id = 10 + round;
+            let req = headers(&mut d, id, &bearer("ghp_y"), &store);
+            d.on_tick(NOW, &store);
+            let token = 20 + round * 2;
+            send(&mut d, token, &store);
+            if at_orgs {
+                d.on_callout_reply(
+                    token,
+                    reply(200, r#"{"login": "o", "id": 1}"#, false),
+                    Some(NOW),
+                    &store,
+                );
+                d.on_tick(NOW, &store);
+                send(&mut d, token + 1, &store);
+                d.on_callout_reply(token + 1, reply(403, "{}", true), Some(NOW), &store);
+            } else {
+                d.on_callout_reply(token, reply(429, "{}", true), Some(NOW), &store);
+            }
+            let effects = drain(&mut d);
+            assert_eq!(outcomes(&effects), (vec![], vec![(id, 503)]));
+            assert_eq!(req.phase(), Phase::Answered);
+        }
+        // A plain 403 is GitHub refusing the token: 401, remembered briefly.
+        headers(&mut d, 30, &bearer("ghp_z"), &store);
+        d.on_tick(NOW, &store);
+        send(&mut d, 40, &store);
+        d.on_callout_reply(40, reply(403, "{}", false), Some(NOW), &store);
+        assert_eq!(outcomes(&drain(&mut d)), (vec![], vec![(30, 401)]));
+        let again = headers(&mut d, 31, &bearer("ghp_z"), &store);
+        assert_eq!(again.phase(), Phase::Answered);
+    }
+
     #[test]
     fn a_key_set_fetch_that_cannot_be_sent_answers_503() {
         let store = FakeStore::new();
