@@ -280,11 +280,24 @@ def test_ogx_1_5_0_custom_example_with_quota(envoy, module_idp, authsvc, cluster
 
 
 @pytest.mark.parametrize("provider", [
-    {"type": "github_token", "github_api_base_url": "https://api.github.com"},
+    # OGX's provider for a gateway in front of it: tollgate is that gateway.
+    {"type": "upstream_header", "principal_header": "x-auth-principal"},
 ])
 def test_ogx_providers_tollgate_lacks_refuse_to_load(expect_config_rejected, provider):
     log = expect_config_rejected({"auth": {"provider_config": provider}})
     assert f"unknown provider `{provider['type']}`" in log
+
+
+def test_ogx_github_token_example_loads_unchanged(envoy):
+    """OGX 1.5.0's `github_token` shape (datatypes.py `GitHubTokenAuthConfig`)
+    loads as written; a request without a token gets OGX's own message."""
+    gw = envoy({"auth": {"provider_config": {
+        "type": "github_token", "github_api_base_url": "https://api.github.com",
+        "claims_mapping": {"login": "roles", "organizations": "teams"}}}})
+    resp = gw.get(API)
+    assert resp.status == 401
+    assert resp.json()["error"]["message"].startswith(
+        "Authentication required. Please provide a valid GitHub access token")
 
 
 # -- Defect 2: `Bearer` with nothing after it ------------------------------------------
