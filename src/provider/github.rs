@@ -320,7 +320,7 @@ mod tests {
         assert_eq!(id.principal, "octocat");
         assert_eq!(id.attributes["roles"], ["octocat"]);
         assert_eq!(id.attributes["teams"], ["org0", "org1", "org2"]);
-        // No organisations: no `teams` (OGX's get_attributes_from_claims skips empties).
+        // No organisations: no `teams` (OGX keeps `teams: []`; no rule tells them apart).
         let (id, _) = run(&g, user, &[ok("[]")]);
         assert!(!id.unwrap().attributes.contains_key("teams"));
         // `id` as a string, for a custom mapping.

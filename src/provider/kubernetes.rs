@@ -9,7 +9,8 @@
 //!
 //! Answers: 201 with a `userInfo` that has a `username` → the identity;
 //! 401 → 401 `Invalid token`; another status → 401 `Token validation
-//! failed: <status>` (OGX's messages); 5xx, no answer, a timeout → 503.
+//! failed: <status>` (OGX's messages); 429 (the API server's priority and
+//! fairness throttling), 5xx, no answer, a timeout → 503.
 
 use super::{http_outcome, timeout_ms, upstream, Answer, CalloutRequest, ProviderError, Upstream};
 use crate::claims::{ClaimsMapping, Identity};
@@ -84,6 +85,11 @@ impl Kubernetes {
 
     /// Reads the API server's answer.
     pub fn interpret(&self, answer: Answer) -> Result<Identity, ProviderError> {
+        if let Answer::Throttled { status: 429, .. } = answer {
+            // API Priority and Fairness turned the review away: the token
+            // was not judged (OGX: 401 `Token validation failed: 429`).
+            return Err(ProviderError::Unavailable);
+        }
         let (status, body) = http_outcome(answer)?;
         match status {
             201 => {}
@@ -192,5 +198,14 @@ mod tests {
             );
         }
         assert_eq!(answer(503, "").unwrap_err(), ProviderError::Unavailable);
+        let k = parse(json!({})).unwrap();
+        let throttled = Answer::Throttled {
+            status: 429,
+            body: b"{}",
+        };
+        assert_eq!(
+            k.interpret(throttled).unwrap_err(),
+            ProviderError::Unavailable
+        );
     }
 }

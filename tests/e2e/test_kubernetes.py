@@ -81,6 +81,10 @@ def test_a_service_account_token_is_reviewed_once_and_mapped(gw, reviews, upstre
     (Reply(201, {"status": {"userInfo": {"groups": ["g"]}}}), 401,
      "Invalid SelfSubjectReview response"),                    # no username
     (Reply(503, {}), 503, "Authentication service unavailable"),
+    # API Priority and Fairness: 429 with Retry-After (the token was not judged).
+    (Reply(429, {"kind": "Status", "code": 429, "reason": "TooManyRequests"},
+           {"retry-after": "1"}), 503, "Authentication service unavailable"),
+    (Reply(drop=True), 503, "Authentication service unavailable"),  # down
 ])
 def test_refusals_and_failures(gw, reviews, upstream, reply, status, message):
     t = new_token("bad")
