@@ -82,17 +82,27 @@ const QUOTA_AUTHENTICATED: usize = 3;
 /// Anonymous requests the fixture configurations count per minute.
 const QUOTA_ANONYMOUS: usize = 2;
 
-/// The fixture configurations: 0 JWT with a JWKS, 1 introspection, 2
+/// The API key of fixture configuration 0.
+pub const FUZZ_API_KEY: &str = "fuzz-api-key";
+
+/// The fixture configurations: 0 two JWT providers (`auth.providers`) and
+/// an API key, 1 introspection, 2
 /// custom endpoint, 3 no `auth` (quota and public paths only). All but 3
 /// share public paths, route rules and a small per-minute quota.
 pub fn fixture_config(kind: u8) -> String {
     let auth = match kind % 4 {
+        // Several providers: tokens of `issuer.example` go to the first,
+        // of `other.example` to the second (same keys, another audience),
+        // any other to the API key.
         0 => format!(
-            r#"{{"provider_type": "oauth2_token", "config": {{
+            r#"{{"providers": [{{"type": "oauth2_token",
               "audience": ["other-service", "llama-stack"], "issuer": "https://issuer.example",
               "claims_mapping": {MAPPING}, "clock_skew_seconds": 30,
               "jwks": {{"uri": "https://issuer.example/jwks", "cluster": "idp", "cache_ttl": 300,
-                       "refresh_cooldown_seconds": 10, "max_stale_seconds": 600}}}}}}"#
+                       "refresh_cooldown_seconds": 10, "max_stale_seconds": 600}}}},
+              {{"type": "oauth2_token", "audience": "elsewhere", "issuer": "https://other.example",
+               "jwks": {{"uri": "https://other.example/jwks", "cluster": "idp2"}}}},
+              {{"type": "local_api_key", "keys": [{{"name": "fuzz", "key": "{FUZZ_API_KEY}"}}]}}]}}"#
         ),
         1 => format!(
             r#"{{"provider_config": {{"type": "oauth2_token", "issuer": "https://idp.example",
@@ -716,7 +726,7 @@ fn run_to_end(
     let req = RequestHandle::new(id);
     let mut now = now_ms;
     driver.on_request_headers(&req, head, || source_ip, Some(now_ms), store);
-    let (mut jwks_fetches, mut provider_calls) = (0, 0);
+    let (mut jwks_fetches, mut provider_calls): (Vec<String>, u32) = (Vec::new(), 0);
     let mut token = 0u32;
     for _ in 0..32 {
         let mut tick = false;
@@ -765,7 +775,11 @@ fn run_to_end(
         for (token, d) in sent {
             let is_jwks = d.headers.iter().any(|(k, v)| k == ":method" && v == "GET");
             let (reply, at) = if is_jwks {
-                jwks_fetches += 1;
+                assert!(
+                    !jwks_fetches.contains(&d.cluster),
+                    "one key set fetched twice"
+                );
+                jwks_fetches.push(d.cluster.clone());
                 let body = ReplyBody::Read(JWKS.as_bytes().to_vec());
                 (
                     CalloutReply {
@@ -811,8 +825,8 @@ fn run_to_end(
             };
             driver.on_callout_reply(token, reply, Some(at), store);
         }
-        // A request waits for one fetch and one callout at most.
-        assert!(jwks_fetches <= 1 && provider_calls <= 1, "waited twice");
+        // A request waits for one fetch per key set and one callout at most.
+        assert!(provider_calls <= 1, "waited twice");
         if idle {
             now += 1000;
         }
@@ -831,7 +845,8 @@ fn run_to_end(
 /// `Authorization` value, source IP, provider answer body, a value planted
 /// at the caller's quota key, then header name / value pairs.
 ///
-/// - byte 0, bits 0-1: configuration (0 JWT, 1 introspection, 2 custom, 3
+/// - byte 0, bits 0-1: configuration (0 two JWT issuers and an API key,
+///   1 introspection, 2 custom, 3
 ///   none); bit 2: send `Authorization`; bit 3: a source IP is known;
 ///   bits 4-7: provider answer (0-7: 200, then 401, 403, 404, 500, 503, 302,
 ///   no answer, timeout).
@@ -923,16 +938,20 @@ pub fn decision(data: &[u8]) {
             Some(_) => authenticated += 1,
             None => anonymous += 1,
         }
-        if let (Some(id), Some(AuthConfig::Jwt(j))) = (
-            &identity,
-            config.auth.as_ref().and_then(|a| a.providers.first()),
-        ) {
+        let auth = config.auth.as_ref();
+        if let (Some(id), Some(auth)) = (&identity, auth.filter(|a| a.jwts().next().is_some())) {
             let token = authorization.as_deref().and_then(bearer);
             let token = token.expect("allowed with a JWT provider but no bearer token");
-            let keys = KEYS.with(|k| k.0.clone());
-            let v = jwt::verify(token, &keys, &rules(j), decided_ms / 1000);
-            let v = v.expect("allowed a token that does not verify now");
-            assert_eq!(v.identity.principal, id.principal);
+            let iss = jwt::unverified_issuer(token.as_bytes());
+            match auth.jwts().find(|j| j.issuer.is_some() && j.issuer == iss) {
+                Some(j) => {
+                    let keys = KEYS.with(|k| k.0.clone());
+                    let v = jwt::verify(token, &keys, &rules(j), decided_ms / 1000);
+                    let v = v.expect("allowed a token that does not verify now");
+                    assert_eq!(v.identity.principal, id.principal);
+                }
+                None => assert_eq!(token, FUZZ_API_KEY, "allowed {iss:?} by no provider"),
+            }
         }
     }
     if step_ms == 0 && store_mode == StoreMode::Normal {
