@@ -348,7 +348,12 @@ def test_a_client_that_hangs_up_mid_stream_is_charged(envoy, idp, mock, rsa):
     s = socket.create_connection(("127.0.0.1", int(e.url.rsplit(":", 1)[1])), timeout=10)
     s.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
               f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
-    assert b"data:" in s.recv(65536)
+    # The head and the first chunk may come in separate reads.
+    seen = b""
+    while b"data:" not in seen:
+        chunk = s.recv(65536)
+        assert chunk, seen
+        seen += chunk
     s.close()
     gate.set()
     deadline = time.monotonic() + 10
