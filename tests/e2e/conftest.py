@@ -13,6 +13,7 @@ import pytest
 from harness import tokens
 from harness.envoy import Envoy, EnvoyStartError
 from harness.idp import IdP
+from harness.openai_mock import OpenAIMock
 from harness.upstream import EchoServer
 
 _live: list[Envoy] = []  # Envoys running now, for the per-test trap check
@@ -160,3 +161,20 @@ def module_envoy(upstream, module_idp, tmp_path_factory):
 def expect_config_rejected(envoy):
     """`expect_config_rejected(plugin_config, clusters=None) -> log text`."""
     return envoy.expect_config_rejected
+
+
+@pytest.fixture(scope="module")
+def _openai_mock():
+    with OpenAIMock() as m:
+        yield m
+
+
+@pytest.fixture
+def mock(_openai_mock):
+    """The OpenAI-compatible mock upstream, its script and calls reset; streams
+    a test held are let go at teardown, so that nothing is left hanging."""
+    _openai_mock.reset()
+    yield _openai_mock
+    for c in _openai_mock.calls():
+        if c.script.hold is not None:
+            c.script.hold.set()

@@ -6,7 +6,6 @@ about (item 12)."""
 
 from __future__ import annotations
 
-import json
 import time
 
 import pytest

@@ -14,8 +14,6 @@ Item 6: requests waiting on provider callouts are capped per worker
 from __future__ import annotations
 
 import asyncio
-import json
-import time
 from collections import Counter
 
 from harness import tokens

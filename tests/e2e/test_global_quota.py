@@ -6,8 +6,6 @@ answers, end as `failure_mode` says; nothing is allowed by accident."""
 
 from __future__ import annotations
 
-import json
-import threading
 import time
 import uuid
 from concurrent import futures

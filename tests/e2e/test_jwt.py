@@ -11,6 +11,8 @@ import pytest
 
 from harness import tokens
 from harness.config import ISSUER, OMIT, jwt_config
+from harness.providers import assert_bearer_denied as assert_denied
+from harness.providers import forwarded
 
 MSG_REQUIRED = f"Authentication required. Please provide a valid OAuth2 Bearer token from {ISSUER}"
 MSG_FORMAT = "Invalid Authorization header format"
@@ -29,26 +31,6 @@ def make_key(alg: str, kid: str | None = None) -> tokens.SigningKey:
     if alg.startswith("ES"):
         return tokens.ec_key(kid, alg)
     return tokens.rsa_key(kid, alg)
-
-
-def assert_denied(resp, status: int, message: str, token_presented: bool | None = None) -> None:
-    """The exact JSON error answer; for 401 also the WWW-Authenticate challenge."""
-    assert resp.status == status, resp
-    assert resp.headers.get("content-type") == "application/json", resp
-    assert resp.body == json.dumps({"error": {"message": message}}, separators=(",", ":")).encode(), resp
-    if status == 401:
-        challenge = resp.headers.get("www-authenticate", "")
-        assert challenge.startswith("Bearer"), resp
-        if token_presented is True:
-            assert 'error="invalid_token"' in challenge, resp
-        elif token_presented is False:
-            assert "error=" not in challenge, resp
-
-
-def forwarded(resp) -> dict[str, str]:
-    """The request headers the echo upstream received."""
-    assert resp.status == 200, resp
-    return resp.json()["headers"]
 
 
 def wait_for_streak(gw, token: str, streak: int = 10, timeout: float = 15.0, pause: float = 0.2):

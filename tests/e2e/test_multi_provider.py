@@ -19,7 +19,8 @@ import pytest
 
 from harness import tokens
 from harness.idp import IdP
-from harness.providers import Scripted, json_api_key, new_token
+from harness.providers import Scripted, identity, json_api_key, new_token
+from harness.providers import assert_bearer_denied as assert_denied
 from harness.server import Reply
 
 API = "/v1/models"
@@ -42,31 +43,6 @@ def msg_required(issuer: str) -> str:
 CI_KEY = "ci-0123456789abcdef"
 OGX_KEY = "sk-ogx-plain-key"
 OGX_PRINCIPAL = f"api-key-{hashlib.sha256(OGX_KEY.encode()).hexdigest()[:12]}"
-
-
-def assert_denied(resp, status: int, message: str, token_presented: bool | None = None) -> None:
-    """The exact JSON error answer; for 401 also the WWW-Authenticate challenge."""
-    assert resp.status == status, resp
-    assert resp.headers.get("content-type") == "application/json", resp
-    assert resp.body == json.dumps({"error": {"message": message}}, separators=(",", ":")).encode(), resp
-    if status == 401:
-        challenge = resp.headers.get("www-authenticate", "")
-        assert challenge.startswith("Bearer"), resp
-        if token_presented is True:
-            assert 'error="invalid_token"' in challenge, resp
-        elif token_presented is False:
-            assert "error=" not in challenge, resp
-
-
-def forwarded(resp) -> dict[str, str]:
-    """The request headers the echo upstream received."""
-    assert resp.status == 200, resp
-    return resp.json()["headers"]
-
-
-def identity(resp) -> tuple[str, dict]:
-    h = forwarded(resp)
-    return h["x-auth-principal"], json.loads(h["x-auth-attributes"])
 
 
 # -- configurations ----------------------------------------------------------------

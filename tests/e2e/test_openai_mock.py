@@ -24,21 +24,6 @@ MESSAGES = [{"role": "user", "content": "hi"}]
 EVENT = TypeAdapter(ResponseStreamEvent)
 
 
-@pytest.fixture(scope="module")
-def _mock():
-    with OpenAIMock() as m:
-        yield m
-
-
-@pytest.fixture
-def mock(_mock):
-    _mock.reset()
-    yield _mock
-    for c in _mock.calls():  # nothing left hanging
-        if c.script.hold is not None:
-            c.script.hold.set()
-
-
 def sdk(base_url: str, **kw) -> openai.OpenAI:
     return openai.OpenAI(base_url=base_url, api_key="sk-test", max_retries=0, timeout=15, **kw)
 

@@ -497,7 +497,6 @@ def test_introspection_negative_answer_cached_briefly(igw, introspector):
     at most 5 s: once the IdP says active, the token passes."""
     t = introspector.answer(token(), INACTIVE)
     assert_denied(igw.get(API, token=t), 401, MSG_NOT_ACTIVE, INVALID)
-    start = time.monotonic()
     assert_denied(igw.get(API, token=t), 401, MSG_NOT_ACTIVE, INVALID)
     assert introspector.calls(t) == 1
     introspector.answer(t, active("alice"))

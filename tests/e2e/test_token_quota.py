@@ -21,24 +21,9 @@ import pytest
 
 from harness import tokens
 from harness.config import jwt_config
-from harness.openai_mock import OpenAIMock, Script
+from harness.openai_mock import Script
 
 MESSAGES = [{"role": "user", "content": "hi"}]
-
-
-@pytest.fixture(scope="module")
-def _mock():
-    with OpenAIMock() as m:
-        yield m
-
-
-@pytest.fixture
-def mock(_mock):
-    _mock.reset()
-    yield _mock
-    for c in _mock.calls():
-        if c.script.hold is not None:
-            c.script.hold.set()
 
 
 def gateway(envoy, idp, mock, rsa, **token_quota):

@@ -169,6 +169,23 @@ def assert_denied(resp, status: int, message: str, challenge: str | None = None)
         assert resp.headers.get("www-authenticate") == challenge, resp
 
 
+def assert_bearer_denied(resp, status: int, message: str,
+                         token_presented: bool | None = None) -> None:
+    """The exact JSON error answer; for 401 also a Bearer challenge, with
+    `error="invalid_token"` when a token was presented (True), without any
+    `error=` when none was (False), either way when None."""
+    assert resp.status == status, resp
+    assert resp.headers.get("content-type") == "application/json", resp
+    assert resp.body == error_body(message), resp
+    if status == 401:
+        challenge = resp.headers.get("www-authenticate", "")
+        assert challenge.startswith("Bearer"), resp
+        if token_presented is True:
+            assert 'error="invalid_token"' in challenge, resp
+        elif token_presented is False:
+            assert "error=" not in challenge, resp
+
+
 def forwarded(resp) -> dict[str, str]:
     """The request headers the echo upstream received (the answer must be 200)."""
     assert resp.status == 200, resp
