@@ -200,6 +200,20 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// Attributes from fields `category=value value …`, in order.
+fn attributes_of(fields: &[&[u8]]) -> Attributes {
+    let mut attrs = Attributes::new();
+    for a in fields {
+        let a = text(a);
+        let (category, values) = a.split_once('=').unwrap_or((&a, ""));
+        attrs
+            .entry(category.to_string())
+            .or_default()
+            .extend(values.split(' ').map(str::to_string));
+    }
+    attrs
+}
+
 /// An identity may reach upstream headers: no control characters, no outer
 /// spaces in the principal, an ASCII JSON attributes header.
 fn check_identity(id: &Identity) {
@@ -576,15 +590,7 @@ pub fn route(data: &[u8]) {
     let f = split(data);
     let method = text(field(&f, 0));
     let raw = text(field(&f, 1));
-    let mut attrs = Attributes::new();
-    for a in f.get(2..).unwrap_or_default() {
-        let a = text(a);
-        let (category, values) = a.split_once('=').unwrap_or((&a, ""));
-        attrs
-            .entry(category.to_string())
-            .or_default()
-            .extend(values.split(' ').map(str::to_string));
-    }
+    let attrs = attributes_of(f.get(2..).unwrap_or_default());
     let config = config_of(0);
     let _ = config.route_rules.check(&method, &raw, &attrs);
     let path = match normalize_path(&raw) {
@@ -1040,15 +1046,7 @@ pub fn route_policy(data: &[u8]) {
     };
     let policy: &RoutePolicy = &config.route_policy;
     let path = text(field(&f, 1));
-    let mut attrs = Attributes::new();
-    for a in f.get(2..).unwrap_or_default() {
-        let a = text(a);
-        let (category, values) = a.split_once('=').unwrap_or((&a, ""));
-        attrs
-            .entry(category.to_string())
-            .or_default()
-            .extend(values.split(' ').map(str::to_string));
-    }
+    let attrs = attributes_of(f.get(2..).unwrap_or_default());
     for user in [Some(&attrs), None] {
         let first = policy.check(&path, user);
         assert_eq!(first, policy.check(&path, user), "not deterministic");

@@ -68,6 +68,14 @@ mod tests {
         }
     }
 
+    /// The header writes, in order: a value set, or `None` for a removal.
+    fn written(h: &FakeHost) -> Vec<(&str, Option<&[u8]>)> {
+        h.headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_deref()))
+            .collect()
+    }
+
     #[test]
     fn identity_headers_are_set_and_other_spellings_removed() {
         let forward = Forward {
@@ -86,13 +94,8 @@ mod tests {
             &spoofed,
             &[]
         ));
-        let set: Vec<(&str, Option<&[u8]>)> = h
-            .headers
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_deref()))
-            .collect();
         assert_eq!(
-            set,
+            written(&h),
             vec![
                 ("x_auth_principal", None),
                 ("x-auth_attributes", None),
@@ -129,13 +132,8 @@ mod tests {
         let mut h = FakeHost::default();
         let spoofed = vec!["x-projects".to_string(), "x-auth-tenant".to_string()];
         assert!(forward_identity(&mut h, &forward, Some(&id), &spoofed, &[]));
-        let set: Vec<(&str, Option<&[u8]>)> = h
-            .headers
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_deref()))
-            .collect();
         assert_eq!(
-            set,
+            written(&h),
             vec![
                 ("x-projects", None),
                 ("x-auth-tenant", None),
