@@ -17,9 +17,7 @@
 //! organisations call is a 503: attributes that are missing could grant
 //! what an `unless` condition would refuse.
 
-use super::{
-    http_outcome, timeout_ms, upstream, Answer, CalloutRequest, Method, ProviderError, Upstream,
-};
+use super::{api_endpoint, http_outcome, Answer, CalloutRequest, Method, ProviderError, Upstream};
 use crate::claims::{ClaimsMapping, Identity};
 use crate::json::{ConfigError, Obj};
 use serde_json::{Map, Value};
@@ -88,15 +86,7 @@ fn headers(token: &str) -> Vec<(String, String)> {
 
 impl GitHub {
     pub fn parse(mut o: Obj) -> Result<GitHub, ConfigError> {
-        let base = o
-            .nonempty_str("github_api_base_url")?
-            .unwrap_or(DEFAULT_API_BASE)
-            .trim_end_matches('/')
-            .to_string();
-        let url_key = o.path("github_api_base_url");
-        let cluster = o.nonempty_str("cluster")?.map(str::to_string);
-        let timeout = timeout_ms(&mut o)?;
-        let endpoint = upstream(&format!("{base}/user"), &url_key, cluster, timeout)?;
+        let endpoint = api_endpoint(&mut o, "github_api_base_url", DEFAULT_API_BASE, "/user")?;
         let orgs_path = format!("{}/orgs", endpoint.path);
         let claims_mapping = match o.obj("claims_mapping")? {
             Some(m) => ClaimsMapping::parse(m)?,

@@ -12,7 +12,7 @@
 //! failed: <status>` (OGX's messages); 429 (the API server's priority and
 //! fairness throttling), 5xx, no answer, a timeout → 503.
 
-use super::{http_outcome, timeout_ms, upstream, Answer, CalloutRequest, ProviderError, Upstream};
+use super::{api_endpoint, http_outcome, Answer, CalloutRequest, ProviderError, Upstream};
 use crate::claims::{ClaimsMapping, Identity};
 use crate::json::{ConfigError, Obj};
 use serde_json::Value;
@@ -35,15 +35,7 @@ pub struct Kubernetes {
 
 impl Kubernetes {
     pub fn parse(mut o: Obj) -> Result<Kubernetes, ConfigError> {
-        let base = o
-            .nonempty_str("api_server_url")?
-            .unwrap_or(DEFAULT_API_SERVER)
-            .trim_end_matches('/')
-            .to_string();
-        let url_key = o.path("api_server_url");
-        let cluster = o.nonempty_str("cluster")?.map(str::to_string);
-        let timeout = timeout_ms(&mut o)?;
-        let endpoint = upstream(&format!("{base}{REVIEW_PATH}"), &url_key, cluster, timeout)?;
+        let endpoint = api_endpoint(&mut o, "api_server_url", DEFAULT_API_SERVER, REVIEW_PATH)?;
         let mut claims_mapping = match o.obj("claims_mapping")? {
             Some(m) => ClaimsMapping::parse(m)?,
             // OGX's default, in its order.

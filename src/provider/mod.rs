@@ -234,6 +234,26 @@ pub(crate) fn timeout_ms(o: &mut Obj) -> Result<u64, ConfigError> {
     Ok(t)
 }
 
+/// The endpoint `<base URL><path>` of a provider whose configuration names an
+/// API's base URL under `key` (`default` when absent; a trailing `/` is
+/// dropped), with its `cluster` and `timeout_ms`.
+pub(crate) fn api_endpoint(
+    o: &mut Obj,
+    key: &str,
+    default: &str,
+    path: &str,
+) -> Result<Upstream, ConfigError> {
+    let base = o
+        .nonempty_str(key)?
+        .unwrap_or(default)
+        .trim_end_matches('/');
+    let url = format!("{base}{path}");
+    let url_key = o.path(key);
+    let cluster = o.nonempty_str("cluster")?.map(str::to_string);
+    let timeout = timeout_ms(o)?;
+    upstream(&url, &url_key, cluster, timeout)
+}
+
 /// Where a callout goes: an Envoy cluster and the request's path and authority.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upstream {
