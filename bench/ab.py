@@ -31,17 +31,13 @@ build and the minted tokens).
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import statistics
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-spec = importlib.util.spec_from_file_location("bench_run", HERE / "run.py")
-b = importlib.util.module_from_spec(spec)
-sys.modules["bench_run"] = b
-spec.loader.exec_module(b)
+import run as b  # noqa: E402 - bench/run.py: a script's own folder is first on sys.path
 
 ENVOY_CPU, LOAD_CPU, CONNECTIONS = "0", "1", 16
 

@@ -27,20 +27,15 @@ noop filter and mints the keys).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-spec = importlib.util.spec_from_file_location("bench_run", HERE / "run.py")
-b = importlib.util.module_from_spec(spec)
-sys.modules["bench_run"] = b
-spec.loader.exec_module(b)
+import run as b  # noqa: E402 - bench/run.py: a script's own folder is first on sys.path
 
 from harness.envoy import listener_bootstrap, wasm_filter  # noqa: E402
 from harness.idp import IdP  # noqa: E402
